@@ -1,0 +1,69 @@
+"""The backend seam.
+
+A backend holds one model and its KV cache over a *committed* context, plus any number
+of *speculative* entries appended after it. Everything above this interface (trees,
+selection, acceptance, controllers, RL, bench, server) sees only these few methods, so a
+transformers model and a llama.cpp model are interchangeable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+
+@dataclass
+class TreeOutput:
+    """What one scoring pass returns.
+
+    Attributes:
+        logits: next-token logits at each scored node, float32, shape [n, vocab].
+        features: hidden features at each node (concatenated feature layers), shape
+            [n, F], or None when not requested or not available from the backend.
+    """
+
+    logits: torch.Tensor
+    features: torch.Tensor | None = None
+
+
+class Backend(Protocol):
+    """One model with a committed KV cache and speculative entries after it."""
+
+    vocab_size: int
+    max_context: int
+    hidden_size: int
+    num_layers: int
+
+    @property
+    def committed_length(self) -> int:
+        """Tokens in the committed cache."""
+
+    @property
+    def speculative_length(self) -> int:
+        """Speculative entries appended since the last commit or rollback."""
+
+    def reset(self) -> None:
+        """Forget everything (start a new sequence)."""
+
+    def score(
+        self,
+        tokens: Sequence[int] | torch.Tensor,
+        parents: Sequence[int] | torch.Tensor,
+        feature_layers: Sequence[int] | None = None,
+    ) -> TreeOutput:
+        """Append nodes as speculative entries and return their logits.
+
+        ``parents[i]`` is the index of node i's parent among *all* speculative entries
+        (earlier calls included, then this call's nodes) or -1 when the node follows the
+        committed context directly. A node sees the committed context, its ancestors and
+        itself, at position committed_length + depth. ``feature_layers`` asks for the
+        hidden states entering those layers (index into the model's hidden-state list).
+        """
+
+    def commit(self, keep: Sequence[int] | torch.Tensor) -> None:
+        """Make the speculative entries ``keep`` (a root path, in order) committed; drop the rest."""
+
+    def rollback(self) -> None:
+        """Drop all speculative entries."""

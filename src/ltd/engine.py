@@ -1,0 +1,259 @@
+"""One entry point for every generation method.
+
+``hf`` is transformers' own greedy/sampling ``generate`` (the reference users would
+otherwise run); ``ar`` is our cycle with depth 0 (plain decoding with a KV cache);
+``static`` is tree speculative decoding with fixed depth, branching and size. Learned
+controllers plug in as other controllers of the same cycle.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from ltd.acceptance import SamplingConfig
+from ltd.backends.hf import HFBackend
+from ltd.control import Controller, StaticController, validate_static
+from ltd.cycle import CycleResult, decode
+from ltd.drafting.base import Drafter, NullDrafter
+from ltd.errors import LtdError
+from ltd.models import LoadedModel, load_model
+from ltd.registry import REGISTRY
+
+log = logging.getLogger(__name__)
+
+METHODS = ("hf", "ar", "static")
+ASSETS = Path(__file__).parent / "assets" / "drafters"
+
+
+@dataclass
+class GenerateConfig:
+    """Per-request settings; defaults work for the embedded model."""
+
+    method: str = "static"
+    max_new_tokens: int = 128
+    depth: int = 5
+    topk: int = 8
+    size: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise LtdError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.max_new_tokens < 1:
+            raise LtdError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LtdError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise LtdError(f"--top-p must be in (0, 1], got {self.top_p}")
+        validate_static(self.depth, self.topk, self.size)
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p)
+
+
+@dataclass
+class GenerateResult:
+    """What a generation returns (``--json`` prints these fields)."""
+
+    method: str
+    tokens: list[int]
+    text: str
+    new_tokens: int
+    seconds: float
+    tokens_per_second: float
+    cycles: int
+    mean_accepted: float
+    cycle_log: list[CycleResult] = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        return {
+            "method": self.method,
+            "text": self.text,
+            "tokens": self.tokens,
+            "new_tokens": self.new_tokens,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "cycles": self.cycles,
+            "mean_accepted": round(self.mean_accepted, 4),
+        }
+
+
+def builtin_drafter_dir(name: str) -> Path:
+    return ASSETS / name
+
+
+def default_drafter_spec(model_name: str) -> str:
+    """The drafter used when none is given: the registry's choice when it is available."""
+    entry = REGISTRY.get(model_name)
+    if entry is None or not entry.default_drafter:
+        return "none"
+    spec = entry.default_drafter
+    if spec.startswith("builtin:") and not (builtin_drafter_dir(spec.split(":", 1)[1]) / "config.json").is_file():
+        return "none"
+    return spec
+
+
+def load_drafter(spec: str, target: LoadedModel, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Drafter:
+    """Build a drafter from a spec.
+
+    ``none``; ``self`` (the target drafting for itself); ``builtin:NAME`` (a head shipped
+    in the package); a directory holding an EAGLE-3 head (config.json with
+    ``LlamaForCausalLMEagle3``); or any model argument accepted by :func:`load_model`
+    (an independent small LM with the same tokenizer).
+    """
+    from ltd.drafting.eagle3 import Eagle3Drafter, Eagle3Head, check_head_matches_target
+    from ltd.drafting.lm import LMDrafter
+
+    if spec in ("", "none"):
+        return NullDrafter()
+    if spec == "self":
+        return LMDrafter(HFBackend(target.model))
+    head_dir: Path | None = None
+    if spec.startswith("builtin:"):
+        head_dir = builtin_drafter_dir(spec.split(":", 1)[1])
+        if not head_dir.is_dir():
+            raise LtdError(f"no built-in drafter {spec!r}; available: {', '.join(p.name for p in ASSETS.glob('*')) or 'none'}")
+    elif Path(spec).is_dir() and _is_eagle3_dir(Path(spec)):
+        head_dir = Path(spec)
+    if head_dir is not None:
+        torch_dtype = dtype if isinstance(dtype, torch.dtype) else {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
+        head = Eagle3Head.load(head_dir, dtype=torch_dtype, device=device)
+        check_head_matches_target(head.config, target.model.config, str(head_dir))
+        return Eagle3Drafter(head, target.model.get_input_embeddings())
+    drafter_model = load_model(spec, device=device, dtype=dtype)
+    tv, dv = len(target.tokenizer), len(drafter_model.tokenizer)
+    if target.tokenizer.get_vocab() != drafter_model.tokenizer.get_vocab():
+        raise LtdError(
+            f"drafter {spec!r} uses a different tokenizer (vocabulary {dv}) from the target (vocabulary {tv}); "
+            "choose a drafter from the same model family"
+        )
+    return LMDrafter(HFBackend(drafter_model.model))
+
+
+def _is_eagle3_dir(path: Path) -> bool:
+    import json
+
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        raise LtdError(f"{cfg} is not valid JSON; re-export or retrain the drafter") from None
+    return any("Eagle3" in a for a in data.get("architectures", []) or [])
+
+
+class Engine:
+    """A target model with its backend and drafter, ready to generate."""
+
+    def __init__(self, target: LoadedModel, drafter: Drafter | None = None) -> None:
+        self.target = target
+        self.backend = HFBackend(target.model)
+        self.drafter = drafter or NullDrafter()
+
+    @staticmethod
+    def load(model: str, drafter: str | None = None, device: str = "cpu", dtype: str = "float32") -> "Engine":
+        target = load_model(model, device=device, dtype=dtype)
+        spec = default_drafter_spec(model) if drafter is None else drafter
+        log.info("target %s, drafter %s", model, spec)
+        return Engine(target, load_drafter(spec, target, device=device, dtype=dtype))
+
+    def encode(self, text: str, chat: bool = True) -> list[int]:
+        from ltd.models import encode_prompt
+
+        return encode_prompt(self.target.tokenizer, text, chat=chat)
+
+    def controller_for(self, cfg: GenerateConfig) -> Controller:
+        if cfg.method == "ar":
+            return StaticController(depth=0, topk=1, size=0)
+        return StaticController(depth=cfg.depth, topk=cfg.topk, size=cfg.size)
+
+    def stream(self, prompt: list[int], cfg: GenerateConfig, controller: Controller | None = None) -> Iterator[CycleResult]:
+        """Cycle results of a speculative generation (methods ar/static or a custom controller)."""
+        cfg.validate()
+        if cfg.method == "static" and controller is None and isinstance(self.drafter, NullDrafter) and cfg.depth > 0:
+            raise LtdError("method static needs a drafter; pass --drafter (e.g. self, a model, or an EAGLE-3 head)")
+        ctrl = controller or self.controller_for(cfg)
+        drafter = self.drafter if cfg.method != "ar" else NullDrafter()
+        return decode(
+            self.backend,
+            drafter,
+            ctrl,
+            prompt,
+            cfg.max_new_tokens,
+            topk=cfg.topk,
+            sampling=cfg.sampling,
+            eos_token_ids=self.target.eos_token_ids,
+            seed=cfg.seed,
+        )
+
+    def generate(
+        self,
+        prompt: list[int],
+        cfg: GenerateConfig,
+        controller: Controller | None = None,
+        on_cycle: Callable[[CycleResult], None] | None = None,
+    ) -> GenerateResult:
+        cfg.validate()
+        if cfg.method == "hf" and controller is None:
+            return self._generate_hf(prompt, cfg)
+        t0 = time.perf_counter()
+        tokens: list[int] = []
+        log_: list[CycleResult] = []
+        for res in self.stream(prompt, cfg, controller):
+            tokens.extend(res.new_tokens)
+            log_.append(res)
+            if on_cycle is not None:
+                on_cycle(res)
+        seconds = time.perf_counter() - t0
+        cycles = len(log_) - 1
+        added = sum(r.num_accepted + 1 for r in log_[1:])
+        return self._result(cfg.method, tokens, seconds, cycles, added / cycles if cycles else 1.0, log_)
+
+    def _result(self, method, tokens, seconds, cycles, mean_accepted, log_=None) -> GenerateResult:
+        text = self.target.tokenizer.decode(tokens, skip_special_tokens=True)
+        return GenerateResult(
+            method=method,
+            tokens=tokens,
+            text=text,
+            new_tokens=len(tokens),
+            seconds=seconds,
+            tokens_per_second=len(tokens) / seconds if seconds > 0 else 0.0,
+            cycles=cycles,
+            mean_accepted=mean_accepted,
+            cycle_log=log_ or [],
+        )
+
+    @torch.inference_mode()
+    def _generate_hf(self, prompt: list[int], cfg: GenerateConfig) -> GenerateResult:
+        model = self.target.model
+        if len(prompt) + cfg.max_new_tokens > self.backend.max_context:
+            raise LtdError(
+                f"prompt ({len(prompt)} tokens) + max-new-tokens ({cfg.max_new_tokens}) exceeds the model's context "
+                f"of {self.backend.max_context}; shorten the prompt or lower --max-new-tokens"
+            )
+        if not prompt:
+            raise LtdError("the prompt is empty; give some text with --prompt")
+        ids = torch.tensor([prompt], dtype=torch.long, device=self.backend.device)
+        kwargs = dict(max_new_tokens=cfg.max_new_tokens, eos_token_id=self.target.eos_token_ids or None)
+        if cfg.sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            if cfg.seed is not None:
+                torch.manual_seed(cfg.seed)
+            kwargs.update(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+        pad = self.target.tokenizer.pad_token_id
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad if pad is not None else 0, **kwargs)
+        seconds = time.perf_counter() - t0
+        tokens = out[0, len(prompt):].tolist()
+        return self._result("hf", tokens, seconds, len(tokens), 1.0)
