@@ -1,0 +1,289 @@
+"""results.json, report.md and plots of a bench.
+
+Every file is written to a temporary name in the target directory and renamed into
+place (``os.replace``), so a bench interrupted while writing never leaves a truncated
+results.json behind. Plots use matplotlib's Agg backend (no display on servers).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+RESULTS_JSON = "results.json"
+REPORT_MD = "report.md"
+SPEEDUP_PNG = "speedup_by_suite.png"
+GRID_PNG = "static_grid.png"
+MAX_BARS = 8  # methods per suite in the bar plot; more is unreadable
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf become null (strict JSON), floats rounded for reading."""
+    if isinstance(value, float):
+        return None if not math.isfinite(value) else round(value, 6)
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_results_json(results: dict, out_dir: Path) -> Path:
+    path = Path(out_dir) / RESULTS_JSON
+    atomic_write_text(path, json.dumps(_clean(results), indent=2, allow_nan=False) + "\n")
+    return path
+
+
+# -- markdown --------------------------------------------------------------------------
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _range(s: dict, key: str, digits: int = 2, suffix: str = "") -> str:
+    mid, lo, hi = s.get(key), s.get(f"{key}_min"), s.get(f"{key}_max")
+    if mid is None:
+        return "-"
+    if lo is None or hi is None or lo == hi:
+        return f"{_fmt(mid, digits)}{suffix}"
+    return f"{_fmt(mid, digits)}{suffix} [{_fmt(lo, digits)}-{_fmt(hi, digits)}]"
+
+
+def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
+    """A human-readable report: setup, overall table, per-suite speedups, mismatches."""
+    cfg, mach, methods = results.get("config", {}), results.get("machine", {}), results.get("methods", {})
+    lines = [f"# ltd bench: {cfg.get('model', '?')}", ""]
+    if results.get("interrupted"):
+        lines += ["**Interrupted**: partial results (prompts every method finished).", ""]
+    lines += [
+        f"- date: {results.get('date', '?')}",
+        f"- machine: {mach.get('cpu_model', '?')}; {mach.get('torch_threads', '?')} torch threads "
+        f"({mach.get('usable_cpus', '?')} usable CPUs); torch {mach.get('torch', '?')}, "
+        f"transformers {mach.get('transformers', '?')}; {mach.get('device', '?')} {mach.get('dtype', '?')}",
+        f"- drafter: {cfg.get('drafter') or 'default'}"
+        + (f"; assistant: {cfg['assistant']}" if cfg.get("assistant") else ""),
+        f"- suites: {', '.join(cfg.get('suites', []))} ({cfg.get('questions', '?')} questions"
+        + (", all turns" if cfg.get("multi_turn") else ", first turn") + ")",
+        f"- repeats: {cfg.get('repeats')}, max new tokens: {cfg.get('max_new_tokens')}, "
+        f"temperature: {cfg.get('temperature')}" + (f", top-p {cfg.get('top_p')}" if cfg.get("temperature") else ""),
+        "",
+        "## Overall",
+        "",
+        "| method | tokens/s (median over repeats [min-max]) | speedup vs hf (median over prompts [min-max]) "
+        "| mean accepted | new tokens | outputs match hf |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, s in methods.items():
+        match = s.get("outputs_match")
+        lines.append(
+            f"| {label} | {_range(s, 'tokens_per_second', 1)} | {_range(s, 'speedup', 2, 'x')} "
+            f"| {_fmt(s.get('mean_accepted'))} | {_fmt(s.get('new_tokens'), 0)} "
+            f"| {'-' if match is None else f'{100 * match:.0f}%'} |"
+        )
+    suites = results.get("suites", {})
+    if suites:
+        names = list(suites)
+        lines += ["", "## Speedup vs hf per suite (median over prompts)", "",
+                  "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for label in methods:
+            cells = [_fmt(suites[n].get(label, {}).get("speedup")) for n in names]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", "Tokens/s per suite (median over repeats):", "",
+                  "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for label in methods:
+            cells = [_fmt(suites[n].get(label, {}).get("tokens_per_second"), 1) for n in names]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    best = results.get("best_static")
+    if best:
+        lines += ["", "## Best static configuration", "",
+                  f"**{best['method']}** (depth {best['depth']}, top-k {best['topk']}, size {best['size']}): "
+                  f"speedup {_fmt(best.get('speedup'))}x, {_fmt(best.get('tokens_per_second'), 1)} tokens/s, "
+                  f"selected by {best.get('criterion')} on {', '.join(best.get('selected_on', []))}."]
+    rows = [(label, m) for label, s in methods.items() for m in s.get("mismatches", [])]
+    if rows:
+        lines += ["", "## Greedy outputs that differ from hf", "",
+                  "A top-2 margin below 1e-4 is a numerical tie; a larger one points at a bug.", "",
+                  "| method | prompt | first differing token | hf token | method token | hf top-2 logit margin | tie |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, m in rows:
+            tie = m.get("numerical_tie")
+            lines.append(
+                f"| {label} | {m['prompt']} | {m['position']} | {_fmt(m.get('reference_token'))} "
+                f"| {_fmt(m.get('output_token'))} | {_fmt(m.get('reference_top2_margin'), 6)} "
+                f"| {'-' if tie is None else ('yes' if tie else 'NO')} |"
+            )
+    if plots:
+        lines += ["", "## Plots", ""]
+        for title, path in plots.items():
+            lines.append(f"![{title}]({Path(path).name})")
+    lines += [
+        "",
+        "## Definitions",
+        "",
+        "- Methods run in one process with models loaded once, after one warm-up run of each; "
+        "for each prompt and repeat, every method runs back to back (A B C A B C ...).",
+        "- tokens/s: total new tokens / total seconds over the prompts of one repeat (prefill included); "
+        "median over repeats.",
+        "- speedup: tokens/s over hf's tokens/s on the same prompt and repeat; median over repeats, "
+        "then median over prompts.",
+        "- mean accepted: tokens added per target verification (hf: 1).",
+        "- outputs match: share of prompts whose greedy output equals hf's token for token.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -- plots -----------------------------------------------------------------------------
+
+
+def _save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _plot_methods(results: dict) -> list[str]:
+    """Methods shown in the per-suite bars: all but hf; of a big static grid, the best."""
+    labels = [m for m in results.get("methods", {}) if m != results.get("baseline", "hf")]
+    if len(labels) <= MAX_BARS:
+        return labels
+    best = (results.get("best_static") or {}).get("method")
+    keep = [m for m in labels if not m.startswith("static:") or m == best]
+    return keep[:MAX_BARS]
+
+
+def plot_speedup_by_suite(results: dict, path: Path) -> bool:
+    """Grouped bars: median speedup vs hf, one group per suite, one bar per method."""
+    suites = results.get("suites", {})
+    labels = _plot_methods(results)
+    if not suites or not labels:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(suites)
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(names) * max(1, len(labels)) ** 0.5), 4))
+    for i, label in enumerate(labels):
+        vals = [suites[n].get(label, {}).get("speedup") for n in names]
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(xs, [v if v is not None else 0.0 for v in vals], width, label=label)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("speedup vs hf (median over prompts)")
+    ax.set_title(f"{results.get('config', {}).get('model', '')} on {results.get('machine', {}).get('cpu_model', '')}", fontsize=9)
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_static_grid(results: dict, path: Path) -> bool:
+    """Tokens/s against verification size V, one line per (depth, top-k)."""
+    methods = results.get("methods", {})
+    lines: dict[tuple[int, int], list[tuple[int, dict]]] = {}
+    for label, s in methods.items():
+        if not label.startswith("static:"):
+            continue
+        d, k, v = (int(x) for x in label.split(":", 1)[1].split("x"))
+        lines.setdefault((d, k), []).append((v, s))
+    if not lines:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for (d, k), pts in sorted(lines.items()):
+        pts.sort(key=lambda p: p[0])
+        xs = [v for v, _ in pts]
+        ys = [s.get("tokens_per_second") or 0.0 for _, s in pts]
+        lo = [max(0.0, y - (s.get("tokens_per_second_min") or y)) for y, (_, s) in zip(ys, pts)]
+        hi = [max(0.0, (s.get("tokens_per_second_max") or y) - y) for y, (_, s) in zip(ys, pts)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=f"D={d}, K={k}")
+    base = methods.get(results.get("baseline", "hf"), {}).get("tokens_per_second")
+    if base:
+        ax.axhline(base, color="black", linewidth=0.8, linestyle="--", label="hf")
+    ar = methods.get("ar", {}).get("tokens_per_second")
+    if ar:
+        ax.axhline(ar, color="gray", linewidth=0.8, linestyle=":", label="ar")
+    sizes = sorted({v for pts in lines.values() for v, _ in pts})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.set_xticklabels([str(v) for v in sizes])
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("verification size V (nodes)")
+    ax.set_ylabel("tokens/s (median over repeats)")
+    ax.set_title("static trees", fontsize=9)
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def write_all(results: dict, out_dir: Path) -> dict[str, Path]:
+    """results.json, the plots, then report.md (which links the plots)."""
+    out_dir = Path(out_dir)
+    written = {"results": write_results_json(results, out_dir)}
+    plots: dict[str, Path] = {}
+    for title, name, fn in (
+        ("speedup per suite", SPEEDUP_PNG, plot_speedup_by_suite),
+        ("tokens/s against V", GRID_PNG, plot_static_grid),
+    ):
+        try:
+            if fn(results, out_dir / name):
+                plots[title] = out_dir / name
+        except ImportError:
+            log.warning("matplotlib is not installed; skipping %s (pip install matplotlib)", name)
+    written.update({str(k): v for k, v in plots.items()})
+    path = out_dir / REPORT_MD
+    atomic_write_text(path, render_markdown(_clean(results), plots))
+    written["report"] = path
+    log.info("wrote %s", ", ".join(str(p) for p in written.values()))
+    return written

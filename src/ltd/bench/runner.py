@@ -1,0 +1,375 @@
+"""The benchmark loop: models loaded once, warm-up, methods interleaved per prompt.
+
+Fairness on a shared CPU comes from the order of work, not from trusting the machine:
+every method runs once on the first prompt before anything is timed (allocations, lazy
+initialisation), then for each prompt and each repeat every method runs back to back
+(A B C A B C ...), so a slow spell of the machine hits all methods of that prompt and the
+pairwise ratios in :mod:`ltd.bench.metrics` cancel it. Ctrl-C stops the loop and the
+results measured so far are still written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ltd.bench import metrics
+from ltd.bench.machine import machine_info, utc_now
+from ltd.bench.methods import BASELINE, MethodRunner, MethodSpec, Sampling, check_available, resolve_assistant
+from ltd.bench.suites import Question
+from ltd.engine import Engine, GenerateResult
+from ltd.errors import LtdError
+
+log = logging.getLogger(__name__)
+
+WARMUP_TOKENS = 16
+TIE_MARGIN = 1e-4  # below this a top-2 logit margin is a numerical tie (DESIGN.md section 2)
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class GridSpec:
+    """The static D x V sweep at fixed K, run on one suite."""
+
+    suite: str
+    depths: list[int]
+    sizes: list[int]
+    topk: int
+
+
+@dataclass
+class BenchConfig:
+    """Everything one bench needs; ``source`` only describes where questions came from."""
+
+    model: str
+    methods: list[MethodSpec]
+    questions: list[Question]
+    drafter: str | None = None
+    assistant: str | None = None
+    repeats: int = 1
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    multi_turn: bool = False
+    warmup: bool = True
+    progress: bool = True
+    prompt_lookup_tokens: int = 10
+    grid: GridSpec | None = None
+    source: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.repeats < 1:
+            raise LtdError(f"--repeats must be at least 1, got {self.repeats}")
+        if self.max_new_tokens < 1:
+            raise LtdError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise LtdError(f"--temperature must be >= 0, got {self.temperature}")
+        if not self.questions:
+            raise LtdError("no questions to run; check --suites/--questions and --limit")
+        if not self.methods or self.methods[0].kind != BASELINE:
+            raise LtdError("the method list must start with the hf baseline (parse it with parse_methods)")
+        check_available(self.methods)
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "drafter": self.drafter,
+            "assistant": self.assistant,
+            "methods": [m.label for m in self.methods],
+            "repeats": self.repeats,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "device": self.device,
+            "dtype": self.dtype,
+            "multi_turn": self.multi_turn,
+            "warmup": self.warmup,
+            "prompt_lookup_tokens": self.prompt_lookup_tokens,
+            "grid": asdict(self.grid) if self.grid else None,
+            "questions": len(self.questions),
+            "suites": sorted({q.suite for q in self.questions}),
+            **self.source,
+        }
+
+
+@dataclass
+class _Mismatch:
+    """The first greedy output of a method that differs from the reference on a prompt."""
+
+    prompt_key: str
+    repeat: int
+    prompt: list[int]
+    reference: list[int]
+    output: list[int]
+
+    @property
+    def position(self) -> int:
+        for i, (a, b) in enumerate(zip(self.reference, self.output)):
+            if a != b:
+                return i
+        return min(len(self.reference), len(self.output))
+
+
+def encode_turns(engine: Engine, turns: Sequence[str], replies: Sequence[str]) -> list[int]:
+    """Prompt ids of user turn ``len(replies)`` after the earlier turns and replies.
+
+    The first turn goes through :meth:`Engine.encode` exactly like ``ltd generate``;
+    later turns use the chat template over the whole conversation. Earlier replies are
+    the baseline's, so every method sees the identical prompt and ratios stay paired.
+    """
+    if not replies:
+        return engine.encode(turns[0])
+    tok = engine.target.tokenizer
+    if not getattr(tok, "chat_template", None):
+        raise LtdError("--multi-turn needs a model with a chat template; drop --multi-turn")
+    messages = []
+    for user, reply in zip(turns, replies):
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+    messages.append({"role": "user", "content": turns[len(replies)]})
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+@torch.inference_mode()
+def reference_margin(model: torch.nn.Module, prompt: Sequence[int], reference: Sequence[int], position: int, other: int | None) -> dict:
+    """Top-2 logit margin of the target after prompt + reference[:position].
+
+    One plain forward (no cache, no tree mask): a margin below ~1e-4 means the two
+    outputs differ at a numerical tie; anything larger points at a bug.
+    """
+    device = next(model.parameters()).device
+    ids = torch.tensor([list(prompt) + list(reference[:position])], dtype=torch.long, device=device)
+    logits = model(input_ids=ids).logits[0, -1].float()
+    top = torch.topk(logits, 2)
+    out = {
+        "reference_top2_margin": float(top.values[0] - top.values[1]),
+        "reference_argmax": int(top.indices[0]),
+    }
+    ref_tok = reference[position] if position < len(reference) else None
+    if ref_tok is not None and other is not None:
+        out["logit_gap_reference_vs_output"] = float(logits[ref_tok] - logits[other])
+    return out
+
+
+class _Loop:
+    """State of one bench run; a class only so that Ctrl-C can keep what it has."""
+
+    def __init__(self, config: BenchConfig, engine: Engine, out_dir: Path | None) -> None:
+        self.config = config
+        self.engine = engine
+        self.out_dir = out_dir
+        self.sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, config.seed)
+        self.runs: list[metrics.Run] = []
+        self.references: dict[str, list[int]] = {}
+        self.matches: dict[str, dict[str, bool]] = {}
+        self.mismatches: dict[str, dict[str, _Mismatch]] = {}
+        self.runners = self._runners()
+        self.warmup_seconds = 0.0
+        self.interrupted = False
+        self.started = utc_now()
+
+    def _runners(self) -> list[MethodRunner]:
+        cfg = self.config
+        assistant, assistant_tok = None, None
+        if any(m.kind == "hf-assisted" for m in cfg.methods):
+            assistant, assistant_tok = resolve_assistant(self.engine, cfg.assistant, cfg.drafter, cfg.device, cfg.dtype)
+        return [
+            MethodRunner(self.engine, m, assistant, assistant_tok, cfg.prompt_lookup_tokens) for m in cfg.methods
+        ]
+
+    def _turns(self, q: Question) -> int:
+        return len(q.turns) if self.config.multi_turn else 1
+
+    def warm_up(self) -> None:
+        q = self.config.questions[0]
+        prompt = encode_turns(self.engine, q.turns, [])
+        warm = Sampling(min(self.config.max_new_tokens, WARMUP_TOKENS), self.config.temperature, self.config.top_p, self.config.seed)
+        t0 = time.perf_counter()
+        for runner in self.runners:
+            runner.run(prompt, warm)
+        self.warmup_seconds = time.perf_counter() - t0
+        log.info("warm-up done in %.1f s", self.warmup_seconds)
+
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        total = sum(self._turns(q) for q in cfg.questions) * cfg.repeats * len(self.runners)
+        bar = tqdm(total=total, unit="run", desc="bench", disable=not cfg.progress, dynamic_ncols=True)
+        try:
+            if cfg.warmup:
+                bar.set_postfix_str("warm-up")
+                self.warm_up()
+            for q in cfg.questions:
+                replies: list[str] = []
+                for turn in range(self._turns(q)):
+                    key = q.key if turn == 0 else f"{q.key}/turn{turn + 1}"
+                    prompt = encode_turns(self.engine, q.turns, replies)
+                    reply = self._measure(q, key, prompt, bar)
+                    replies.append(reply)
+                self.checkpoint()
+        except KeyboardInterrupt:
+            self.interrupted = True
+            log.warning("interrupted: writing the %d runs measured so far", len(self.runs))
+        finally:
+            bar.close()
+
+    def _measure(self, q: Question, key: str, prompt: list[int], bar) -> str:
+        """All repeats of all methods on one prompt, interleaved; returns the baseline's reply."""
+        reply = ""
+        for rep in range(self.config.repeats):
+            sampling = Sampling(
+                self.sampling.max_new_tokens,
+                self.sampling.temperature,
+                self.sampling.top_p,
+                None if self.sampling.seed is None else self.sampling.seed + rep,
+            )
+            for runner in self.runners:
+                label = runner.spec.label
+                bar.set_postfix_str(f"{q.suite} {label}", refresh=False)
+                res = runner.run(prompt, sampling)
+                self._record(q, key, rep, label, prompt, res)
+                if label == BASELINE and rep == 0:
+                    reply = res.text
+                bar.update(1)
+        return reply
+
+    def _record(self, q: Question, key: str, rep: int, label: str, prompt: list[int], res: GenerateResult) -> None:
+        mean_acc = None if res.mean_accepted != res.mean_accepted else float(res.mean_accepted)  # NaN -> None
+        self.runs.append(metrics.Run(label, key, q.suite, rep, res.new_tokens, res.seconds, res.cycles, mean_acc))
+        if not self.sampling.greedy:
+            return
+        if label == BASELINE:
+            self.references.setdefault(key, list(res.tokens))
+            return
+        ref = self.references.get(key)
+        if ref is None:
+            return
+        same = list(res.tokens) == ref
+        per = self.matches.setdefault(label, {})
+        per[key] = per.get(key, True) and same
+        if not same and key not in self.mismatches.setdefault(label, {}):
+            self.mismatches[label][key] = _Mismatch(key, rep, list(prompt), ref, list(res.tokens))
+
+    # -- results ---------------------------------------------------------------------
+    def mismatch_report(self, with_margins: bool) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        model = self.engine.target.model
+        for label, per in self.mismatches.items():
+            rows = []
+            for mm in per.values():
+                pos = mm.position
+                row = {
+                    "prompt": mm.prompt_key,
+                    "repeat": mm.repeat,
+                    "position": pos,
+                    "reference_token": mm.reference[pos] if pos < len(mm.reference) else None,
+                    "output_token": mm.output[pos] if pos < len(mm.output) else None,
+                    "reference_length": len(mm.reference),
+                    "output_length": len(mm.output),
+                }
+                if with_margins:
+                    row.update(reference_margin(model, mm.prompt, mm.reference, pos, row["output_token"]))
+                    margin = row["reference_top2_margin"]
+                    row["numerical_tie"] = margin < TIE_MARGIN
+                    if not row["numerical_tie"]:
+                        log.warning("%s differs from hf on %s at token %d with margin %.3g: likely a bug", label, mm.prompt_key, pos, margin)
+                rows.append(row)
+            out[label] = rows
+        return out
+
+    def complete_runs(self) -> list[metrics.Run]:
+        """Runs of prompts that every method finished for every repeat.
+
+        A prompt cut short by Ctrl-C would count for some methods and not others, which
+        skews the per-repeat totals; it is dropped.
+        """
+        need = self.config.repeats * len(self.runners)
+        counts: dict[str, int] = {}
+        for r in self.runs:
+            counts[r.prompt] = counts.get(r.prompt, 0) + 1
+        return [r for r in self.runs if counts[r.prompt] == need]
+
+    def results(self, with_margins: bool = False) -> dict:
+        cfg = self.config
+        labels = [m.label for m in cfg.methods]
+        runs = self.complete_runs()
+        overall, per_suite = metrics.summarize_all(runs, labels, BASELINE, self.matches if self.sampling.greedy else None)
+        mismatches = self.mismatch_report(with_margins)
+        for label, summary in overall.items():
+            summary["mismatches"] = mismatches.get(label, [])
+        statics = [m.label for m in cfg.methods if m.is_static]
+        best_static = None
+        best = metrics.best_method(overall, statics)
+        if best is not None:
+            spec = next(m for m in cfg.methods if m.label == best)
+            best_static = {
+                "method": best,
+                "depth": spec.depth,
+                "topk": spec.topk,
+                "size": spec.size,
+                "speedup": overall[best]["speedup"],
+                "tokens_per_second": overall[best]["tokens_per_second"],
+                "selected_on": sorted(per_suite),
+                "criterion": "median pairwise speedup over hf",
+            }
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "date": utc_now(),
+            "started": self.started,
+            "interrupted": self.interrupted,
+            "baseline": BASELINE,
+            "config": cfg.to_json(),
+            "machine": machine_info(cfg.dtype, cfg.device),
+            "warmup_seconds": round(self.warmup_seconds, 3),
+            "methods": overall,
+            "suites": per_suite,
+            "best_static": best_static,
+            "runs": [
+                {**asdict(r), "tokens_per_second": metrics.throughput(r.new_tokens, r.seconds)} for r in runs
+            ],
+            "incomplete_runs_dropped": len(self.runs) - len(runs),
+        }
+
+    def checkpoint(self) -> None:
+        """results.json after every prompt, so even a killed bench leaves its numbers."""
+        if self.out_dir is not None:
+            from ltd.bench.report import write_results_json
+
+            write_results_json(self.results(with_margins=False), self.out_dir)
+
+
+def run_bench(config: BenchConfig, out_dir: str | Path | None = None, engine: Engine | None = None) -> dict:
+    """Run a bench and return its results; with ``out_dir``, also write results.json,
+    report.md and the plots there (also after Ctrl-C, with what was measured)."""
+    config.validate()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    if engine is None:
+        t0 = time.perf_counter()
+        engine = Engine.load(config.model, drafter=config.drafter, device=config.device, dtype=config.dtype)
+        log.info("models loaded in %.1f s", time.perf_counter() - t0)
+    loop = _Loop(config, engine, out)
+    loop.run()
+    try:
+        results = loop.results(with_margins=not loop.interrupted)
+    except KeyboardInterrupt:
+        loop.interrupted = True
+        results = loop.results(with_margins=False)
+    if out is not None:
+        from ltd.bench.report import write_all
+
+        write_all(results, out)
+    return results

@@ -1,0 +1,205 @@
+"""Benchmark questions: SpecBench-style ``question.jsonl`` files, validated line by line.
+
+Every line is one JSON object with ``question_id``, ``category`` and ``turns`` (a list of
+user turns). A malformed file is a user error, so the message names the file and the
+line to fix instead of surfacing a KeyError deep inside the timing loop.
+
+Suites live in ``DIR/<suite>/question.jsonl``. The default ``DIR`` is
+``../shared/data/bench``, looked up relative to the current directory and to the
+repository root (so ``ltd bench`` works from either). With internet, ``load_hub_suite``
+builds the same questions from the original Hugging Face datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from ltd.errors import LtdError
+
+log = logging.getLogger(__name__)
+
+SUITES = ("mt_bench", "humaneval", "gsm8k", "alpaca", "qa", "sum")
+QUESTION_FILE = "question.jsonl"
+DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "bench"
+
+
+@dataclass(frozen=True)
+class Question:
+    """One benchmark question; ``suite`` groups the per-suite breakdown of the report."""
+
+    suite: str
+    question_id: str | int
+    category: str
+    turns: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        """A stable identifier, unique across suites."""
+        return f"{self.suite}/{self.question_id}"
+
+
+def parse_suite_list(text: str) -> list[str]:
+    """``"mt_bench,gsm8k"`` -> names, each checked against the known suites."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise LtdError(f"--suites is empty; choose from {', '.join(SUITES)}")
+    for name in names:
+        if name not in SUITES:
+            raise LtdError(f"unknown suite {name!r}; choose from {', '.join(SUITES)} or pass --questions FILE.jsonl")
+    if len(set(names)) != len(names):
+        raise LtdError(f"--suites names a suite twice ({text}); list each once")
+    return names
+
+
+def _parse_line(line: str, path: Path, lineno: int) -> tuple[str | int, str, tuple[str, ...]]:
+    where = f"{path}:{lineno}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise LtdError(f"{where}: not valid JSON ({exc.msg}); fix or remove that line") from None
+    if not isinstance(obj, dict):
+        raise LtdError(f"{where}: expected a JSON object with question_id, category, turns; fix that line")
+    missing = [k for k in ("question_id", "category", "turns") if k not in obj]
+    if missing:
+        raise LtdError(f"{where}: missing field(s) {', '.join(missing)}; every line needs question_id, category, turns")
+    qid = obj["question_id"]
+    if isinstance(qid, bool) or not isinstance(qid, (int, str)) or (isinstance(qid, str) and not qid.strip()):
+        raise LtdError(f"{where}: question_id must be an integer or a non-empty string, got {qid!r}")
+    category = obj["category"]
+    if not isinstance(category, str):
+        raise LtdError(f"{where}: category must be a string, got {category!r}")
+    turns = obj["turns"]
+    if not isinstance(turns, list) or not turns:
+        raise LtdError(f"{where}: turns must be a non-empty list of strings")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, str) or not turn.strip():
+            raise LtdError(f"{where}: turns[{i}] must be a non-empty string")
+    return qid, category, tuple(turns)
+
+
+def load_questions(path: str | Path, suite: str | None = None, limit: int | None = None) -> list[Question]:
+    """Read and validate a question file.
+
+    ``suite`` names the group every question belongs to; when None (``--questions``),
+    each question's ``category`` is its group, so one SpecBench file with all categories
+    still gets a per-category breakdown. ``limit`` keeps the first N questions of each
+    group.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LtdError(f"question file {path} does not exist; check --questions / --data-dir")
+    questions: list[Question] = []
+    seen: dict[str | int, int] = {}
+    counts: dict[str, int] = {}
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            qid, category, turns = _parse_line(line, path, lineno)
+            if qid in seen:
+                raise LtdError(f"{path}:{lineno}: question_id {qid!r} already used on line {seen[qid]}; make ids unique")
+            seen[qid] = lineno
+            group = suite if suite is not None else (category or path.stem)
+            if limit is not None and counts.get(group, 0) >= limit:
+                continue
+            counts[group] = counts.get(group, 0) + 1
+            questions.append(Question(group, qid, category, turns))
+    if not questions:
+        raise LtdError(f"{path} holds no questions; it needs one JSON object a line")
+    return questions
+
+
+def repo_root() -> Path | None:
+    """The source checkout holding this package (editable installs), if any."""
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "pyproject.toml").is_file():
+            return parent
+    return None
+
+
+def default_data_dir(cwd: Path | None = None) -> Path | None:
+    """``../shared/data/bench`` relative to the current directory, else to the repo root."""
+    bases = [cwd or Path.cwd()]
+    root = repo_root()
+    if root is not None:
+        bases.append(root)
+    for base in bases:
+        candidate = (base / DEFAULT_DATA_DIR).resolve()
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def resolve_data_dir(data_dir: str | Path | None) -> Path:
+    """The suite directory to use, or an error naming the flags that fix it."""
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise LtdError(f"--data-dir {path} is not a directory; point it at the folder holding <suite>/question.jsonl")
+        return path
+    found = default_data_dir()
+    if found is None:
+        raise LtdError(
+            f"no benchmark data found at {DEFAULT_DATA_DIR} (from here or the repo root); "
+            "pass --data-dir DIR, --questions FILE.jsonl, or --from-hub (needs internet)"
+        )
+    return found
+
+
+def load_suites(names: Sequence[str], data_dir: str | Path | None = None, limit: int | None = None) -> list[Question]:
+    """Questions of the named suites from ``DIR/<suite>/question.jsonl``, suite by suite."""
+    base = resolve_data_dir(data_dir)
+    questions: list[Question] = []
+    for name in names:
+        path = base / name / QUESTION_FILE
+        if not path.is_file():
+            raise LtdError(f"suite {name!r} has no {path}; check --data-dir or drop it from --suites")
+        questions.extend(load_questions(path, suite=name, limit=limit))
+    log.info("loaded %d questions from %s (%s)", len(questions), base, ", ".join(names))
+    return questions
+
+
+# -- Hugging Face hub (needs internet and the `datasets` package; not testable offline) ----
+
+# suite -> (dataset id, config, split, category, row -> first user turn)
+_HUB_SOURCES = {
+    "mt_bench": ("HuggingFaceH4/mt_bench_prompts", None, "train", None, None),
+    "humaneval": ("openai/openai_humaneval", None, "test", "code", lambda r: "Complete the code I provided.\n\n" + r["prompt"]),
+    "gsm8k": ("openai/gsm8k", "main", "test", "math", lambda r: r["question"]),
+    "alpaca": (
+        "tatsu-lab/alpaca",
+        None,
+        "train",
+        "writing",
+        lambda r: r["instruction"] + ("\n\n" + r["input"] if r.get("input") else ""),
+    ),
+    "qa": ("google-research-datasets/nq_open", None, "validation", "qa", lambda r: r["question"]),
+    "sum": ("abisee/cnn_dailymail", "3.0.0", "test", "summarization", lambda r: "Summarize the following article.\n\n" + r["article"]),
+}
+
+
+def load_hub_suite(name: str, limit: int | None = 80) -> list[Question]:
+    """Build a suite from its original dataset on the Hugging Face hub (SpecBench sources)."""
+    if name not in _HUB_SOURCES:
+        raise LtdError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    try:
+        import datasets  # noqa: PLC0415 - optional, only needed for the hub path
+    except ImportError:
+        raise LtdError("--from-hub needs the datasets package: pip install datasets") from None
+    repo, config, split, category, turn = _HUB_SOURCES[name]
+    n = limit or 80
+    try:
+        rows = datasets.load_dataset(repo, config, split=f"{split}[:{n}]")
+    except Exception as exc:  # network and hub errors come in many types
+        raise LtdError(f"cannot load {repo} from the hub ({type(exc).__name__}); check the network or use --data-dir") from None
+    questions = []
+    for i, row in enumerate(rows):
+        if name == "mt_bench":
+            questions.append(Question(name, row.get("prompt_id", i), row.get("category", ""), tuple(row["prompt"])))
+        else:
+            questions.append(Question(name, i, category, (turn(row),)))
+    return questions

@@ -1,0 +1,271 @@
+"""Command-line interface: thin commands over the library. Only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ltd.errors import LtdError
+
+DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="registry name, HF id or local dir (default: smollm2-135m)")
+    if drafter:
+        p.add_argument(
+            "--drafter",
+            default=None,
+            help="none | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter)",
+        )
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _add_decode_args(p: argparse.ArgumentParser) -> None:
+    from ltd.engine import GenerateConfig
+
+    d = GenerateConfig()
+    p.add_argument("--depth", type=int, default=d.depth, help=f"draft depth D (default {d.depth})")
+    p.add_argument("--topk", type=int, default=d.topk, help=f"branching K per draft step (default {d.topk})")
+    p.add_argument("--size", type=int, default=d.size, help=f"verified nodes V (default {d.size})")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+
+
+def _config_from(args, method: str):
+    from ltd.engine import GenerateConfig
+
+    cfg = GenerateConfig(
+        method=method,
+        max_new_tokens=args.max_new_tokens,
+        depth=args.depth,
+        topk=args.topk,
+        size=args.size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    cfg.validate()
+    return cfg
+
+
+def _setup_threads(args) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        if args.threads < 1:
+            raise LtdError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LtdError(f"--device {device} asked for CUDA, but this torch build sees no GPU; use --device cpu")
+
+
+def cmd_generate(args) -> int:
+    from ltd.engine import Engine
+
+    _setup_threads(args)
+    _check_device(args.device)
+    cfg = _config_from(args, args.method)
+    drafter = args.drafter
+    if args.method in ("hf", "ar") and drafter is None:
+        drafter = "none"
+    engine = Engine.load(args.model, drafter=drafter, device=args.device, dtype=args.dtype)
+    prompt = engine.encode(args.prompt, chat=not args.raw)
+    res = engine.generate(prompt, cfg)
+    if args.json:
+        print(json.dumps(res.to_json()))
+    else:
+        print(res.text)
+        print(
+            f"\n[{res.method}] {res.new_tokens} tokens in {res.seconds:.2f} s = {res.tokens_per_second:.1f} tokens/s, "
+            f"{res.cycles} cycles, {res.mean_accepted:.2f} tokens/cycle",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The README's main job: generate with the default speculative setup and with plain decoding."""
+    from ltd.bench.machine import cpu_model
+    from ltd.engine import Engine, GenerateConfig, default_drafter_spec
+
+    _setup_threads(args)
+    _check_device(args.device)
+    spec = args.drafter or default_drafter_spec(args.model)
+    if spec == "none":
+        spec = "self"
+    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype)
+    prompt = engine.encode(args.prompt)
+    print(f"model {args.model}, drafter {spec}, device {args.device}, CPU {cpu_model()}")
+    print(f"prompt: {args.prompt}\n")
+    # warm-up so that one-time costs do not count against the first method
+    engine.generate(prompt, GenerateConfig(method="ar", max_new_tokens=4))
+    results = {}
+    for method in ("hf", "static"):
+        cfg = GenerateConfig(method=method, max_new_tokens=args.max_new_tokens, depth=args.depth, topk=args.topk, size=args.size)
+        results[method] = engine.generate(prompt, cfg)
+    print(results["static"].text)
+    print()
+    base = results["hf"]
+    for method, r in results.items():
+        speed = r.tokens_per_second / base.tokens_per_second if base.tokens_per_second else 0.0
+        print(
+            f"{method:>7}: {r.tokens_per_second:6.1f} tokens/s  ({speed:.2f}x hf)  "
+            f"{r.new_tokens} tokens, {r.mean_accepted:.2f} tokens/cycle"
+        )
+    same = results["static"].tokens == base.tokens
+    print(f"speculative output identical to plain greedy output: {'yes' if same else 'NO'}")
+    return 0 if same else 1
+
+
+def cmd_models(args) -> int:
+    from ltd.models import cache_root, converted_dir, registry_gguf
+    from ltd.registry import REGISTRY
+
+    if args.action == "list":
+        for name, entry in REGISTRY.items():
+            conv = converted_dir(entry)
+            status = "ready" if (conv / "config.json").is_file() else "not converted"
+            print(f"{name:22} {entry.description}  [{status}]")
+        print(f"cache: {cache_root()}")
+        return 0
+    if not args.name:
+        raise LtdError("ltd models fetch needs a model name, e.g. ltd models fetch qwen2.5-coder-1.5b")
+    if args.name not in REGISTRY:
+        raise LtdError(f"unknown model {args.name!r}; known: {', '.join(REGISTRY)}")
+    from ltd.models import resolve
+
+    path = registry_gguf(REGISTRY[args.name], fetch=True)
+    print(f"GGUF: {path}")
+    where, _ = resolve(args.name, fetch=True)
+    print(f"converted: {where}")
+    return 0
+
+
+def cmd_train_drafter(args) -> int:
+    from ltd.train.pipeline import train_drafter
+    from ltd.train.trainer import TrainConfig
+
+    _setup_threads(args)
+    cfg = TrainConfig(
+        draft_vocab=args.draft_vocab,
+        unroll=args.unroll,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_tokens=args.batch_tokens,
+        seed=args.seed,
+        max_seq_len=args.max_seq_len,
+        eval_every=args.eval_every,
+        checkpoint_every=args.eval_every,
+    )
+    if cfg.draft_vocab < 16:
+        raise LtdError(f"--draft-vocab must be at least 16, got {cfg.draft_vocab}")
+    if cfg.unroll < 1:
+        raise LtdError(f"--unroll must be >= 1, got {cfg.unroll}")
+    out = Path(args.out)
+    feature_dir = Path(args.features) if args.features else None
+    train_drafter(args.target, args.data, out, args.max_tokens, cfg, resume=args.resume, device=args.device, feature_dir=feature_dir)
+    print(f"head written to {out / 'head'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltd", description="Lossless tree speculative decoding that learns to draft")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text for a prompt")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--method", default="static", help="hf | ar | static (default static)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_decode_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="generate with speculative decoding and plain decoding, side by side")
+    _add_model_args(p)
+    p.add_argument("--prompt", default=DEMO_PROMPT)
+    _add_decode_args(p)
+    p.set_defaults(func=cmd_demo, max_new_tokens=96)
+
+    p = sub.add_parser("models", help="list or fetch embedded models")
+    p.add_argument("action", choices=["list", "fetch"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train-drafter", help="train an EAGLE-3 style draft head for a target")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--data", default="sharegpt", help="sharegpt or a jsonl file of conversations")
+    p.add_argument("--out", required=True)
+    p.add_argument("--features", default=None, help="feature cache dir (default OUT/features)")
+    p.add_argument("--max-tokens", type=int, default=400_000, help="training tokens to featurize")
+    p.add_argument("--max-seq-len", type=int, default=512)
+    p.add_argument("--draft-vocab", type=int, default=8192)
+    p.add_argument("--unroll", type=int, default=3)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--lr", type=float, default=6e-4)
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_train_drafter)
+
+    try:
+        from ltd.bench import cli as bench_cli
+
+        bench_cli.add_parser(sub)
+    except ImportError:  # bench extras not installed
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.verbose:
+        _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except LtdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

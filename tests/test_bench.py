@@ -1,0 +1,323 @@
+"""Benchmark harness: method parser, suite loader errors, metric arithmetic, one e2e run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from ltd.bench import metrics
+from ltd.bench.methods import MethodSpec, check_available, grid_methods, parse_int_list, parse_method, parse_methods
+from ltd.bench.suites import load_questions, load_suites, parse_suite_list
+from ltd.errors import LtdError
+
+# -- method parser -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("hf", MethodSpec("hf")),
+        ("ar", MethodSpec("ar")),
+        ("static:5x8x32", MethodSpec("static", 5, 8, 32)),
+        (" static:2x2x4 ", MethodSpec("static", 2, 2, 4)),
+        ("static", MethodSpec("static", 5, 8, 32)),
+        ("hf-assisted", MethodSpec("hf-assisted")),
+        ("prompt-lookup", MethodSpec("prompt-lookup")),
+        ("ltd", MethodSpec("ltd")),
+        ("ltd:runs/policy", MethodSpec("ltd", policy="runs/policy")),
+        ("oracle", MethodSpec("oracle")),
+    ],
+)
+def test_parse_method(text, expected):
+    assert parse_method(text) == expected
+
+
+def test_method_labels_round_trip():
+    for text in ("hf", "ar", "static:3x4x8", "prompt-lookup", "hf-assisted", "ltd:p"):
+        assert parse_method(text).label == text
+        assert parse_method(parse_method(text).label) == parse_method(text)
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("eagle", "unknown method 'eagle'"),
+        ("static:5x8", "static:DxKxV"),
+        ("static:axbxc", "static:DxKxV"),
+        ("static:0x8x32", "depth must be >= 1"),
+        ("static:5x0x32", "--topk"),
+        ("static:5x8x0", "--size 0"),
+        ("ar:3", "takes no ':' argument"),
+        ("foo:bar", "unknown method"),
+    ],
+)
+def test_parse_method_errors(text, fragment):
+    with pytest.raises(LtdError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
+        parse_method(text)
+
+
+def test_parse_methods_adds_baseline_first_and_keeps_order():
+    specs = parse_methods("static:5x8x32,ar,static:3x4x8")
+    assert [s.label for s in specs] == ["hf", "static:5x8x32", "ar", "static:3x4x8"]
+    specs = parse_methods("ar,hf,prompt-lookup")
+    assert [s.label for s in specs] == ["hf", "ar", "prompt-lookup"]
+
+
+def test_parse_methods_rejects_duplicates_and_empty():
+    with pytest.raises(LtdError, match="more than once"):
+        parse_methods("hf,static:5x8x32,static:5x8x32")
+    with pytest.raises(LtdError, match="empty"):
+        parse_methods(" , ")
+
+
+def test_planned_methods_parse_but_are_not_available():
+    specs = parse_methods("hf,ltd:some/dir,oracle")
+    with pytest.raises(LtdError, match="not available yet"):
+        check_available(specs)
+    check_available(parse_methods("hf,ar,static:2x2x4,prompt-lookup,hf-assisted"))
+
+
+def test_grid_methods_and_int_lists():
+    grid = grid_methods([2, 3], [4, 8], topk=8)
+    assert [g.label for g in grid] == ["static:2x8x4", "static:2x8x8", "static:3x8x4", "static:3x8x8"]
+    assert parse_int_list("2, 3,4", "--grid-depths") == [2, 3, 4]
+    with pytest.raises(LtdError, match="--grid-sizes"):
+        parse_int_list("4,x", "--grid-sizes")
+
+
+# -- suite loader --------------------------------------------------------------------------
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+GOOD = json.dumps({"question_id": 1, "category": "math", "turns": ["What is 2+2?", "And 3+3?"]})
+
+
+def test_load_questions_ok(tmp_path):
+    f = _write(tmp_path / "q.jsonl", [GOOD, "", json.dumps({"question_id": "b", "category": "code", "turns": ["Write code."]})])
+    qs = load_questions(f)
+    assert [q.question_id for q in qs] == [1, "b"]
+    assert qs[0].turns == ("What is 2+2?", "And 3+3?")
+    assert [q.suite for q in qs] == ["math", "code"]  # --questions: category is the group
+    assert [q.suite for q in load_questions(f, suite="mine")] == ["mine", "mine"]
+
+
+def test_load_questions_limit_is_per_group(tmp_path):
+    lines = [json.dumps({"question_id": i, "category": "ab"[i % 2], "turns": [f"q{i}"]}) for i in range(6)]
+    qs = load_questions(_write(tmp_path / "q.jsonl", lines), limit=2)
+    assert [q.question_id for q in qs] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (json.dumps({"question_id": 2, "turns": ["x"]}), "missing field(s) category"),
+        (json.dumps({"question_id": 2, "category": "c"}), "missing field(s) turns"),
+        (json.dumps({"question_id": 2, "category": "c", "turns": []}), "turns must be a non-empty list"),
+        (json.dumps({"question_id": 2, "category": "c", "turns": "hello"}), "turns must be a non-empty list"),
+        (json.dumps({"question_id": 2, "category": "c", "turns": ["ok", 3]}), "turns[1] must be a non-empty string"),
+        (json.dumps({"question_id": 2, "category": "c", "turns": ["  "]}), "turns[0] must be a non-empty string"),
+        (json.dumps({"question_id": None, "category": "c", "turns": ["x"]}), "question_id must be"),
+        (json.dumps({"question_id": 2, "category": 5, "turns": ["x"]}), "category must be a string"),
+        (json.dumps({"question_id": 1, "category": "c", "turns": ["x"]}), "already used on line 1"),
+    ],
+)
+def test_load_questions_errors_name_file_and_line(tmp_path, bad, fragment):
+    f = _write(tmp_path / "bad.jsonl", [GOOD, "", bad])  # the bad line is line 3
+    with pytest.raises(LtdError) as exc:
+        load_questions(f)
+    msg = str(exc.value)
+    assert f"{f}:3:" in msg
+    assert fragment in msg
+    assert "\n" not in msg
+
+
+def test_load_questions_missing_and_empty_file(tmp_path):
+    with pytest.raises(LtdError, match="does not exist"):
+        load_questions(tmp_path / "nope.jsonl")
+    with pytest.raises(LtdError, match="holds no questions"):
+        load_questions(_write(tmp_path / "empty.jsonl", [""]))
+
+
+def test_load_suites_from_data_dir(tmp_path):
+    (tmp_path / "gsm8k").mkdir()
+    _write(tmp_path / "gsm8k" / "question.jsonl", [GOOD])
+    qs = load_suites(["gsm8k"], tmp_path)
+    assert qs[0].suite == "gsm8k" and qs[0].key == "gsm8k/1"
+    with pytest.raises(LtdError, match="suite 'qa' has no"):
+        load_suites(["qa"], tmp_path)
+    with pytest.raises(LtdError, match="--data-dir"):
+        load_suites(["gsm8k"], tmp_path / "missing")
+
+
+def test_parse_suite_list():
+    assert parse_suite_list("gsm8k, humaneval") == ["gsm8k", "humaneval"]
+    with pytest.raises(LtdError, match="unknown suite 'gsm9k'"):
+        parse_suite_list("gsm9k")
+    with pytest.raises(LtdError, match="twice"):
+        parse_suite_list("qa,qa")
+
+
+# -- metric arithmetic on synthetic timings -----------------------------------------------
+
+
+def _runs(method, table, suite="s", cycles=None, acc=None):
+    """table: {prompt: [(tokens, seconds) per repeat]}."""
+    return [
+        metrics.Run(method, p, suite, r, t, s, cycles if cycles is not None else t, acc)
+        for p, reps in table.items()
+        for r, (t, s) in enumerate(reps)
+    ]
+
+
+def test_pairwise_speedup_is_per_repeat_then_median():
+    base = _runs("hf", {"p1": [(10, 1.0), (10, 2.0), (10, 1.0)], "p2": [(20, 4.0), (20, 4.0), (20, 4.0)]})
+    meth = _runs("m", {"p1": [(10, 0.5), (10, 1.0), (10, 0.25)], "p2": [(20, 2.0), (20, 8.0), (20, 1.0)]})
+    sp = metrics.pairwise_speedups(meth, base)
+    # p1 ratios: 2, 2, 4 -> median 2 (the slow repeat 1 hit both methods and cancels)
+    # p2 ratios: 2, 0.5, 4 -> median 2
+    assert sp == {"p1": pytest.approx(2.0), "p2": pytest.approx(2.0)}
+
+
+def test_pairwise_speedup_uses_tokens_per_second_not_seconds():
+    base = _runs("hf", {"p": [(10, 1.0)]})
+    meth = _runs("m", {"p": [(5, 0.25)]})  # fewer tokens (e.g. an early EOS): 20 tok/s vs 10
+    assert metrics.pairwise_speedups(meth, base) == {"p": pytest.approx(2.0)}
+
+
+def test_pairwise_speedup_skips_missing_pairs():
+    base = _runs("hf", {"p1": [(10, 1.0)]})
+    meth = _runs("m", {"p1": [(10, 0.5), (10, 0.1)], "p2": [(10, 1.0)]})
+    assert metrics.pairwise_speedups(meth, base) == {"p1": pytest.approx(2.0)}
+
+
+def test_summarize_numbers():
+    base = _runs("hf", {"p1": [(10, 1.0), (10, 1.0), (10, 1.0)], "p2": [(10, 1.0), (10, 2.0), (10, 1.0)]})
+    meth = _runs("m", {"p1": [(10, 0.5), (10, 0.5), (10, 0.5)], "p2": [(10, 0.25), (10, 0.5), (10, 0.25)]},
+                 cycles=4, acc=2.5)
+    s = metrics.summarize(meth, base, {"p1": True, "p2": False})
+    # per-repeat aggregate tok/s of m: 20/0.75, 20/1.0, 20/0.75
+    assert s["tokens_per_second"] == pytest.approx(20 / 0.75)
+    assert s["tokens_per_second_min"] == pytest.approx(20.0)
+    assert s["tokens_per_second_max"] == pytest.approx(20 / 0.75)
+    # per-prompt speedups: p1 = 2, p2 = median(4, 4, 4) = 4
+    assert s["speedup"] == pytest.approx(statistics.median([2.0, 4.0]))
+    assert s["speedup_min"] == pytest.approx(2.0)
+    assert s["speedup_max"] == pytest.approx(4.0)
+    assert s["speedup_aggregate"] == pytest.approx((20 / 0.75) / 10.0)
+    assert s["mean_accepted"] == pytest.approx(2.5)
+    assert s["new_tokens"] == 20
+    assert s["prompts"] == 2 and s["repeats"] == 3
+    assert s["outputs_match"] == pytest.approx(0.5)
+    # the baseline against itself is exactly 1
+    assert metrics.summarize(base, base)["speedup"] == pytest.approx(1.0)
+
+
+def test_weighted_mean_accepted_and_match_fraction():
+    runs = [metrics.Run("m", "a", "s", 0, 9, 1.0, 2, 4.0), metrics.Run("m", "b", "s", 0, 7, 1.0, 6, 1.0),
+            metrics.Run("m", "c", "s", 0, 7, 1.0, 0, None), metrics.Run("m", "d", "s", 0, 7, 1.0, 3, float("nan"))]
+    assert metrics.weighted_mean_accepted(runs) == pytest.approx((4.0 * 2 + 1.0 * 6) / 8)
+    assert metrics.weighted_mean_accepted(runs[2:]) is None
+    assert metrics.match_fraction([True, True, False, True]) == pytest.approx(0.75)
+    assert metrics.match_fraction([]) is None
+
+
+def test_summarize_all_per_suite_and_best():
+    base = _runs("hf", {"a1": [(10, 1.0)]}, suite="A") + _runs("hf", {"b1": [(10, 1.0)]}, suite="B")
+    s1 = _runs("static:2x8x4", {"a1": [(10, 0.5)]}, suite="A") + _runs("static:2x8x4", {"b1": [(10, 2.0)]}, suite="B")
+    s2 = _runs("static:3x8x8", {"a1": [(10, 0.8)]}, suite="A") + _runs("static:3x8x8", {"b1": [(10, 0.8)]}, suite="B")
+    overall, per_suite = metrics.summarize_all(base + s1 + s2, ["hf", "static:2x8x4", "static:3x8x8"], "hf")
+    assert per_suite["A"]["static:2x8x4"]["speedup"] == pytest.approx(2.0)
+    assert per_suite["B"]["static:2x8x4"]["speedup"] == pytest.approx(0.5)
+    assert overall["static:2x8x4"]["speedup"] == pytest.approx(1.25)
+    assert overall["static:3x8x8"]["speedup"] == pytest.approx(1.25)
+    assert overall["hf"]["speedup"] == pytest.approx(1.0)
+    # ties go to the earlier candidate; a clear winner wins
+    assert metrics.best_method(overall, ["static:2x8x4", "static:3x8x8"]) == "static:2x8x4"
+    assert metrics.best_method({"x": {"speedup": 1.0}, "y": {"speedup": 1.5}}, ["x", "y"]) == "y"
+    assert metrics.best_method({}, ["x"]) is None
+
+
+def test_throughput_zero_seconds():
+    assert metrics.throughput(5, 0.0) == 0.0
+    assert metrics.spread([]) is None
+
+
+# -- CLI flags (no model) -----------------------------------------------------------------
+
+
+def _args(argv):
+    from ltd.bench.cli import add_parser
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+def test_cli_builds_config_without_loading_models(tmp_path):
+    from ltd.bench.cli import config_from_args
+
+    f = _write(tmp_path / "q.jsonl", [GOOD])
+    cfg = config_from_args(_args(["--questions", str(f), "--methods", "ar,static:2x2x4", "--out", str(tmp_path / "o")]))
+    assert [m.label for m in cfg.methods] == ["hf", "ar", "static:2x2x4"]
+    assert len(cfg.questions) == 1
+    with pytest.raises(LtdError, match="not available yet"):
+        config_from_args(_args(["--questions", str(f), "--methods", "ltd", "--out", str(tmp_path / "o")]))
+
+
+def test_cli_grid_config(tmp_path):
+    from ltd.bench.cli import config_from_args
+
+    f = _write(tmp_path / "q.jsonl", [GOOD])
+    cfg = config_from_args(_args(["--grid", "--grid-suite", str(f), "--grid-depths", "2,3", "--grid-sizes", "4,8",
+                                  "--topk", "4", "--out", str(tmp_path / "o")]))
+    assert [m.label for m in cfg.methods] == ["hf", "static:2x4x4", "static:2x4x8", "static:3x4x4", "static:3x4x8"]
+    assert cfg.grid is not None and cfg.grid.topk == 4
+    with pytest.raises(LtdError, match="--grid runs on --grid-suite"):
+        config_from_args(_args(["--grid", "--questions", str(f), "--out", str(tmp_path / "o")]))
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_bench_end_to_end(tmp_path):
+    import torch
+
+    from ltd.bench.runner import BenchConfig, run_bench
+
+    torch.set_num_threads(1)
+    f = _write(tmp_path / "q.jsonl", [
+        json.dumps({"question_id": 1, "category": "code", "turns": ["Write a Python function that adds two numbers."]}),
+        json.dumps({"question_id": 2, "category": "math", "turns": ["What is 12 times 7? Explain briefly."]}),
+    ])
+    config = BenchConfig(
+        model="smollm2-135m",
+        drafter="self",
+        methods=parse_methods("hf,ar,static:2x2x4"),
+        questions=load_questions(f),
+        repeats=1,
+        max_new_tokens=8,
+        progress=False,
+    )
+    out = tmp_path / "out"
+    results = run_bench(config, out_dir=out)
+    assert (out / "results.json").is_file()
+    assert (out / "report.md").is_file()
+    data = json.loads((out / "results.json").read_text())
+    assert data["methods"]["ar"]["outputs_match"] == 1.0
+    assert data["methods"]["static:2x2x4"]["outputs_match"] == 1.0
+    assert data["methods"]["hf"]["speedup"] == pytest.approx(1.0)
+    assert set(data["suites"]) == {"code", "math"}
+    assert data["best_static"]["method"] == "static:2x2x4"
+    assert data["machine"]["cpu_model"]
+    assert results["interrupted"] is False
