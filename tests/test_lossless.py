@@ -220,11 +220,11 @@ E2E_NEW = 24
 
 
 @pytest.fixture(scope="module")
-def smollm(request):
+def smollm():
+    # conftest keeps torch at one thread: on this shared 2-core machine two threads were
+    # 3-6x slower for SmolLM2 too (contention with other jobs)
     from ltd.engine import Engine
 
-    torch.set_num_threads(2)  # a 135M model is compute-bound: use both cores
-    request.addfinalizer(lambda: torch.set_num_threads(1))
     return Engine.load("smollm2-135m", drafter="self")
 
 

@@ -107,32 +107,71 @@ def _choose(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Gen
     return int(torch.multinomial(target_probs(logits, sampling), 1, generator=generator))
 
 
-def draft(state: DecodeState, controller: Controller, topk: int, max_depth: int) -> Tree:
-    """Expand a draft tree step by step while the controller says continue.
+class DraftSession:
+    """Tree expansion one step at a time.
 
     Step 1 proposes the root's top-k children; each later step expands the current
     frontier (k nodes) into k*k candidates, all kept in the tree, of which the k best by
-    cumulative log-probability form the next frontier (EAGLE-2 dynamic tree).
+    cumulative log-probability form the next frontier (EAGLE-2 dynamic tree). The cycle
+    drives it with a controller; the live RL environment drives it with agent actions.
     """
-    tree = Tree.root(state.pending)
-    step_state = DraftStepState(0, torch.empty(0), state.context_length, tree, topk)
-    if max_depth <= 0 or not controller.continue_drafting(step_state):
-        return tree
-    drafter = state.drafter
+
+    def __init__(self, state: DecodeState, topk: int, max_depth: int) -> None:
+        self.state = state
+        self.topk = topk
+        self.max_depth = max_depth
+        self.tree = Tree.root(state.pending)
+        self.frontier = torch.empty(0, dtype=torch.long)
+        self.last_scores = torch.empty(0)
+        self.step_count = 0
+        self.step_seconds: list[float] = []
+        self._open = False
+
+    @property
+    def can_step(self) -> bool:
+        return self.step_count < self.max_depth
+
+    def observe(self) -> DraftStepState:
+        return DraftStepState(self.step_count, self.last_scores, self.state.context_length, self.tree, self.topk)
+
+    def step(self) -> None:
+        """One drafter forward: add one level of candidates to the tree."""
+        if not self.can_step:
+            raise RuntimeError("draft depth limit reached")
+        t0 = time.perf_counter()
+        drafter = self.state.drafter
+        self._open = True
+        if self.step_count == 0:
+            tokens, logp = drafter.root(self.tree, self.topk)
+            self.frontier = self.tree.add(tokens, torch.zeros_like(tokens), logp)
+            self.last_scores = logp
+        else:
+            ctok, clp = drafter.expand(self.tree, self.frontier, self.topk)  # [f, k]
+            cum = self.tree.scores[self.frontier].unsqueeze(1) + clp
+            parents = self.frontier.unsqueeze(1).expand_as(ctok)
+            added = self.tree.add(ctok, parents, cum)
+            keep = torch.topk(cum.reshape(-1), min(self.topk, cum.numel())).indices
+            self.frontier = added[keep]
+            self.last_scores = cum.reshape(-1)
+        self.step_count += 1
+        self.step_seconds.append(time.perf_counter() - t0)
+
+    def finish(self) -> Tree:
+        """Release the drafter's speculative state and return the tree."""
+        if self._open:
+            self.state.drafter.end()
+            self._open = False
+        return self.tree
+
+
+def draft(state: DecodeState, controller: Controller, topk: int, max_depth: int) -> Tree:
+    """Expand a draft tree step by step while the controller says continue."""
+    session = DraftSession(state, topk, max_depth)
     try:
-        tokens, logp = drafter.root(tree, topk)
-        frontier = tree.add(tokens, torch.zeros_like(tokens), logp)
-        step_state = DraftStepState(1, logp, state.context_length, tree, topk)
-        while step_state.step < max_depth and controller.continue_drafting(step_state):
-            ctok, clp = drafter.expand(tree, frontier, topk)  # [f, k]
-            cum = tree.scores[frontier].unsqueeze(1) + clp
-            parents = frontier.unsqueeze(1).expand_as(ctok)
-            added = tree.add(ctok, parents, cum)
-            keep = torch.topk(cum.reshape(-1), min(topk, cum.numel())).indices
-            frontier = added[keep]
-            step_state = DraftStepState(step_state.step + 1, cum.reshape(-1), state.context_length, tree, topk)
+        while session.can_step and controller.continue_drafting(session.observe()):
+            session.step()
     finally:
-        drafter.end()
+        tree = session.finish()
     return tree
 
 

@@ -53,7 +53,8 @@ class GenerateConfig:
             raise LtdError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise LtdError(f"--top-p must be in (0, 1], got {self.top_p}")
-        validate_static(self.depth, self.topk, self.size)
+        if self.method == "static":
+            validate_static(self.depth, self.topk, self.size)
 
     @property
     def sampling(self) -> SamplingConfig:

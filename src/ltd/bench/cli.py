@@ -2,6 +2,11 @@
 
 All checks that need no model (methods, suites, grid lists) run before the models
 load, so a typo costs a second, not a model load.
+
+``--grid`` tunes the static tree on ``alpaca`` by default: general instructions, the
+closest of the six suites to ordinary chat traffic and the least like the code/math/
+summary suites it is then compared on. The best configuration's alpaca numbers are
+in-sample; judge it on the other suites.
 """
 
 from __future__ import annotations
