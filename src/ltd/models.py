@@ -133,7 +133,9 @@ def resolve(name: str, fetch: bool = False) -> tuple[str, str | None]:
         if not (path / "config.json").is_file():
             raise LtdError(f"{path} has no config.json; point --model at a Hugging Face model directory")
         return str(path), None
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    if name.startswith((".", "/", "~")):
+        raise LtdError(f"model path {name} does not exist; check the path")
+    if name.count("/") != 1:
         known = ", ".join(sorted(REGISTRY))
         raise LtdError(f"unknown model {name!r}: not a registry name ({known}), an existing path, or a hub id (org/name)")
     return name, None  # a Hugging Face hub id (needs internet)

@@ -1,0 +1,17 @@
+"""Learning to Draft: RL depth and size policies trained by counterfactual replay.
+
+Modules, in the order data flows through them:
+
+- :mod:`ltd.rl.latency` -- the machine's cost model (``ltd profile``).
+- :mod:`ltd.rl.traces` -- recorded max-depth draft trees along greedy outputs
+  (``ltd record``) and the exact accepted length of any (depth, size) choice.
+- :mod:`ltd.rl.sources` -- one cycle at a time, replayed from traces or run live.
+- :mod:`ltd.rl.spaces` -- observation/action spaces shared by envs and controllers.
+- :mod:`ltd.rl.envs` -- gymnasium depth and size environments (replay and live).
+- :mod:`ltd.rl.oracle` -- the hindsight-optimal schedule and replay evaluation.
+- :mod:`ltd.rl.policy` -- saving and loading trained policies with their spec.
+- :mod:`ltd.rl.train` -- PPO training, including the co-adaptive schedule.
+
+Nothing is imported here, so ``import ltd.rl`` stays cheap; gymnasium and
+stable-baselines3 are needed only by the modules that use them.
+"""

@@ -1,0 +1,55 @@
+"""Atomic file writes: write a temporary file in the same directory, then ``os.replace``.
+
+A process killed mid-write leaves the old file (or none), never a truncated one, which
+is what makes the recorder and the trainer resumable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = ".tmp") -> None:
+    """Call ``write(tmp_path)`` and move the result to ``path`` in one step.
+
+    ``suffix`` is the temporary file's ending; some writers (numpy's ``savez``) append
+    their own extension unless the name already ends with it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    """A JSON object from ``path``; user-facing errors name the file and the fix."""
+    from ltd.errors import LtdError
+
+    path = Path(path)
+    if not path.is_file():
+        raise LtdError(f"{what} {path} does not exist")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise LtdError(f"{what} {path} is not valid JSON ({exc}); recreate it") from None
+    if not isinstance(data, dict):
+        raise LtdError(f"{what} {path} does not hold a JSON object; recreate it")
+    return data

@@ -1,0 +1,210 @@
+"""Observation and action spaces of the LTD policies, shared by every consumer.
+
+The replay environment, the live environment and :class:`ltd.control_ltd.LTDController`
+all build observations with the two functions here, so a policy trained in replay sees
+exactly the same numbers when it runs live.
+
+Depth policy (called after every draft step; action 0 = STOP, 1 = CONTINUE):
+
+- ``candidate_scores`` [k*k]: cumulative log-probabilities of the candidates the last
+  step proposed (k after the first step, k*k after later ones), sorted descending,
+  clipped to ``[-score_clip, 0]``, divided by ``score_clip`` and padded with -1;
+- ``step`` [1]: draft steps done / max_depth;
+- ``context`` [1]: context length / context_scale, clipped to 1.
+
+Size policy (called once drafting stops; action i = verify ``sizes[i]`` nodes):
+
+- ``tree_scores`` [max(sizes)]: the cumulative scores of the tree's best nodes in the
+  order :func:`ltd.tree.select` ranks them (score descending, then shallower, then
+  earlier), normalised like the candidates and padded with -1. Nodes ranked below
+  ``max(sizes)`` can never be verified, so they are left out;
+- ``tree_depths`` [max(sizes)]: the depth / max_depth of those nodes (0 = padding);
+- ``depth`` [1]: the tree's depth / max_depth;
+- ``context`` [1]: as above.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from ltd.errors import LtdError
+
+OBS_VERSION = 1
+SCORE_CLIP = 20.0
+CONTEXT_SCALE = 4096.0
+DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+STOP, CONTINUE = 0, 1
+KINDS = ("depth", "size")
+
+
+@dataclass(frozen=True)
+class ObsSpec:
+    """Everything that fixes the meaning of a policy's observation and action vectors."""
+
+    kind: str
+    topk: int
+    max_depth: int
+    sizes: tuple[int, ...] = field(default=DEFAULT_SIZES)
+    context_scale: float = CONTEXT_SCALE
+    score_clip: float = SCORE_CLIP
+    version: int = OBS_VERSION
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"policy kind must be one of {KINDS}, got {self.kind!r}")
+        if self.topk < 1 or self.max_depth < 1:
+            raise ValueError("topk and max_depth must be >= 1")
+        object.__setattr__(self, "sizes", tuple(int(v) for v in self.sizes))
+        if not self.sizes or any(v < 1 for v in self.sizes) or list(self.sizes) != sorted(set(self.sizes)):
+            raise ValueError(f"sizes must be distinct increasing positive integers, got {self.sizes}")
+
+    # -- layout ------------------------------------------------------------------------
+    @property
+    def size_nodes(self) -> int:
+        """Tree nodes the size observation describes (the largest verification size)."""
+        return max(self.sizes)
+
+    def fields(self) -> list[tuple[str, int]]:
+        """(name, length) of each part of the observation vector, in order."""
+        if self.kind == "depth":
+            return [("candidate_scores", self.topk * self.topk), ("step", 1), ("context", 1)]
+        n = self.size_nodes
+        return [("tree_scores", n), ("tree_depths", n), ("depth", 1), ("context", 1)]
+
+    @property
+    def dim(self) -> int:
+        return sum(n for _, n in self.fields())
+
+    @property
+    def num_actions(self) -> int:
+        return 2 if self.kind == "depth" else len(self.sizes)
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        low = np.zeros(self.dim, dtype=np.float32)
+        high = np.ones(self.dim, dtype=np.float32)
+        first = self.fields()[0][1]
+        low[:first] = -1.0
+        high[:first] = 0.0
+        return low, high
+
+    def observation_space(self):
+        from gymnasium import spaces
+
+        low, high = self.bounds()
+        return spaces.Box(low=low, high=high, dtype=np.float32)
+
+    def action_space(self):
+        from gymnasium import spaces
+
+        return spaces.Discrete(self.num_actions)
+
+    # -- persistence -------------------------------------------------------------------
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["sizes"] = list(self.sizes)
+        data["fields"] = [{"name": n, "size": s} for n, s in self.fields()]
+        data["dim"] = self.dim
+        return data
+
+    @staticmethod
+    def from_json(data: dict) -> "ObsSpec":
+        keys = ("kind", "topk", "max_depth", "sizes", "context_scale", "score_clip", "version")
+        missing = [k for k in keys if k not in data]
+        if missing:
+            raise LtdError(f"policy observation spec lacks {', '.join(missing)}; retrain the policy")
+        spec = ObsSpec(
+            kind=str(data["kind"]),
+            topk=int(data["topk"]),
+            max_depth=int(data["max_depth"]),
+            sizes=tuple(int(v) for v in data["sizes"]),
+            context_scale=float(data["context_scale"]),
+            score_clip=float(data["score_clip"]),
+            version=int(data["version"]),
+        )
+        stored = [(f["name"], int(f["size"])) for f in data.get("fields", [])]
+        if stored and stored != spec.fields():
+            raise LtdError(
+                f"policy observation layout {stored} differs from what this version of ltd builds "
+                f"{spec.fields()}; retrain the policy"
+            )
+        return spec
+
+    def mismatch(self, other: "ObsSpec") -> str | None:
+        """A one-line reason why a policy with spec ``other`` cannot stand in for ``self``."""
+        checks = [("kind", self.kind, other.kind), ("observation version", self.version, other.version),
+                  ("topk", self.topk, other.topk), ("max depth", self.max_depth, other.max_depth),
+                  ("context scale", self.context_scale, other.context_scale),
+                  ("score clip", self.score_clip, other.score_clip)]
+        if self.kind == "size":
+            checks.append(("size set", list(self.sizes), list(other.sizes)))
+        for name, want, got in checks:
+            if want != got:
+                return f"{name} {got} (expected {want})"
+        return None
+
+
+def for_kind(kind: str, topk: int, max_depth: int, sizes: Sequence[int] = DEFAULT_SIZES, **kw) -> ObsSpec:
+    return ObsSpec(kind=kind, topk=topk, max_depth=max_depth, sizes=tuple(sizes), **kw)
+
+
+def sizes_up_to(max_size: int | None, sizes: Sequence[int] = DEFAULT_SIZES) -> tuple[int, ...]:
+    """The size set limited to ``max_size`` (which is added when it falls between values)."""
+    if max_size is None:
+        return tuple(sizes)
+    kept = [v for v in sizes if v <= max_size]
+    if not kept or kept[-1] != max_size:
+        kept.append(int(max_size))
+    return tuple(sorted(set(kept)))
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=np.float32).reshape(-1)
+
+
+def _norm_scores(scores: np.ndarray, clip: float) -> np.ndarray:
+    scores = np.nan_to_num(scores, nan=-clip, neginf=-clip, posinf=0.0)
+    return np.clip(scores / clip, -1.0, 0.0)
+
+
+def depth_observation(spec: ObsSpec, step: int, candidate_scores, context_length: int) -> np.ndarray:
+    """The depth policy's observation after ``step`` draft steps."""
+    kk = spec.topk * spec.topk
+    obs = np.empty(kk + 2, dtype=np.float32)
+    obs[:kk] = -1.0
+    cand = _to_numpy(candidate_scores)
+    if cand.size:
+        top = -np.sort(-cand)[:kk]
+        obs[: top.size] = _norm_scores(top, spec.score_clip)
+    obs[kk] = min(step / spec.max_depth, 1.0)
+    obs[kk + 1] = min(context_length / spec.context_scale, 1.0)
+    return obs
+
+
+def rank_order(scores: np.ndarray, depths: np.ndarray) -> np.ndarray:
+    """Indices in :func:`ltd.tree.select`'s ranking: score desc, depth asc, index asc."""
+    idx = np.arange(scores.size)
+    return np.lexsort((idx, depths, -scores))
+
+
+def size_observation(spec: ObsSpec, scores, depths, tree_depth: int, context_length: int) -> np.ndarray:
+    """The size policy's observation for a drafted tree.
+
+    ``scores``/``depths`` are those of the drafted nodes (root excluded), in tree order.
+    """
+    n = spec.size_nodes
+    obs = np.zeros(2 * n + 2, dtype=np.float32)
+    obs[:n] = -1.0
+    s = _to_numpy(scores)
+    if s.size:
+        d = np.asarray(depths.detach().cpu().numpy() if hasattr(depths, "detach") else depths).reshape(-1)
+        top = rank_order(s, d)[:n]
+        obs[: top.size] = _norm_scores(s[top], spec.score_clip)
+        obs[n : n + top.size] = np.minimum(d[top] / spec.max_depth, 1.0)
+    obs[2 * n] = min(tree_depth / spec.max_depth, 1.0)
+    obs[2 * n + 1] = min(context_length / spec.context_scale, 1.0)
+    return obs
