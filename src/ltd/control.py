@@ -37,15 +37,28 @@ class DraftStepState:
 
 
 class Controller(Protocol):
-    """Chooses draft depth (step by step) and verification size."""
+    """Chooses draft depth (step by step) and verification size.
+
+    ``observe_result`` receives each finished cycle's result (accepted length, timings),
+    for controllers that adapt from feedback; stateless ones ignore it.
+    """
 
     def continue_drafting(self, state: DraftStepState) -> bool: ...
 
     def choose_size(self, state: DraftStepState) -> int: ...
 
+    def observe_result(self, result) -> None: ...
+
+
+class ControllerBase:
+    """Default no-op feedback hook for controllers that do not adapt."""
+
+    def observe_result(self, result) -> None:
+        return None
+
 
 @dataclass
-class StaticController:
+class StaticController(ControllerBase):
     """Fixed depth D, branching K and verification size V (EAGLE-2/3 defaults style)."""
 
     depth: int = 5

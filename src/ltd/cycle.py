@@ -222,7 +222,7 @@ def run_cycle(state: DecodeState, controller: Controller, topk: int, cycle: int)
     accepted = accept(state, verified)
     new = commit(state, verified, accepted)
     t2 = time.perf_counter()
-    return CycleResult(
+    result = CycleResult(
         new_tokens=new,
         cycle=cycle,
         depth=tree.max_depth,
@@ -233,6 +233,8 @@ def run_cycle(state: DecodeState, controller: Controller, topk: int, cycle: int)
         verify_seconds=t2 - t1,
         total_seconds=t2 - t0,
     )
+    controller.observe_result(result)
+    return result
 
 
 def decode(

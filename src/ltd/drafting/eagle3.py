@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -284,7 +285,7 @@ class Eagle3Head(nn.Module):
         try:
             cfg = Eagle3Config.from_json_dict(json.loads(cfg_path.read_text()))
             state = load_file(str(w_path))
-        except (json.JSONDecodeError, OSError, ValueError, RuntimeError) as exc:
+        except (json.JSONDecodeError, OSError, ValueError, RuntimeError, SafetensorError) as exc:
             raise LtdError(f"corrupt drafter checkpoint in {directory} ({exc}); retrain or re-download it") from None
         state = {k.replace("layers.0.", "midlayer."): v for k, v in state.items()}
         state.pop("embed_tokens.weight", None)
@@ -380,13 +381,14 @@ class Eagle3Drafter:
         g = out[0, -1]
         self._node_hidden = {0: g}
         self._node_entry = {}
-        return self._topk(g.unsqueeze(0), k)
+        tokens, logp = self._topk(g.unsqueeze(0), k)
+        return tokens[0], logp[0]
 
     def _topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         logp = torch.log_softmax(self.head.logits(hidden).float(), dim=-1)
         k = min(k, logp.shape[-1])
         val, idx = torch.topk(logp, k, dim=-1)
-        return self.head.draft_to_target(idx).cpu().squeeze(0), val.cpu().squeeze(0)
+        return self.head.draft_to_target(idx).cpu(), val.cpu()
 
     @torch.inference_mode()
     def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,149 @@
+"""Controllers beyond the static tree: trained LTD policies and transformers' heuristic.
+
+Both implement :class:`ltd.control.Controller` (``continue_drafting`` before each draft
+step, ``choose_size`` once drafting stops), so they plug into :func:`ltd.cycle.decode`
+unchanged; greedy output stays the target's greedy output whatever they decide.
+
+:class:`HeuristicController` needs to know how the last cycle went. It has an optional
+``observe_result(CycleResult)`` method, which the cycle calls after every cycle when a
+controller has one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ltd.control import DraftStepState, MAX_DEPTH, validate_static
+from ltd.cycle import CycleResult
+from ltd.errors import LtdError
+from ltd.rl.policy import LoadedPolicy, load_policy
+from ltd.rl.spaces import CONTINUE, depth_observation, size_observation
+
+MIN_DEPTH = 1  # LTD always drafts at least one step; the depth policy decides after each step
+
+
+class LTDController:
+    """Depth and size decisions from trained LTD policies (deterministic actions).
+
+    Either policy may be omitted: the depth decision then falls back to a fixed
+    ``depth`` and the size decision to a fixed ``size`` (the co-adaptive trainer uses
+    this to pair one trained policy with a fixed rule). ``topk`` is the branching the
+    policies were trained with; decode with it (``ltd.cycle.decode(..., topk=c.topk)``).
+    """
+
+    def __init__(
+        self,
+        depth_policy_dir: str | Path | None = None,
+        size_policy_dir: str | Path | None = None,
+        *,
+        depth: int = 5,
+        size: int = 32,
+        topk: int | None = None,
+    ) -> None:
+        dp = load_policy(depth_policy_dir, kind="depth") if depth_policy_dir is not None else None
+        sp = load_policy(size_policy_dir, kind="size") if size_policy_dir is not None else None
+        self._init(dp, sp, depth, size, topk)
+
+    @classmethod
+    def from_policies(
+        cls, depth_policy: LoadedPolicy | None, size_policy: LoadedPolicy | None, *, depth: int = 5, size: int = 32, topk: int | None = None
+    ) -> "LTDController":
+        self = cls.__new__(cls)
+        self._init(depth_policy, size_policy, depth, size, topk)
+        return self
+
+    def _init(self, dp: LoadedPolicy | None, sp: LoadedPolicy | None, depth: int, size: int, topk: int | None) -> None:
+        if dp is not None and dp.spec.kind != "depth":
+            raise LtdError(f"policy {dp.where} is a {dp.spec.kind} policy, but a depth policy is needed")
+        if sp is not None and sp.spec.kind != "size":
+            raise LtdError(f"policy {sp.where} is a {sp.spec.kind} policy, but a size policy is needed")
+        if dp is not None and sp is not None:
+            if (dp.spec.topk, dp.spec.max_depth) != (sp.spec.topk, sp.spec.max_depth):
+                raise LtdError(
+                    f"depth policy {dp.where} (topk {dp.spec.topk}, max depth {dp.spec.max_depth}) and size policy "
+                    f"{sp.where} (topk {sp.spec.topk}, max depth {sp.spec.max_depth}) were trained on different trees; "
+                    "use policies from the same training run"
+                )
+        trained = dp or sp
+        if topk is None:
+            topk = trained.spec.topk if trained is not None else 8
+        if trained is not None and topk != trained.spec.topk:
+            raise LtdError(f"policy {trained.where} was trained with topk {trained.spec.topk}, not {topk}")
+        validate_static(min(depth, MAX_DEPTH), topk, size)
+        self.depth_policy = dp
+        self.size_policy = sp
+        self.depth = depth
+        self.size = size
+        self.topk = topk
+        self.max_depth = trained.spec.max_depth if trained is not None else depth
+
+    def _check_topk(self, state: DraftStepState) -> None:
+        if state.topk != self.topk:
+            raise LtdError(f"the LTD policies were trained with topk {self.topk}, but decoding uses topk {state.topk}; decode with --topk {self.topk}")
+
+    def continue_drafting(self, state: DraftStepState) -> bool:
+        dp = self.depth_policy
+        if dp is None:
+            return state.step < self.depth
+        if state.step < MIN_DEPTH:
+            return True
+        self._check_topk(state)
+        if state.step >= dp.spec.max_depth:
+            return False
+        obs = depth_observation(dp.spec, state.step, state.candidate_scores, state.context_length)
+        return dp.act(obs) == CONTINUE
+
+    def choose_size(self, state: DraftStepState) -> int:
+        tree = state.tree
+        sp = self.size_policy
+        if sp is None:
+            return min(self.size, tree.num_drafted)
+        self._check_topk(state)
+        obs = size_observation(sp.spec, tree.scores[1:], tree.depths[1:], tree.max_depth, state.context_length)
+        return min(sp.spec.sizes[sp.act(obs)], tree.num_drafted)
+
+
+@dataclass
+class HeuristicController:
+    """transformers' assisted-generation rule on the draft depth: +2 after a cycle that
+    accepted every drafted level, -1 otherwise (within [min_depth, max_depth]); a fixed
+    branching ``topk`` and verification size ``size``.
+
+    The depth carries over from one sequence to the next, as in transformers (the
+    candidate generator keeps ``num_assistant_tokens``); :meth:`reset` restores it.
+    """
+
+    depth: int = 5
+    topk: int = 8
+    size: int = 32
+    min_depth: int = 1
+    max_depth: int = 16
+    current: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        validate_static(self.depth, self.topk, self.size)
+        if not 1 <= self.min_depth <= self.depth <= self.max_depth <= MAX_DEPTH:
+            raise LtdError(
+                f"heuristic depths must satisfy 1 <= min ({self.min_depth}) <= start ({self.depth}) <= max "
+                f"({self.max_depth}) <= {MAX_DEPTH}"
+            )
+        self.current = self.depth
+
+    def reset(self) -> None:
+        self.current = self.depth
+
+    def continue_drafting(self, state: DraftStepState) -> bool:
+        return state.step < self.current
+
+    def choose_size(self, state: DraftStepState) -> int:
+        return min(self.size, state.tree.num_drafted)
+
+    def observe_result(self, result: CycleResult) -> None:
+        """Adapt the depth to the last cycle: all drafted levels accepted -> +2, else -1."""
+        if result.depth <= 0:
+            return
+        if result.num_accepted >= result.depth:
+            self.current = min(self.current + 2, self.max_depth)
+        else:
+            self.current = max(self.current - 1, self.min_depth)

@@ -1,0 +1,187 @@
+"""Trained LTD policies on disk: a directory with the SB3 model and its observation spec.
+
+Layout of a policy directory::
+
+    model.zip     stable-baselines3 PPO (the whole algorithm: training can resume from it)
+    policy.json   format, version, kind, the observation spec (field names and sizes,
+                  size set, topk, max depth, normalisation), actions, training metadata
+
+``policy.json`` is written last, so a directory without it is an unfinished save.
+Loading checks everything that fixes the meaning of the vectors; a policy trained for
+another topk, depth, size set or observation version is refused with a one-line
+:class:`~ltd.errors.LtdError` rather than silently fed vectors it was not trained on.
+
+At decision time only the actor is used: :class:`LoadedPolicy` keeps the SB3 actor MLP
+and action head as one small torch module and takes the argmax (the deterministic
+action), which costs tens of microseconds per call on a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ltd.errors import LtdError
+from ltd.rl.io import atomic_write, atomic_write_json, read_json
+from ltd.rl.spaces import ObsSpec
+
+log = logging.getLogger(__name__)
+
+POLICY_FORMAT = "ltd-policy"
+POLICY_VERSION = 1
+MODEL_FILE = "model.zip"
+META_FILE = "policy.json"
+DEFAULT_NET_ARCH = (64, 64)
+
+
+@dataclass
+class LoadedPolicy:
+    """A policy ready for inference: ``act(obs) -> action index``."""
+
+    spec: ObsSpec
+    net: torch.nn.Module
+    meta: dict = field(default_factory=dict)
+    directory: Path | None = None
+
+    @torch.inference_mode()
+    def logits(self, obs: np.ndarray) -> torch.Tensor:
+        return self.net(torch.from_numpy(np.asarray(obs, dtype=np.float32)).unsqueeze(0))[0]
+
+    def act(self, obs: np.ndarray) -> int:
+        """The deterministic action (argmax of the action logits)."""
+        return int(torch.argmax(self.logits(obs)))
+
+    @property
+    def where(self) -> str:
+        return str(self.directory) if self.directory is not None else "(in memory)"
+
+
+def actor_network(model) -> torch.nn.Module:
+    """The SB3 policy's actor as one module: observation [b, dim] -> logits [b, actions]."""
+    policy = model.policy if hasattr(model, "policy") else model
+    net = torch.nn.Sequential(policy.features_extractor, policy.mlp_extractor.policy_net, policy.action_net)
+    return net.eval().to("cpu")
+
+
+def _check_model_spec(model, spec: ObsSpec, where: str) -> None:
+    shape = tuple(model.observation_space.shape or ())
+    n = int(getattr(model.action_space, "n", -1))
+    if shape != (spec.dim,) or n != spec.num_actions:
+        raise LtdError(
+            f"policy {where} has observation shape {shape} and {n} actions, but its spec says "
+            f"({spec.dim},) and {spec.num_actions}; retrain it"
+        )
+
+
+def save_policy(model, spec: ObsSpec, directory: str | Path, meta: dict | None = None) -> Path:
+    """Write ``model.zip`` then ``policy.json`` (each atomically) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _check_model_spec(model, spec, str(directory))
+    atomic_write(directory / MODEL_FILE, lambda tmp: model.save(tmp), suffix=".zip")
+    actions = {"n": spec.num_actions}
+    actions["values"] = ["stop", "continue"] if spec.kind == "depth" else list(spec.sizes)
+    atomic_write_json(directory / META_FILE, {
+        "format": POLICY_FORMAT,
+        "version": POLICY_VERSION,
+        "kind": spec.kind,
+        "observation": spec.to_json(),
+        "actions": actions,
+        "trained": meta or {},
+    })
+    return directory
+
+
+def read_policy_meta(directory: str | Path) -> tuple[ObsSpec, dict]:
+    """The spec and metadata of a policy directory, validated (no model is loaded)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise LtdError(f"policy directory {directory} does not exist; train one with ltd train-policy")
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise LtdError(f"{directory} holds no {META_FILE}; it is not a finished LTD policy (retrain or pick another)")
+    meta = read_json(meta_path, "policy metadata")
+    if meta.get("format") != POLICY_FORMAT:
+        raise LtdError(f"{meta_path} is not an LTD policy (format {meta.get('format')!r})")
+    if int(meta.get("version", -1)) != POLICY_VERSION:
+        raise LtdError(f"policy {directory} has version {meta.get('version')}, this ltd reads {POLICY_VERSION}; retrain it")
+    obs = meta.get("observation")
+    if not isinstance(obs, dict):
+        raise LtdError(f"{meta_path} has no observation spec; retrain the policy")
+    spec = ObsSpec.from_json(obs)
+    if spec.kind != meta.get("kind"):
+        raise LtdError(f"{meta_path} is inconsistent (kind {meta.get('kind')!r} vs observation kind {spec.kind!r}); retrain")
+    return spec, meta
+
+
+def check_spec(spec: ObsSpec, expect: ObsSpec | None, kind: str | None, where: str) -> None:
+    """One-line refusal when a policy does not fit what the caller needs."""
+    if kind is not None and spec.kind != kind:
+        raise LtdError(f"policy {where} is a {spec.kind} policy, but a {kind} policy is needed")
+    if expect is not None:
+        reason = expect.mismatch(spec)
+        if reason is not None:
+            raise LtdError(f"policy {where} does not match: it has {reason}; use a matching policy or retrain")
+
+
+def load_model(directory: str | Path, env=None):
+    """The SB3 PPO stored in a policy directory (for resuming training)."""
+    from stable_baselines3 import PPO
+
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        raise LtdError(f"{Path(directory)} holds no {MODEL_FILE}; retrain the policy")
+    try:
+        return PPO.load(str(path), env=env, device="cpu")
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise LtdError(f"cannot load {path} ({first}); retrain the policy") from None
+
+
+def load_policy(directory: str | Path, kind: str | None = None, expect: ObsSpec | None = None) -> LoadedPolicy:
+    """Load a policy for inference, refusing one whose spec does not fit."""
+    directory = Path(directory)
+    spec, meta = read_policy_meta(directory)
+    check_spec(spec, expect, kind, str(directory))
+    model = load_model(directory)
+    _check_model_spec(model, spec, str(directory))
+    return LoadedPolicy(spec, actor_network(model), meta, directory)
+
+
+class _SpaceEnv:
+    """Placeholder env exposing only the spaces, to build an untrained PPO."""
+
+    def __init__(self, spec: ObsSpec) -> None:
+        import gymnasium as gym
+
+        class Env(gym.Env):
+            observation_space = spec.observation_space()
+            action_space = spec.action_space()
+
+            def reset(self, *, seed=None, options=None):
+                super().reset(seed=seed)
+                return self.observation_space.sample(), {}
+
+            def step(self, action):
+                return self.observation_space.sample(), 0.0, True, False, {}
+
+        self.env = Env()
+
+
+def new_model(spec: ObsSpec, env=None, seed: int = 0, net_arch=DEFAULT_NET_ARCH, **ppo_kwargs):
+    """A fresh SB3 PPO with a small MLP for ``spec`` (on ``env``, or a placeholder)."""
+    from stable_baselines3 import PPO
+
+    env = env if env is not None else _SpaceEnv(spec).env
+    policy_kwargs = {"net_arch": {"pi": list(net_arch), "vf": list(net_arch)}}
+    return PPO("MlpPolicy", env, seed=seed, device="cpu", policy_kwargs=policy_kwargs, verbose=0, **ppo_kwargs)
+
+
+def untrained_policy(spec: ObsSpec, seed: int = 0) -> LoadedPolicy:
+    """A randomly initialised policy of the right shape (profiling, tests)."""
+    model = new_model(spec, seed=seed)
+    return LoadedPolicy(spec, actor_network(model), {"untrained": True}, None)

@@ -1,0 +1,293 @@
+"""PPO training of the LTD policies (stable-baselines3), with the co-adaptive schedule.
+
+Stages: ``size`` (size policy, fixed depth rule), ``depth`` (depth policy, fixed size
+rule) or ``both``: size with the fixed depth rule, then depth with the trained size
+policy, then size with the trained depth policy, ... (``rounds`` depth phases, always
+ending with size). Every phase is one PPO run of ``iterations`` rollouts of ``n_steps``.
+
+Output directory::
+
+    OUT/train_state.json         config + per-phase status (resume reads it)
+    OUT/phases/NN-KIND/          checkpoint.zip (every few iterations), policy/ when done
+    OUT/depth/, OUT/size/        the latest finished policy of each kind (LTDController)
+    OUT/tb/NN-KIND_1/            TensorBoard logs (PPO's + ltd/* throughput metrics)
+    OUT/summary.json             final evaluation (replay throughput vs oracle)
+
+Everything is written atomically; ``resume=True`` skips finished phases and continues
+an interrupted one from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ltd.control import StaticController
+from ltd.errors import LtdError
+from ltd.rl.io import atomic_write, atomic_write_json, read_json
+from ltd.rl.latency import LatencyModel
+from ltd.rl.spaces import DEFAULT_SIZES, ObsSpec, for_kind, sizes_up_to
+from ltd.rl.traces import TraceSet
+
+log = logging.getLogger(__name__)
+
+STAGES = ("size", "depth", "both")
+ENVS = ("replay", "live")
+STATE_FILE = "train_state.json"
+STATE_FORMAT = "ltd-train-state"
+CHECKPOINT = "checkpoint.zip"
+# config fields that may change when resuming (they do not change what is learned so far)
+RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "eval_sequences")
+
+
+@dataclass
+class PolicyTrainConfig:
+    """PPO and schedule settings (defaults suit the replay environment)."""
+
+    stage: str = "both"
+    env: str = "replay"
+    iterations: int = 20
+    rounds: int = 1
+    n_steps: int = 512
+    batch_size: int = 128
+    n_epochs: int = 5
+    learning_rate: float = 3e-4
+    gamma: float = 1.0  # episodes are single cycles (see ltd.rl.envs)
+    gae_lambda: float = 0.95
+    ent_coef: float = 0.01
+    net_arch: tuple[int, ...] = (64, 64)
+    sizes: tuple[int, ...] = DEFAULT_SIZES
+    fixed_depth: int = 5
+    fixed_size: int = 32
+    seed: int = 0
+    checkpoint_every: int = 5
+    eval_sequences: int = 32
+
+    def validate(self) -> None:
+        if self.stage not in STAGES:
+            raise LtdError(f"unknown --stage {self.stage!r}; choose one of {', '.join(STAGES)}")
+        if self.env not in ENVS:
+            raise LtdError(f"unknown --env {self.env!r}; choose replay or live")
+        for name in ("iterations", "rounds", "n_steps", "batch_size", "n_epochs", "checkpoint_every", "fixed_depth", "fixed_size"):
+            if getattr(self, name) < 1:
+                raise LtdError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.n_steps < 2:
+            raise LtdError("--n-steps must be at least 2")
+        if self.batch_size > self.n_steps:
+            raise LtdError(f"--batch-size {self.batch_size} exceeds --n-steps {self.n_steps}")
+
+    def phases(self) -> list[str]:
+        if self.stage == "both":
+            return ["size", "depth"] * self.rounds + ["size"]
+        return [self.stage]
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["net_arch"] = list(self.net_arch)
+        data["sizes"] = list(self.sizes)
+        return data
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    depth_policy: Path | None
+    size_policy: Path | None
+    phases: list[dict] = field(default_factory=list)
+    evaluation: dict | None = None
+
+
+def _make_callback(checkpoint: Path, every: int, on_checkpoint: Callable[[int], None]):
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class ThroughputCallback(BaseCallback):
+        """Logs cycle throughput per rollout; checkpoints every ``every`` iterations."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._reset_stats()
+            self.iterations = 0
+
+        def _reset_stats(self) -> None:
+            self.tokens = 0
+            self.seconds = 0.0
+            self.cycles = 0
+            self.depth = 0
+            self.size = 0
+
+        def _on_step(self) -> bool:
+            for info in self.locals.get("infos", []):
+                cyc = info.get("cycle")
+                if cyc is not None:
+                    self.tokens += cyc["tokens"]
+                    self.seconds += cyc["seconds"]
+                    self.cycles += 1
+                    self.depth += cyc["depth"]
+                    self.size += cyc["size"]
+            return True
+
+        def _on_rollout_start(self) -> None:
+            # parameters here already include the previous iteration's update
+            if self.iterations and self.iterations % every == 0:
+                atomic_write(checkpoint, lambda tmp: self.model.save(tmp), suffix=".zip")
+                on_checkpoint(self.model.num_timesteps)
+
+        def _on_rollout_end(self) -> None:
+            self.iterations += 1
+            if self.cycles:
+                self.logger.record("ltd/tokens_per_second", self.tokens / self.seconds if self.seconds else 0.0)
+                self.logger.record("ltd/tokens_per_cycle", self.tokens / self.cycles)
+                self.logger.record("ltd/mean_depth", self.depth / self.cycles)
+                self.logger.record("ltd/mean_size", self.size / self.cycles)
+            self._reset_stats()
+
+    return ThroughputCallback()
+
+
+def _load_state(out_dir: Path, cfg: PolicyTrainConfig, resume: bool, inputs: dict) -> dict:
+    path = out_dir / STATE_FILE
+    if not path.exists():
+        if resume:
+            log.info("nothing to resume in %s; starting fresh", out_dir)
+        return {"format": STATE_FORMAT, "config": cfg.to_json(), "inputs": inputs,
+                "phases": [{"index": i, "kind": k, "status": "pending", "timesteps": 0} for i, k in enumerate(cfg.phases())]}
+    if not resume:
+        raise LtdError(f"{out_dir} already holds a policy training run; pass --resume to continue it or choose another --out")
+    state = read_json(path, "training state")
+    if state.get("format") != STATE_FORMAT:
+        raise LtdError(f"{path} is not an ltd training state; choose another --out")
+    old = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
+    new = {k: v for k, v in cfg.to_json().items() if k not in RESUMABLE_CHANGES}
+    diff = sorted(k for k in new if old.get(k) != new[k])
+    if diff:
+        raise LtdError(f"cannot resume {out_dir}: settings changed ({', '.join(diff)}); use the original settings or another --out")
+    if state.get("inputs", {}) != inputs:
+        raise LtdError(f"cannot resume {out_dir}: it was trained on {state.get('inputs')}, not {inputs}; use the same inputs")
+    state["config"] = cfg.to_json()
+    return state
+
+
+def train_policies(
+    cfg: PolicyTrainConfig,
+    out_dir: str | Path,
+    latency: LatencyModel,
+    make_source: Callable[[], object],
+    *,
+    eval_traces: TraceSet | None = None,
+    inputs: dict | None = None,
+    resume: bool = False,
+    progress: bool = False,
+) -> TrainResult:
+    """Run the configured phases; returns where the final policies are.
+
+    ``make_source`` builds a cycle source (replay or live) for each phase; with
+    ``eval_traces`` every finished phase is evaluated in replay against the oracle.
+    """
+    from stable_baselines3 import PPO
+
+    from ltd.control_ltd import LTDController
+    from ltd.rl.envs import make_env
+    from ltd.rl.oracle import compare
+    from ltd.rl.policy import load_policy, new_model, save_policy
+
+    cfg.validate()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = inputs or {}
+    state = _load_state(out_dir, cfg, resume, inputs)
+    state_path = out_dir / STATE_FILE
+    atomic_write_json(state_path, state)
+    probe = make_source()
+    max_size = getattr(probe, "max_size", None)
+    sizes = tuple(v for v in sizes_up_to(max_size, cfg.sizes) if max_size is None or v <= max_size)
+    specs = {k: for_kind(k, probe.topk, probe.max_depth, sizes) for k in ("depth", "size")}
+    fixed_depth = min(cfg.fixed_depth, probe.max_depth)
+    fixed_size = min(cfg.fixed_size, max(sizes))
+    latest = {}
+    for kind in ("depth", "size"):
+        if (out_dir / kind / "policy.json").is_file() and any(p["status"] == "done" and p["kind"] == kind for p in state["phases"]):
+            latest[kind] = load_policy(out_dir / kind, kind=kind, expect=specs[kind])
+
+    def controller() -> LTDController:
+        return LTDController.from_policies(latest.get("depth"), latest.get("size"), depth=fixed_depth, size=fixed_size, topk=probe.topk)
+
+    for entry in state["phases"]:
+        i, kind = entry["index"], entry["kind"]
+        if entry["status"] == "done":
+            continue
+        phase_dir = out_dir / "phases" / f"{i:02d}-{kind}"
+        phase_dir.mkdir(parents=True, exist_ok=True)
+        other_kind = "size" if kind == "depth" else "depth"
+        other = controller() if other_kind in latest else None
+        if other is None:
+            other = StaticController(depth=fixed_depth, topk=probe.topk, size=fixed_size)
+        env = make_env(kind, make_source(), specs[kind], other)
+        total = cfg.iterations * cfg.n_steps
+        ckpt = phase_dir / CHECKPOINT
+        tb_name = f"{i:02d}-{kind}"
+        if resume and ckpt.is_file():
+            model = PPO.load(str(ckpt), env=env, device="cpu", tensorboard_log=str(out_dir / "tb"))
+            reset = False
+            log.info("phase %s: resuming at %d of %d steps", tb_name, model.num_timesteps, total)
+        else:
+            model = new_model(
+                specs[kind], env=env, seed=cfg.seed + i, net_arch=cfg.net_arch, n_steps=cfg.n_steps,
+                batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, learning_rate=cfg.learning_rate, gamma=cfg.gamma,
+                gae_lambda=cfg.gae_lambda, ent_coef=cfg.ent_coef, tensorboard_log=str(out_dir / "tb"),
+            )
+            reset = True
+        entry["status"] = "running"
+        atomic_write_json(state_path, state)
+
+        def on_checkpoint(steps: int, entry=entry) -> None:
+            entry["timesteps"] = int(steps)
+            atomic_write_json(state_path, state)
+
+        remaining = total - (0 if reset else model.num_timesteps)
+        if remaining > 0:
+            model.learn(total_timesteps=remaining, callback=_make_callback(ckpt, cfg.checkpoint_every, on_checkpoint),
+                        tb_log_name=tb_name, reset_num_timesteps=reset, progress_bar=progress)
+        meta = {"stage": cfg.stage, "phase": i, "env": cfg.env, "timesteps": int(model.num_timesteps),
+                "latency_cpu": latency.machine.get("cpu_model", ""), **inputs}
+        save_policy(model, specs[kind], phase_dir / "policy", meta)
+        save_policy(model, specs[kind], out_dir / kind, meta)
+        latest[kind] = load_policy(out_dir / kind, kind=kind, expect=specs[kind])
+        entry["status"] = "done"
+        entry["timesteps"] = int(model.num_timesteps)
+        if eval_traces is not None:
+            report = compare(eval_traces, latency, {"ltd": controller(),
+                                                    "static": StaticController(depth=fixed_depth, topk=probe.topk, size=fixed_size)}, sizes)
+            entry["eval"] = {r["name"]: {"tokens_per_second": r["tokens_per_second"], "fraction_of_oracle": r["fraction_of_oracle"]}
+                             for r in report["results"]}
+            log.info("phase %s: %s", tb_name, entry["eval"])
+        atomic_write_json(state_path, state)
+        if ckpt.is_file():
+            ckpt.unlink()
+    evaluation = None
+    if eval_traces is not None:
+        evaluation = compare(eval_traces, latency, {"ltd": controller(),
+                                                    "static": StaticController(depth=fixed_depth, topk=probe.topk, size=fixed_size)}, sizes)
+    result = TrainResult(out_dir, out_dir / "depth" if "depth" in latest else None, out_dir / "size" if "size" in latest else None,
+                         state["phases"], evaluation)
+    atomic_write_json(out_dir / "summary.json", {"phases": state["phases"], "evaluation": evaluation,
+                                                 "depth_policy": str(result.depth_policy) if result.depth_policy else None,
+                                                 "size_policy": str(result.size_policy) if result.size_policy else None})
+    return result
+
+
+def replay_source_factory(traces: TraceSet, latency: LatencyModel) -> Callable[[], object]:
+    from ltd.rl.sources import ReplaySource
+
+    return lambda: ReplaySource(traces, latency)
+
+
+def eval_subset(traces: TraceSet, n: int) -> TraceSet:
+    seqs = [s for s in traces.sequences if s.num_positions][:n]
+    return TraceSet.from_sequences(seqs, traces.topk, traces.max_depth, traces.max_size)
+
+
+def spec_for(kind: str, traces: TraceSet, sizes=DEFAULT_SIZES) -> ObsSpec:
+    """The observation spec a policy trained on ``traces`` has."""
+    return for_kind(kind, traces.topk, traces.max_depth, tuple(v for v in sizes_up_to(traces.max_size, sizes)))
