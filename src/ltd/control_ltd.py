@@ -4,9 +4,9 @@ Both implement :class:`ltd.control.Controller` (``continue_drafting`` before eac
 step, ``choose_size`` once drafting stops), so they plug into :func:`ltd.cycle.decode`
 unchanged; greedy output stays the target's greedy output whatever they decide.
 
-:class:`HeuristicController` needs to know how the last cycle went. It has an optional
-``observe_result(CycleResult)`` method, which the cycle calls after every cycle when a
-controller has one.
+:class:`HeuristicController` needs to know how the last cycle went: the cycle calls
+every controller's ``observe_result(CycleResult)`` after each cycle (a no-op from
+:class:`ltd.control.ControllerBase` for the LTD policies, which decide from the tree alone).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ltd.control import DraftStepState, MAX_DEPTH, validate_static
+from ltd.control import MAX_DEPTH, ControllerBase, DraftStepState, validate_static
 from ltd.cycle import CycleResult
 from ltd.errors import LtdError
 from ltd.rl.policy import LoadedPolicy, load_policy
@@ -23,7 +23,7 @@ from ltd.rl.spaces import CONTINUE, depth_observation, size_observation
 MIN_DEPTH = 1  # LTD always drafts at least one step; the depth policy decides after each step
 
 
-class LTDController:
+class LTDController(ControllerBase):
     """Depth and size decisions from trained LTD policies (deterministic actions).
 
     Either policy may be omitted: the depth decision then falls back to a fixed
@@ -105,7 +105,7 @@ class LTDController:
 
 
 @dataclass
-class HeuristicController:
+class HeuristicController(ControllerBase):
     """transformers' assisted-generation rule on the draft depth: +2 after a cycle that
     accepted every drafted level, -1 otherwise (within [min_depth, max_depth]); a fixed
     branching ``topk`` and verification size ``size``.

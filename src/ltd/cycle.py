@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
@@ -20,6 +20,18 @@ from ltd.control import Controller, DraftStepState
 from ltd.drafting.base import Drafter
 from ltd.errors import LtdError
 from ltd.tree import Selection, Tree, select as select_tree
+
+
+class CommitListener(Protocol):
+    """Told about every token the target processed and committed (prefill included).
+
+    ``tokens`` are the committed tokens the target just processed (in order), ``logits``
+    the target's next-token logits after each of them, ``features`` its hidden features
+    there (None when the drafter needs none). This is the free training signal that
+    online drafter adaptation learns from; listeners run inside the timed cycle.
+    """
+
+    def on_commit(self, tokens: list[int], logits: torch.Tensor, features: torch.Tensor | None) -> None: ...
 
 
 @dataclass
@@ -36,6 +48,7 @@ class DecodeState:
     prompt_length: int
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     generator: torch.Generator | None = None
+    listeners: Sequence[CommitListener] = ()
 
     @property
     def pending(self) -> int:
@@ -76,6 +89,7 @@ def start(
     prompt: Sequence[int],
     sampling: SamplingConfig | None = None,
     seed: int | None = None,
+    listeners: Sequence[CommitListener] = (),
 ) -> tuple[DecodeState, CycleResult]:
     """Prefill the prompt and choose the first token (cycle 0)."""
     t0 = time.perf_counter()
@@ -96,8 +110,10 @@ def start(
     out = target.score(prompt, list(range(-1, len(prompt) - 1)), drafter.feature_layers)
     target.commit(list(range(len(prompt))))
     first = _choose(out.logits[-1], sampling, generator)
-    state = DecodeState(target, drafter, prompt + [first], len(prompt), sampling, generator)
+    state = DecodeState(target, drafter, prompt + [first], len(prompt), sampling, generator, tuple(listeners))
     drafter.sync(state.tokens, out.features)
+    for listener in state.listeners:
+        listener.on_commit(prompt, out.logits, out.features)
     return state, CycleResult(new_tokens=[first], cycle=0, total_seconds=time.perf_counter() - t0)
 
 
@@ -205,6 +221,11 @@ def commit(state: DecodeState, verified: Verified, accepted: Accepted) -> list[i
     state.tokens.extend(new)
     feats = verified.features[accepted.path] if verified.features is not None else None
     state.drafter.sync(state.tokens, feats)
+    if state.listeners:
+        processed = [int(sub.tokens[i]) for i in accepted.path]
+        logits = verified.logits[accepted.path]
+        for listener in state.listeners:
+            listener.on_commit(processed, logits, feats)
     return new
 
 
@@ -247,6 +268,7 @@ def decode(
     sampling: SamplingConfig | None = None,
     eos_token_ids: Sequence[int] = (),
     seed: int | None = None,
+    listeners: Sequence[CommitListener] = (),
 ) -> Iterator[CycleResult]:
     """Yield one :class:`CycleResult` per cycle (prefill first) until done.
 
@@ -262,7 +284,7 @@ def decode(
             f"{target.max_context}; shorten the prompt or lower --max-new-tokens"
         )
     eos = set(int(e) for e in eos_token_ids)
-    state, first = start(target, drafter, prompt, sampling, seed)
+    state, first = start(target, drafter, prompt, sampling, seed, listeners)
     produced = 0
     result = first
     cycle = 0

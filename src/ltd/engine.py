@@ -160,6 +160,17 @@ class Engine:
         self.target = target
         self.backend = HFBackend(target.model)
         self.drafter = drafter or NullDrafter()
+        self.online = None  # an OnlineLearner when online adaptation is on
+
+    def enable_online(self, variant: str, state_dir: str | None = None, **overrides) -> "object":
+        """Adapt the EAGLE-3 head online from verification feedback (``--online VARIANT``)."""
+        from ltd.online import OnlineConfig, OnlineLearner
+
+        learner = OnlineLearner(self.drafter, OnlineConfig(variant=variant, **overrides))
+        if state_dir and (Path(state_dir) / "online.json").exists():
+            learner.load_state(state_dir)
+        self.online = learner
+        return learner
 
     @staticmethod
     def load(model: str, drafter: str | None = None, device: str = "cpu", dtype: str = "float32") -> "Engine":
@@ -195,6 +206,7 @@ class Engine:
             sampling=cfg.sampling,
             eos_token_ids=self.target.eos_token_ids,
             seed=cfg.seed,
+            listeners=(self.online,) if self.online is not None and cfg.method != "ar" else (),
         )
 
     def generate(

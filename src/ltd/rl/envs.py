@@ -131,9 +131,9 @@ class DepthEnv(_CycleEnv):
     kind = "depth"
 
     def __init__(self, source: CycleSource, spec: ObsSpec | None = None, size_controller: Controller | None = None) -> None:
-        if size_controller is None:
-            size = min(DEFAULT_FIXED_SIZE, getattr(source, "max_size", None) or DEFAULT_FIXED_SIZE)
-            size_controller = StaticController(depth=source.max_depth, topk=source.topk, size=size)
+        spec = spec or for_kind(self.kind, source.topk, source.max_depth)
+        if size_controller is None:  # fixed V, within the spec's size set (the same for both backends)
+            size_controller = StaticController(depth=source.max_depth, topk=source.topk, size=min(DEFAULT_FIXED_SIZE, max(spec.sizes)))
         super().__init__(source, spec, {"size_controller": size_controller})
         self.size_controller = size_controller
 

@@ -121,25 +121,31 @@ def oracle(traces: TraceSet, latency: LatencyModel, sizes: Sequence[int] | None 
     return Throughput("oracle", [oracle_sequence(s, latency, sizes) for s in traces.sequences if s.num_positions])
 
 
-def replay_controller(traces: TraceSet, latency: LatencyModel, controller: Controller | Callable[[], Controller], name: str = "") -> Throughput:
-    """A controller's throughput in replay (its policy calls cost what the profile says).
+def source_throughput(source, controller: Controller | Callable[[], Controller], name: str = "", sequences: int | None = None) -> Throughput:
+    """A controller's throughput on a cycle source: replay (modelled time, policy calls as
+    profiled) or live (:class:`~ltd.rl.sources.LiveSource`, measured time), so a policy's
+    replay prediction can be checked live on the same prompts.
 
     ``controller`` may be a factory, called once per sequence, for controllers with
     state across cycles (the heuristic).
     """
-    source = ReplaySource(traces, latency)
     schedules = []
-    for i in range(source.num_sequences):
+    for i in range(source.num_sequences if sequences is None else min(sequences, source.num_sequences)):
         is_instance = hasattr(controller, "continue_drafting") and not isinstance(controller, type)
         ctrl = controller if is_instance else controller()
         outcomes = run_controller(source, ctrl, i)
         schedules.append(Schedule(
-            source.sequence_key,
+            getattr(source, "sequence_key", "") or str(i),
             sum(o.tokens for o in outcomes),
             sum(o.seconds for o in outcomes),
             [{"position": o.position, "depth": o.depth, "size": o.size, "accepted": o.accepted} for o in outcomes],
         ))
     return Throughput(name or type(controller).__name__, schedules)
+
+
+def replay_controller(traces: TraceSet, latency: LatencyModel, controller: Controller | Callable[[], Controller], name: str = "") -> Throughput:
+    """A controller's throughput in replay over all recorded sequences."""
+    return source_throughput(ReplaySource(traces, latency), controller, name)
 
 
 def compare(traces: TraceSet, latency: LatencyModel, controllers: dict[str, Controller | Callable[[], Controller]], sizes: Sequence[int] | None = None) -> dict:

@@ -201,6 +201,8 @@ def train_policies(
     atomic_write_json(state_path, state)
     probe = make_source()
     max_size = getattr(probe, "max_size", None)
+    if max_size is None and eval_traces is not None:
+        max_size = eval_traces.max_size  # live training evaluated on traces: stay within what they recorded
     sizes = tuple(v for v in sizes_up_to(max_size, cfg.sizes) if max_size is None or v <= max_size)
     specs = {k: for_kind(k, probe.topk, probe.max_depth, sizes) for k in ("depth", "size")}
     fixed_depth = min(cfg.fixed_depth, probe.max_depth)

@@ -1,0 +1,338 @@
+"""``ltd profile | record | train-policy | oracle``: the command-line face of :mod:`ltd.rl`.
+
+Flags are checked before any model loads. Prompts for recording come from the benchmark
+suites; only ``alpaca`` (the suite ``ltd bench --grid`` already tunes on) is a training
+suite, the other five are held out for evaluation and are used only with
+``--allow-held-out`` (the manifest records it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from ltd.errors import LtdError
+
+log = logging.getLogger(__name__)
+
+TRAINING_SUITES = ("alpaca",)
+DEFAULT_RECORD_SUITE = "alpaca"
+DEFAULT_STATIC = "5x32"
+
+
+# -- shared flags -------------------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    from ltd.registry import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: registry name, HF id or local dir (default {DEFAULT_MODEL})")
+    p.add_argument("--drafter", default=None, help="self | builtin:NAME | EAGLE-3 head dir | a small LM (default: the model's shipped drafter)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LtdError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise LtdError(f"{flag} is empty")
+    return values
+
+
+def _threads(args) -> None:
+    if getattr(args, "threads", None) is not None:
+        import torch
+
+        if args.threads < 1:
+            raise LtdError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+
+def _load_engine(args):
+    from ltd.engine import Engine, default_drafter_spec
+
+    spec = args.drafter if args.drafter is not None else default_drafter_spec(args.model)
+    if spec == "none":
+        raise LtdError(f"model {args.model} has no default drafter; pass --drafter (self, a small LM or an EAGLE-3 head)")
+    return Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype), spec
+
+
+def _prompt_args(p: argparse.ArgumentParser, default_suite: str | None) -> None:
+    from ltd.bench.suites import SUITES
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--suites", default=default_suite,
+                     help=f"comma-separated suites from {','.join(SUITES)} (default {default_suite}; "
+                          f"only {','.join(TRAINING_SUITES)} is for training, others need --allow-held-out)")
+    src.add_argument("--questions", default=None, help="a question.jsonl file (question_id, category, turns) to use instead")
+    p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default ../shared/data/bench)")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each suite")
+    p.add_argument("--allow-held-out", action="store_true", help="allow the held-out evaluation suites (results are then in-sample)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+
+
+def _questions(args):
+    from ltd.bench.suites import load_questions, load_suites, parse_suite_list
+
+    if args.limit is not None and args.limit < 1:
+        raise LtdError(f"--limit must be at least 1, got {args.limit}")
+    if args.questions:
+        return load_questions(args.questions, limit=args.limit), {"questions_file": str(Path(args.questions).resolve())}
+    names = parse_suite_list(args.suites)
+    held = [n for n in names if n not in TRAINING_SUITES]
+    if held and not args.allow_held_out:
+        raise LtdError(
+            f"suite(s) {', '.join(held)} are held out for evaluation; record on {', '.join(TRAINING_SUITES)} "
+            "or pass --allow-held-out (the policies are then evaluated in-sample on them)"
+        )
+    return load_suites(names, args.data_dir, limit=args.limit), {"suites": names, "held_out": held}
+
+
+# -- ltd profile --------------------------------------------------------------------------
+
+
+def run_profile(args) -> int:
+    from ltd.rl.latency import profile_engine
+    from ltd.rl.spaces import DEFAULT_SIZES
+
+    _threads(args)
+    sizes = _int_list(args.sizes, "--sizes") if args.sizes else list(DEFAULT_SIZES)
+    if min(sizes) < 0:
+        raise LtdError("--sizes must be >= 0")
+    contexts = _int_list(args.contexts, "--contexts")
+    if args.topk < 1 or args.max_depth < 1:
+        raise LtdError("--topk and --max-depth must be at least 1")
+    if not args.out.endswith(".json"):
+        raise LtdError(f"--out must name a .json file, got {args.out}")
+    engine, spec = _load_engine(args)
+    tokens = sorted({1} | {v + 1 for v in sizes})
+    policy_sizes = sorted({v for v in sizes if v >= 1}) or [1]
+    lat = profile_engine(engine, out=args.out, drafter_name=spec, topk=args.topk, max_depth=args.max_depth,
+                         size=args.size, verify_tokens=tokens, contexts=contexts, repeats=args.repeats,
+                         cycles=args.cycles, policy_sizes=policy_sizes)
+    print(lat.summary())
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
+    return 0
+
+
+# -- ltd record ---------------------------------------------------------------------------
+
+
+def run_record(args) -> int:
+    from ltd.rl.traces import record
+
+    _threads(args)
+    for name in ("max_depth", "topk", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise LtdError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_size is not None and args.max_size < 1:
+        raise LtdError("--max-size must be at least 1")
+    questions, source = _questions(args)
+    engine, spec = _load_engine(args)
+    prompts = [engine.encode(q.turns[0], chat=not args.raw) for q in questions]
+    keys = [q.key for q in questions]
+    meta = {"model": args.model, "drafter": spec, "chat": not args.raw, **source}
+    path = record(engine, prompts, max_depth=args.max_depth, topk=args.topk, max_new_tokens=args.max_new_tokens,
+                  out_dir=args.out, max_size=args.max_size, keys=keys, meta=meta, progress=not args.no_progress)
+    man = json.loads(Path(path).read_text())
+    positions = sum(s["positions"] for s in man["sequences"])
+    print(f"{len(man['sequences'])} sequences, {positions} decision points in {args.out}")
+    return 0
+
+
+# -- ltd train-policy ---------------------------------------------------------------------
+
+
+def run_train(args) -> int:
+    from ltd.rl.latency import LatencyModel
+    from ltd.rl.spaces import DEFAULT_SIZES
+    from ltd.rl.train import PolicyTrainConfig, eval_subset, replay_source_factory, train_policies
+    from ltd.rl.traces import TraceSet
+
+    _threads(args)
+    cfg = PolicyTrainConfig(
+        stage=args.stage, env=args.env, iterations=args.iterations, rounds=args.rounds, n_steps=args.n_steps,
+        batch_size=args.batch_size, n_epochs=args.epochs, learning_rate=args.lr, seed=args.seed,
+        sizes=tuple(_int_list(args.sizes, "--sizes")) if args.sizes else DEFAULT_SIZES,
+        fixed_depth=args.fixed_depth, fixed_size=args.fixed_size, checkpoint_every=args.checkpoint_every,
+        eval_sequences=args.eval_sequences,
+    )
+    cfg.validate()
+    latency = LatencyModel.load(args.latency)
+    traces = TraceSet.load(args.traces) if args.traces else None
+    inputs = {"latency": str(Path(args.latency).resolve())}
+    if args.env == "replay":
+        if traces is None:
+            raise LtdError("--env replay needs --traces DIR (record them with ltd record)")
+        make_source = replay_source_factory(traces, latency)
+        inputs["traces"] = str(Path(args.traces).resolve())
+    else:
+        from ltd.rl.sources import LiveSource
+
+        questions, source = _questions(args)
+        engine, spec = _load_engine(args)
+        prompts = [engine.encode(q.turns[0], chat=not args.raw) for q in questions]
+        topk = traces.topk if traces is not None else args.topk
+        max_depth = traces.max_depth if traces is not None else args.max_depth
+        live = LiveSource(engine.backend, engine.drafter, prompts, latency, topk=topk, max_depth=max_depth,
+                          max_new_tokens=args.max_new_tokens, eos_token_ids=engine.target.eos_token_ids)
+        make_source = lambda: live  # noqa: E731 - one set of models, phases run one after another
+        inputs.update({"model": args.model, "drafter": spec, **source})
+    result = train_policies(cfg, args.out, latency, make_source,
+                            eval_traces=eval_subset(traces, cfg.eval_sequences) if traces is not None else None,
+                            inputs=inputs, resume=args.resume, progress=args.progress)
+    for kind, path in (("depth", result.depth_policy), ("size", result.size_policy)):
+        if path is not None:
+            print(f"{kind} policy: {path}")
+    if result.evaluation:
+        print(format_report(result.evaluation))
+    print(f"TensorBoard logs: {Path(args.out) / 'tb'}")
+    return 0
+
+
+# -- ltd oracle ---------------------------------------------------------------------------
+
+
+def _parse_static(text: str, topk: int) -> dict:
+    from ltd.control import StaticController
+
+    out = {}
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise LtdError(f"--static entries look like DEPTHxSIZE (e.g. 5x32), got {item!r}")
+        d, v = int(parts[0]), int(parts[1])
+        out[f"static:{d}x{topk}x{v}"] = StaticController(depth=d, topk=topk, size=v)
+    return out
+
+
+def format_report(report: dict) -> str:
+    lines = [f"CPU: {report['cpu_model']}; {report['sequences']} sequences, {report['positions']} positions (replay)",
+             f"{'method':<22} {'tokens/s':>9} {'vs ar':>7} {'of oracle':>10} {'tokens/cycle':>13}"]
+    for r in report["results"]:
+        lines.append(f"{r['name']:<22} {r['tokens_per_second']:>9.1f} {r['speedup_vs_ar']:>6.2f}x "
+                     f"{100 * r['fraction_of_oracle']:>9.1f}% {r['tokens_per_cycle']:>13.2f}")
+    return "\n".join(lines)
+
+
+def run_oracle(args) -> int:
+    from ltd.control_ltd import HeuristicController, LTDController
+    from ltd.rl.io import atomic_write_json
+    from ltd.rl.latency import LatencyModel
+    from ltd.rl.oracle import compare
+    from ltd.rl.spaces import sizes_up_to
+    from ltd.rl.traces import TraceSet
+
+    latency = LatencyModel.load(args.latency)
+    traces = TraceSet.load(args.traces, limit=args.limit)
+    sizes = sizes_up_to(traces.max_size) if not args.sizes else tuple(_int_list(args.sizes, "--sizes"))
+    if traces.max_size is not None and max(sizes) > traces.max_size:
+        raise LtdError(f"--sizes exceed the traces' --max-size {traces.max_size}")
+    cap = traces.max_size or 10**9
+    static = args.static
+    if static == DEFAULT_STATIC:  # fit the default to the traces
+        static = f"{min(5, traces.max_depth)}x{min(32, cap)}"
+    controllers = _parse_static(static, traces.topk) if static else {}
+    for name, c in controllers.items():
+        if c.size > cap:
+            raise LtdError(f"{name} verifies more nodes than the traces recorded (--max-size {cap})")
+        if c.depth > traces.max_depth:
+            raise LtdError(f"{name} drafts deeper than the traces (--max-depth {traces.max_depth})")
+    if not args.no_heuristic:
+        d0 = min(5, traces.max_depth)
+        controllers["heuristic"] = lambda: HeuristicController(depth=d0, topk=traces.topk, size=min(32, cap),
+                                                               max_depth=traces.max_depth)
+    depth_dir, size_dir = args.depth_policy, args.size_policy
+    if args.policies:
+        root = Path(args.policies)
+        depth_dir = depth_dir or (root / "depth" if (root / "depth" / "policy.json").is_file() else None)
+        size_dir = size_dir or (root / "size" if (root / "size" / "policy.json").is_file() else None)
+        if depth_dir is None and size_dir is None:
+            raise LtdError(f"{root} holds no depth/ or size/ policy; pass the output directory of ltd train-policy")
+    if depth_dir or size_dir:
+        controllers["ltd"] = LTDController(depth_dir, size_dir, depth=min(5, traces.max_depth), size=min(32, cap), topk=traces.topk)
+    report = compare(traces, latency, controllers, sizes)
+    if args.out:
+        atomic_write_json(args.out, report)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+# -- parsers ------------------------------------------------------------------------------
+
+
+def add_parsers(subparsers) -> None:
+    """Add ``profile``, ``record``, ``train-policy`` and ``oracle`` to an argparse subparsers object."""
+    p = subparsers.add_parser("profile", help="measure draft, verify and overhead costs on this machine (latency model JSON + PNG)")
+    _model_args(p)
+    p.add_argument("--out", required=True, help="output FILE.json (a PNG is written next to it)")
+    p.add_argument("--topk", type=int, default=8, help="branching k of the draft steps (default 8)")
+    p.add_argument("--max-depth", type=int, default=8, help="draft steps to measure (default 8)")
+    p.add_argument("--size", type=int, default=32, help="verification size of the measured cycles (default 32)")
+    p.add_argument("--sizes", default=None, help="verification sizes V to measure (default 1,2,4,8,16,24,32,48,64; 0 is always added)")
+    p.add_argument("--contexts", default="128,512,1024", help="committed context lengths (default 128,512,1024)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per grid point; medians are kept (default 7)")
+    p.add_argument("--cycles", type=int, default=10, help="real cycles timed for draft steps and overhead (default 10)")
+    p.set_defaults(func=run_profile)
+
+    p = subparsers.add_parser("record", help="record max-depth draft trees along greedy outputs (replay traces)")
+    _model_args(p)
+    _prompt_args(p, DEFAULT_RECORD_SUITE)
+    p.add_argument("--max-depth", type=int, default=8, help="maximum draft depth D (default 8)")
+    p.add_argument("--topk", type=int, default=8, help="branching k (default 8)")
+    p.add_argument("--max-size", type=int, default=64, help="largest verification size V to support (prunes the stored trees; default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--out", required=True, help="trace directory (resumable: finished prompts are skipped)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_record)
+
+    p = subparsers.add_parser("train-policy", help="train LTD depth/size policies with PPO (replay or live)")
+    p.add_argument("--env", default="replay", choices=["replay", "live"])
+    p.add_argument("--stage", default="both", choices=["size", "depth", "both"])
+    p.add_argument("--iterations", type=int, default=20, help="PPO iterations (rollout + update) per phase (default 20)")
+    p.add_argument("--rounds", type=int, default=1, help="co-adaptive rounds for --stage both: size, (depth, size) x N (default 1)")
+    p.add_argument("--n-steps", type=int, default=512, help="environment steps per iteration (default 512)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sizes", default=None, help="size-policy actions V (default 1,2,4,8,16,24,32,48,64, capped by the traces)")
+    p.add_argument("--fixed-depth", type=int, default=5, help="depth of the fixed rule while training size first (default 5)")
+    p.add_argument("--fixed-size", type=int, default=32, help="size of the fixed rule while training depth alone (default 32)")
+    p.add_argument("--checkpoint-every", type=int, default=5, help="iterations between checkpoints (default 5)")
+    p.add_argument("--eval-sequences", type=int, default=32, help="recorded sequences used to evaluate each phase in replay")
+    p.add_argument("--traces", default=None, help="trace directory (needed for --env replay; evaluation for live)")
+    p.add_argument("--latency", required=True, help="latency profile JSON from ltd profile")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--progress", action="store_true", help="show SB3's progress bar")
+    live = p.add_argument_group("live environment")
+    _model_args(live)
+    _prompt_args(live, DEFAULT_RECORD_SUITE)
+    live.add_argument("--topk", type=int, default=8, help="branching k when no --traces fix it (default 8)")
+    live.add_argument("--max-depth", type=int, default=8, help="maximum depth when no --traces fix it (default 8)")
+    live.add_argument("--max-new-tokens", type=int, default=128)
+    p.set_defaults(func=run_train)
+
+    p = subparsers.add_parser("oracle", help="hindsight-optimal throughput on traces, and controllers as a fraction of it")
+    p.add_argument("--traces", required=True)
+    p.add_argument("--latency", required=True)
+    p.add_argument("--policies", default=None, help="output directory of ltd train-policy (uses its depth/ and size/)")
+    p.add_argument("--depth-policy", default=None)
+    p.add_argument("--size-policy", default=None)
+    p.add_argument("--static", default=DEFAULT_STATIC, help="static DEPTHxSIZE configurations to compare (default 5x32)")
+    p.add_argument("--no-heuristic", action="store_true", help="leave out the +2/-1 depth heuristic")
+    p.add_argument("--sizes", default=None, help="sizes V the oracle may choose (default: all up to the traces' max size)")
+    p.add_argument("--limit", type=int, default=None, help="first N recorded sequences")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default=None, help="also write the report as JSON")
+    p.set_defaults(func=run_oracle)

@@ -1,0 +1,165 @@
+"""``ltd serve``: load a model once and serve it over an OpenAI-compatible HTTP API.
+
+Every flag is checked before the model loads, so a typo costs a second, not a load.
+Also runnable alone as ``python -m ltd.serve`` (same flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+
+from ltd.errors import LtdError
+from ltd.registry import DEFAULT_MODEL
+from ltd.serve.settings import ServeSettings
+
+log = logging.getLogger(__name__)
+
+WARMUP_PROMPT = "Hello"
+WARMUP_TOKENS = 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``serve`` flags (shared by ``ltd serve`` and ``python -m ltd.serve``)."""
+    d = ServeSettings(model_name="")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, HF id or local dir (default {DEFAULT_MODEL})")
+    p.add_argument("--model-name", default=None, help="model id clients send and /v1/models lists (default: --model)")
+    p.add_argument("--drafter", default=None,
+                   help="none | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter)")
+    p.add_argument("--method", default=None, choices=["hf", "ar", "static"],
+                   help="static (tree speculation) when a drafter is available, else ar (plain decoding); "
+                        "hf = transformers generate, answered in one piece")
+    p.add_argument("--depth", type=int, default=d.depth, help=f"draft depth D (default {d.depth})")
+    p.add_argument("--topk", type=int, default=d.topk, help=f"branching K per draft step (default {d.topk})")
+    p.add_argument("--size", type=int, default=d.size, help=f"verified nodes V (default {d.size})")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; the server has no authentication)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--queue-size", type=int, default=d.queue_size,
+                   help=f"requests that may wait behind the one being decoded; more get 429 (default {d.queue_size})")
+    p.add_argument("--timeout", type=float, default=d.timeout,
+                   help=f"seconds from arrival to the last token, queue wait included; then 504 (default {d.timeout:.0f})")
+    p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
+                   help=f"largest max_tokens a request may ask for (default {d.max_tokens_limit})")
+    p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
+                   help=f"max_tokens when a request gives none (default {d.default_max_tokens})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-warmup", action="store_true", help="skip the short generation that runs before serving")
+    p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``serve`` subcommand to an argparse ``subparsers`` object."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API (chat and completions, streaming)",
+        description="Start an OpenAI-compatible server (POST /v1/chat/completions, /v1/completions; "
+                    "GET /v1/models, /health, /metrics) decoding with lossless tree speculation.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def resolve_method(model: str, drafter: str | None, method: str | None) -> tuple[str, str]:
+    """(method, drafter spec): static when a drafter is there, else ar; no drafter is
+    loaded for methods that do not use one."""
+    from ltd.engine import default_drafter_spec
+
+    spec = drafter if drafter is not None else default_drafter_spec(model)
+    if method is None:
+        method = "static" if spec != "none" else "ar"
+    if method in ("hf", "ar"):
+        if drafter not in (None, "none"):
+            log.warning("--method %s does not use the drafter %r; it is not loaded", method, drafter)
+        spec = "none"
+    elif spec == "none":
+        raise LtdError("--method static needs a drafter; pass --drafter (e.g. self, a smaller model of the same family, "
+                       "or an EAGLE-3 head) or use --method ar")
+    return method, spec
+
+
+def settings_from_args(args: argparse.Namespace, method: str) -> ServeSettings:
+    settings = ServeSettings(
+        model_name=args.model_name or args.model,
+        method=method,
+        depth=args.depth,
+        topk=args.topk,
+        size=args.size,
+        queue_size=args.queue_size,
+        timeout=args.timeout,
+        max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=args.default_max_tokens,
+    )
+    settings.validate()
+    return settings
+
+
+def _check_bind(host: str, port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise LtdError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        log.warning("binding to %s: the server has no authentication; anyone who can reach this port can use it", host)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``ltd serve`` until interrupted."""
+    import torch
+    import uvicorn
+
+    from ltd.engine import Engine, GenerateConfig
+    from ltd.serve.app import create_app
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LtdError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LtdError(f"--device {args.device} asked for CUDA, but this torch build sees no GPU; use --device cpu")
+    method, spec = resolve_method(args.model, args.drafter, args.method)
+    settings = settings_from_args(args, method)
+    _check_bind(args.host, args.port)
+
+    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype)
+    if not args.no_warmup:
+        # One-time costs (kernel selection, allocator growth) should not land on the first client.
+        engine.generate(engine.encode(WARMUP_PROMPT), settings.generate_config(WARMUP_TOKENS, 0.0, 1.0, None))
+    app = create_app(engine, settings)
+    log.info("model %s, drafter %s, method %s: http://%s:%d/v1", args.model, spec, method, args.host, args.port)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        access_log=not args.no_access_log,
+        timeout_graceful_shutdown=5,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ltd.serve``: the same command without the ``ltd`` front end."""
+    parser = argparse.ArgumentParser(prog="python -m ltd.serve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (DEBUG for ltd)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("ltd").setLevel(logging.DEBUG)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return run(args)
+    except LtdError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

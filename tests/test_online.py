@@ -1,0 +1,83 @@
+"""Online adaptation: lossless, learns only from verified positions, state round-trips."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import hf_greedy, make_tiny_head, run_decode
+from ltd.backends.hf import HFBackend
+from ltd.control import StaticController
+from ltd.drafting.eagle3 import Eagle3Drafter
+from ltd.errors import LtdError
+from ltd.online import OnlineConfig, OnlineLearner, reset_state
+
+PROMPT = [5, 17, 33, 2, 41, 8, 19, 60]
+
+
+def _learner(tiny_model, variant="plain", **kw):
+    head = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=3)
+    drafter = Eagle3Drafter(head, tiny_model.get_input_embeddings())
+    settings = dict(variant=variant, update_every=2, window=24, lr=1e-2, hedge_lrs=(0.0, 1e-2))
+    settings.update(kw)
+    cfg = OnlineConfig(**settings)
+    return drafter, OnlineLearner(drafter, cfg)
+
+
+@pytest.mark.parametrize("variant", ["plain", "optimistic", "hedge"])
+def test_online_decoding_is_lossless_and_updates(tiny_model, variant):
+    drafter, learner = _learner(tiny_model, variant)
+    before = {n: p.detach().clone() for n, p in drafter.head.named_parameters()}
+    ref = hf_greedy(tiny_model, PROMPT, 40)
+    got, results = run_decode(HFBackend(tiny_model), drafter, StaticController(3, 3, 6), PROMPT, 40, listeners=[learner])
+    assert got == ref
+    assert learner.stats.updates >= 3
+    changed = any(not torch.equal(before[n], p) for n, p in drafter.head.named_parameters())
+    if variant == "hedge" and learner.stats.active_member == 0:
+        assert not changed  # the frozen member is drafting
+    else:
+        assert changed
+
+
+def test_buffer_holds_only_verified_positions(tiny_model):
+    drafter, learner = _learner(tiny_model, update_every=10_000, window=200)
+    got, results = run_decode(HFBackend(tiny_model), drafter, StaticController(3, 3, 6), PROMPT, 20, listeners=[learner])
+    # prompt + every committed token except the final pending one were processed by the target
+    committed = PROMPT + got[:-1]
+    buffered = [t for t, _, _, _ in learner.buf]
+    assert buffered == committed[-len(buffered):]
+    assert learner.stats.positions_seen == len(committed)
+    # each label is the target's own next-token distribution at that committed position
+    with torch.no_grad():
+        logits = tiny_model(torch.tensor([committed])).logits[0]
+    for j, (_, _, ids, _) in enumerate(list(learner.buf)):
+        pos = len(committed) - len(buffered) + j
+        assert int(ids[0]) == int(logits[pos].argmax())
+
+
+def test_state_round_trip_and_corrupt_state(tiny_model, tmp_path):
+    drafter, learner = _learner(tiny_model, "hedge")
+    run_decode(HFBackend(tiny_model), drafter, StaticController(3, 3, 6), PROMPT, 30, listeners=[learner])
+    learner.save_state(tmp_path / "st")
+    drafter2, learner2 = _learner(tiny_model, "hedge")
+    learner2.load_state(tmp_path / "st")
+    assert learner2.cum_score == learner.cum_score
+    for n, p in drafter.head.named_parameters():
+        assert torch.equal(p, dict(drafter2.head.named_parameters())[n])
+    (tmp_path / "st" / "online.safetensors").write_bytes(b"garbage")
+    with pytest.raises(LtdError, match="corrupt"):
+        learner2.load_state(tmp_path / "st")
+    _, plain = _learner(tiny_model, "plain")
+    learner.save_state(tmp_path / "st2")
+    with pytest.raises(LtdError, match="variant"):
+        plain.load_state(tmp_path / "st2")
+    assert reset_state(tmp_path / "st2")
+    assert not (tmp_path / "st2").exists()
+
+
+def test_unknown_variant_is_refused(tiny_model):
+    head = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=3)
+    with pytest.raises(LtdError, match="variant"):
+        OnlineLearner(Eagle3Drafter(head, tiny_model.get_input_embeddings()), OnlineConfig(variant="magic"))

@@ -1,0 +1,105 @@
+"""``ltd profile | record | train-policy | oracle`` end to end on tiny models saved to disk.
+
+The tiny target and drafter are saved with a 96-word tokenizer built on the spot, so the
+commands load them exactly as they load real models (``--model DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from ltd.errors import LtdError
+from ltd.rl.cli import add_parsers
+from test_rl_common import hand_latency, noisy_copy
+
+torch.set_num_threads(1)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ltd")
+    add_parsers(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def run(*argv: str) -> int:
+    args = parser().parse_args(list(argv))
+    return args.func(args)
+
+
+def save_with_tokenizer(model, directory) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(95)} | {"[UNK]": 95}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(directory)
+    model.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    target = make_tiny_llama(seed=0)
+    return save_with_tokenizer(target, root / "target"), save_with_tokenizer(noisy_copy(target), root / "drafter")
+
+
+@pytest.fixture(scope="module")
+def questions(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "alpaca").mkdir()
+    lines = [{"question_id": i, "category": "writing", "turns": [" ".join(f"w{(7 * i + j) % 90}" for j in range(5 + i))]}
+             for i in range(3)]
+    (root / "alpaca" / "question.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    return root
+
+
+def test_profile_record_train_oracle(tmp_path, models, questions, capsys):
+    target, drafter = models
+    lat = tmp_path / "lat.json"
+    assert run("profile", "--model", target, "--drafter", drafter, "--out", str(lat), "--topk", "3", "--max-depth", "3",
+               "--sizes", "1,2,4,8", "--contexts", "16,64", "--repeats", "1", "--cycles", "2") == 0
+    assert json.loads(lat.read_text())["draft_topk"] == 3 and lat.with_suffix(".png").is_file()
+    traces = tmp_path / "traces"
+    assert run("record", "--model", target, "--drafter", drafter, "--data-dir", str(questions), "--max-depth", "3",
+               "--topk", "3", "--max-size", "8", "--max-new-tokens", "20", "--out", str(traces), "--no-progress", "--raw") == 0
+    man = json.loads((traces / "manifest.json").read_text())
+    assert man["suites"] == ["alpaca"] and man["held_out"] == [] and len(man["sequences"]) == 3
+    assert [s["key"] for s in man["sequences"]] == ["alpaca/0", "alpaca/1", "alpaca/2"]
+    out = tmp_path / "policies"
+    assert run("train-policy", "--env", "replay", "--stage", "both", "--iterations", "1", "--n-steps", "64",
+               "--batch-size", "32", "--sizes", "1,2,4,8", "--traces", str(traces), "--latency", str(lat),
+               "--out", str(out)) == 0
+    assert (out / "depth" / "policy.json").is_file() and (out / "size" / "policy.json").is_file()
+    capsys.readouterr()
+    report = tmp_path / "oracle.json"
+    assert run("oracle", "--traces", str(traces), "--latency", str(lat), "--policies", str(out), "--static", "2x4,3x8",
+               "--out", str(report)) == 0
+    text = capsys.readouterr().out
+    assert "oracle" in text and "ltd" in text and "heuristic" in text and "static:2x3x4" in text
+    rows = {r["name"]: r for r in json.loads(report.read_text())["results"]}
+    assert rows["oracle"]["fraction_of_oracle"] == 1.0
+    assert all(0 < r["fraction_of_oracle"] <= 1.0 for r in rows.values())
+
+
+def test_user_errors_are_one_line(tmp_path, questions):
+    def refuse(match, *argv):
+        with pytest.raises(LtdError, match=match) as info:
+            run(*argv)
+        assert "\n" not in str(info.value)
+
+    # held-out suites need an explicit flag (checked before any model loads)
+    refuse("held out", "record", "--model", "nowhere", "--suites", "alpaca,gsm8k", "--data-dir", str(questions),
+           "--out", str(tmp_path / "t"))
+    hand_latency().save(tmp_path / "lat.json")
+    refuse("no traces", "oracle", "--traces", str(tmp_path), "--latency", str(tmp_path / "lat.json"))
+    refuse("needs --traces", "train-policy", "--latency", str(tmp_path / "lat.json"), "--out", str(tmp_path / "o"))
+    refuse("does not exist", "train-policy", "--traces", str(tmp_path), "--latency", str(tmp_path / "missing.json"),
+           "--out", str(tmp_path / "o"))
+    refuse("--out must name a .json", "profile", "--out", str(tmp_path / "lat.txt"), "--drafter", "self")

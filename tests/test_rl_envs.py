@@ -1,0 +1,195 @@
+"""Gymnasium environments (replay and live) and a smoke PPO training run."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from ltd.control import StaticController
+from ltd.control_ltd import LTDController
+from ltd.errors import LtdError
+from ltd.rl.envs import DepthEnv, SizeEnv, make_env
+from ltd.rl.policy import load_policy
+from ltd.rl.sources import LiveSource, ReplaySource
+from ltd.rl.spaces import CONTINUE, STOP, for_kind
+from ltd.rl.traces import TraceSet, record
+from ltd.rl.train import PolicyTrainConfig, eval_subset, replay_source_factory, train_policies
+from test_rl_common import MAX_DEPTH, MAX_NEW, MAX_SIZE, PROMPTS, TOPK, hand_latency, noisy_copy, tiny_engine
+
+torch.set_num_threads(1)
+
+SIZES = (1, 2, 4, 8)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return tiny_engine(tiny_model, noisy_copy(tiny_model))
+
+
+@pytest.fixture(scope="module")
+def traces(tmp_path_factory, engine):
+    out = tmp_path_factory.mktemp("traces")
+    record(engine, PROMPTS, max_depth=MAX_DEPTH, topk=TOPK, max_new_tokens=MAX_NEW, out_dir=out, max_size=MAX_SIZE, progress=False)
+    return TraceSet.load(out)
+
+
+def replay_source(traces):
+    return ReplaySource(traces, hand_latency())
+
+
+def live_source(engine):
+    return LiveSource(engine.backend, engine.drafter, PROMPTS, hand_latency(), topk=TOPK, max_depth=MAX_DEPTH, max_new_tokens=MAX_NEW)
+
+
+def make(kind, backend, traces, engine):
+    source = replay_source(traces) if backend == "replay" else live_source(engine)
+    return make_env(kind, source, for_kind(kind, TOPK, MAX_DEPTH, SIZES))
+
+
+@pytest.mark.parametrize("backend", ["replay", "live"])
+@pytest.mark.parametrize("kind", ["depth", "size"])
+def test_check_env_passes(kind, backend, traces, engine):
+    env = make(kind, backend, traces, engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # gymnasium's checker warnings count as failures
+        check_env(env)
+
+
+@pytest.mark.parametrize("kind", ["depth", "size"])
+def test_replay_and_live_have_identical_spaces_and_walks(kind, traces, engine):
+    """Same spaces; driven with the same actions from the same prompt, both backends see the
+    same observations and accept the same tokens (only the time differs)."""
+    replay, live = make(kind, "replay", traces, engine), make(kind, "live", traces, engine)
+    assert replay.observation_space == live.observation_space
+    assert replay.action_space == live.action_space
+    rng = np.random.default_rng(0)
+    for seed in (0, 1):
+        o_r, _ = replay.reset(seed=seed)
+        o_l, _ = live.reset(seed=seed)
+        for _ in range(25):
+            assert replay.source.position == live.source.position
+            np.testing.assert_allclose(o_r, o_l, atol=1e-5)
+            action = int(rng.integers(replay.action_space.n))
+            o_r, r_r, t_r, _, info_r = replay.step(action)
+            o_l, r_l, t_l, _, info_l = live.step(action)
+            assert t_r == t_l
+            if t_r:
+                c_r, c_l = info_r["cycle"], info_l["cycle"]
+                assert (c_r["depth"], c_r["size"], c_r["accepted"], c_r["tokens"]) == (c_l["depth"], c_l["size"], c_l["accepted"], c_l["tokens"])
+                assert r_r > 0 and r_l > 0
+                o_r, _ = replay.reset()
+                o_l, _ = live.reset()
+
+
+def test_depth_env_cycle_mechanics_and_reward(traces):
+    lat = hand_latency()
+    env = DepthEnv(ReplaySource(traces, lat), for_kind("depth", TOPK, MAX_DEPTH, SIZES),
+                   size_controller=StaticController(depth=MAX_DEPTH, topk=TOPK, size=4))
+    obs, info = env.reset(seed=3)
+    p0 = env.source.position
+    assert obs[TOPK * TOPK] == pytest.approx(1 / MAX_DEPTH)  # one step drafted
+    assert (obs[:TOPK] < 0).all() and (obs[TOPK:TOPK * TOPK] == -1).all()  # k candidates after step 1, padding after
+    obs, r, term, _, _ = env.step(CONTINUE)
+    assert not term and r == 0.0 and obs[TOPK * TOPK] == pytest.approx(2 / MAX_DEPTH)
+    obs, r, term, _, info = env.step(STOP)
+    cyc = info["cycle"]
+    assert term and cyc["depth"] == 2 and cyc["size"] == 4
+    seq = env.source.traces.sequences[[s.key for s in traces.sequences].index(env.source.sequence_key)]
+    assert cyc["accepted"] == seq.accepted(p0, 2, 4)
+    ctx = len(seq.prompt) + p0
+    expected_seconds = lat.cycle_seconds(2, 4, ctx, depth_policy_calls=2)
+    assert cyc["seconds"] == pytest.approx(expected_seconds)
+    assert r == pytest.approx(cyc["tokens"] / expected_seconds * lat.ar_seconds(ctx))
+    env.reset()
+    assert env.source.position == p0 + cyc["accepted"] + 1  # the walk continues
+    for _ in range(MAX_DEPTH):  # CONTINUE until the depth limit ends the cycle
+        _, _, term, _, info = env.step(CONTINUE)
+        if term:
+            break
+    assert term and info["cycle"]["depth"] == MAX_DEPTH
+
+
+def test_env_refuses_mismatched_spec_and_sizes(traces):
+    with pytest.raises(LtdError, match="does not match the source"):
+        SizeEnv(replay_source(traces), for_kind("size", TOPK + 1, MAX_DEPTH, SIZES))
+    with pytest.raises(LtdError, match="max-size"):
+        SizeEnv(replay_source(traces), for_kind("size", TOPK, MAX_DEPTH, (1, 16)))
+    lat = hand_latency(topk=TOPK + 1)
+    with pytest.raises(LtdError, match="re-run ltd profile --topk"):
+        ReplaySource(traces, lat)
+
+
+def test_smoke_ppo_coadaptive_training_and_resume(tmp_path, traces):
+    """A few hundred PPO steps per phase (size, depth, size) on the replay env: policies,
+    checkpoints state, TensorBoard logs and an evaluation against the oracle are written."""
+    lat = hand_latency()
+    cfg = PolicyTrainConfig(stage="both", rounds=1, iterations=2, n_steps=128, batch_size=64, n_epochs=2, sizes=SIZES,
+                            checkpoint_every=1, eval_sequences=2)
+    out = tmp_path / "run"
+    result = train_policies(cfg, out, lat, replay_source_factory(traces, lat), eval_traces=eval_subset(traces, 2),
+                            inputs={"traces": "t"})
+    assert [p["kind"] for p in result.phases] == ["size", "depth", "size"]
+    assert all(p["status"] == "done" and p["timesteps"] == 256 for p in result.phases)
+    for kind in ("depth", "size"):
+        pol = load_policy(out / kind, kind=kind)
+        assert pol.spec.topk == TOPK and pol.spec.max_depth == MAX_DEPTH
+    assert (out / "phases" / "02-size" / "policy" / "model.zip").is_file()
+    assert list((out / "tb").glob("*/events.out.tfevents.*"))
+    rows = {r["name"]: r for r in result.evaluation["results"]}
+    assert 0 < rows["ltd"]["fraction_of_oracle"] <= 1.0 + 1e-9
+    assert 0 < rows["static"]["fraction_of_oracle"] <= 1.0 + 1e-9
+    ctrl = LTDController(result.depth_policy, result.size_policy)
+    assert ctrl.topk == TOPK
+    # an existing run is not overwritten; resuming a finished run trains nothing more
+    with pytest.raises(LtdError, match="--resume"):
+        train_policies(cfg, out, lat, replay_source_factory(traces, lat))
+    again = train_policies(cfg, out, lat, replay_source_factory(traces, lat), inputs={"traces": "t"}, resume=True)
+    assert [p["timesteps"] for p in again.phases] == [256, 256, 256]
+    with pytest.raises(LtdError, match="settings changed"):
+        train_policies(PolicyTrainConfig(stage="size", iterations=2, n_steps=128, batch_size=64, sizes=SIZES), out, lat,
+                       replay_source_factory(traces, lat), inputs={"traces": "t"}, resume=True)
+
+
+class _Interrupted(ReplaySource):
+    """A replay source that is interrupted (Ctrl-C) after a number of cycles."""
+
+    budget = 0
+
+    def finish(self, size):
+        type(self).budget -= 1
+        if type(self).budget < 0:
+            raise KeyboardInterrupt
+        return super().finish(size)
+
+
+def test_interrupted_phase_resumes_from_its_checkpoint(tmp_path, traces):
+    lat = hand_latency()
+    cfg = PolicyTrainConfig(stage="size", iterations=4, n_steps=64, batch_size=32, n_epochs=1, sizes=SIZES, checkpoint_every=1)
+    out = tmp_path / "run"
+    _Interrupted.budget = 150  # size episodes are one cycle: interrupted during iteration 3
+    with pytest.raises(KeyboardInterrupt):
+        train_policies(cfg, out, lat, lambda: _Interrupted(traces, lat))
+    state = __import__("json").loads((out / "train_state.json").read_text())
+    assert state["phases"][0]["status"] == "running" and state["phases"][0]["timesteps"] == 128
+    assert (out / "phases" / "00-size" / "checkpoint.zip").is_file()
+    result = train_policies(cfg, out, lat, replay_source_factory(traces, lat), resume=True)
+    assert result.phases[0]["status"] == "done" and result.phases[0]["timesteps"] == 256
+    assert not (out / "phases" / "00-size" / "checkpoint.zip").exists()
+    assert load_policy(out / "size", kind="size").meta["trained"]["timesteps"] == 256
+
+
+def test_live_throughput_matches_replay_in_tokens(traces, engine):
+    """The same controller on the same prompts: identical cycles live and in replay (the
+    time differs: measured vs modelled), which is what live validation compares."""
+    from ltd.rl.oracle import source_throughput
+
+    ctrl = StaticController(depth=3, topk=TOPK, size=6)
+    replay = source_throughput(replay_source(traces), ctrl, "replay")
+    live = source_throughput(live_source(engine), ctrl, "live")
+    assert [a for s in replay.schedules for a in s.actions] == [a for s in live.schedules for a in s.actions]
+    assert replay.tokens == live.tokens == len(PROMPTS) * (MAX_NEW - 1)
+    assert live.seconds > 0 and replay.seconds > 0
