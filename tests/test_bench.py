@@ -321,3 +321,26 @@ def test_bench_end_to_end(tmp_path):
     assert data["best_static"]["method"] == "static:2x2x4"
     assert data["machine"]["cpu_model"]
     assert results["interrupted"] is False
+
+
+def test_online_suffix_parses_and_labels():
+    from ltd.bench.methods import parse_method
+
+    spec = parse_method("static:6x8x32+online=hedge")
+    assert spec.online == "hedge" and spec.depth == 6 and spec.label == "static:6x8x32+online=hedge"
+    with pytest.raises(LtdError, match="online"):
+        parse_method("static:6x8x32+online=nope")
+    with pytest.raises(LtdError, match="static and ltd"):
+        parse_method("hf+online=plain")
+
+
+def test_second_half_metrics_follow_stream_order():
+    from ltd.bench.metrics import Run, summarize
+
+    runs = [
+        Run("m", f"p{i}", "s", 0, new_tokens=10, seconds=1.0, cycles=10 if i < 2 else 5, mean_accepted=1.0 if i < 2 else 2.0)
+        for i in range(4)
+    ]
+    out = summarize(runs, runs)
+    assert out["mean_accepted_second_half"] == pytest.approx(2.0)
+    assert out["tokens_per_second_second_half"] == pytest.approx(10.0)

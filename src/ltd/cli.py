@@ -40,6 +40,23 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
 
 
+def _add_online_args(p: argparse.ArgumentParser) -> None:
+    from ltd.online import VARIANTS
+
+    p.add_argument("--online", default=None, choices=VARIANTS, help="adapt the EAGLE-3 head while decoding")
+    p.add_argument("--online-state", default=None, help="directory to restore/save what online adaptation learned")
+
+
+def cmd_online(args) -> int:
+    from ltd.online import reset_state
+
+    if reset_state(args.directory):
+        print(f"removed online state {args.directory}")
+    else:
+        print(f"no online state in {args.directory}")
+    return 0
+
+
 def _config_from(args, method: str):
     from ltd.engine import GenerateConfig
 
@@ -83,8 +100,12 @@ def cmd_generate(args) -> int:
     if args.method in ("hf", "ar") and drafter is None:
         drafter = "none"
     engine = Engine.load(args.model, drafter=drafter, device=args.device, dtype=args.dtype)
+    if args.online:
+        engine.enable_online(args.online, state_dir=args.online_state)
     prompt = engine.encode(args.prompt, chat=not args.raw)
     res = engine.generate(prompt, cfg)
+    if args.online and args.online_state:
+        engine.online.save_state(args.online_state)
     if args.json:
         print(json.dumps(res.to_json()))
     else:
@@ -193,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="static", help="hf | ar | static (default static)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_online_args(p)
     _add_decode_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -201,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEMO_PROMPT)
     _add_decode_args(p)
     p.set_defaults(func=cmd_demo, max_new_tokens=96)
+
+    p = sub.add_parser("online", help="manage saved online-adaptation state")
+    p.add_argument("action", choices=["reset"])
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_online)
 
     p = sub.add_parser("models", help="list or fetch embedded models")
     p.add_argument("action", choices=["list", "fetch"])

@@ -42,14 +42,17 @@ class MethodSpec:
     topk: int = 0
     size: int = 0
     policy: str | None = None  # ltd:POLICY_DIR
+    online: str | None = None  # +online=VARIANT: adapt a private copy of the head while running
 
     @property
     def label(self) -> str:
         if self.kind == "static":
-            return f"static:{self.depth}x{self.topk}x{self.size}"
-        if self.kind == "ltd" and self.policy:
-            return f"ltd:{self.policy}"
-        return self.kind
+            base = f"static:{self.depth}x{self.topk}x{self.size}"
+        elif self.kind == "ltd" and self.policy:
+            base = f"ltd:{self.policy}"
+        else:
+            base = self.kind
+        return f"{base}+online={self.online}" if self.online else base
 
     @property
     def is_static(self) -> bool:
@@ -57,8 +60,24 @@ class MethodSpec:
 
 
 def parse_method(text: str) -> MethodSpec:
-    """Parse one method spec; unknown names are a one-line error listing the valid ones."""
+    """Parse one method spec; unknown names are a one-line error listing the valid ones.
+
+    A ``+online=VARIANT`` suffix (static and ltd methods) adapts the drafter online.
+    """
     text = text.strip()
+    if "+" in text:
+        from dataclasses import replace
+
+        from ltd.online import VARIANTS
+
+        base, _, suffix = text.partition("+")
+        key, _, variant = suffix.partition("=")
+        if key != "online" or variant not in VARIANTS:
+            raise LtdError(f"bad method {text!r}: the suffix is +online=VARIANT with VARIANT one of {', '.join(VARIANTS)}")
+        spec = parse_method(base)
+        if spec.kind not in ("static", "ltd"):
+            raise LtdError(f"bad method {text!r}: +online applies to static and ltd methods")
+        return replace(spec, online=variant)
     kind, _, arg = text.partition(":")
     if kind == "static":
         if not arg:
@@ -204,6 +223,10 @@ class MethodRunner:
                 raise LtdError(f"method {spec.label} needs a drafter; pass --drafter (e.g. self, a model, or an EAGLE-3 head)")
         self.engine = engine
         self.spec = spec
+        self.drafter = engine.drafter
+        self.online = None
+        if spec.online:
+            self.drafter, self.online = _private_online_drafter(engine, spec.online)
         self.assistant = assistant
         self.assistant_tokenizer = assistant_tokenizer
         self.prompt_lookup_tokens = prompt_lookup_tokens
@@ -221,7 +244,12 @@ class MethodRunner:
                 top_p=sampling.top_p,
                 seed=sampling.seed,
             )
-            result = self.engine.generate(prompt, cfg)
+            saved = (self.engine.drafter, self.engine.online)
+            self.engine.drafter, self.engine.online = self.drafter, self.online
+            try:
+                result = self.engine.generate(prompt, cfg)
+            finally:
+                self.engine.drafter, self.engine.online = saved
             result.method = self.spec.label
             return result
         if kind == "prompt-lookup":
@@ -232,6 +260,23 @@ class MethodRunner:
                 extra.update(tokenizer=self.engine.target.tokenizer, assistant_tokenizer=self.assistant_tokenizer)
             return run_hf_peer(self.engine, prompt, sampling, self.spec.label, **extra)
         raise LtdError(f"method {self.spec.label!r} is not available yet; drop it from --methods")
+
+
+def _private_online_drafter(engine: Engine, variant: str):
+    """A copy of the engine's EAGLE-3 head with its own online learner.
+
+    Every adapting method starts from the same shipped head and never changes the head
+    that frozen methods use.
+    """
+    import copy
+
+    from ltd.drafting.eagle3 import Eagle3Drafter
+    from ltd.online import OnlineConfig, OnlineLearner
+
+    if not isinstance(engine.drafter, Eagle3Drafter):
+        raise LtdError("+online needs an EAGLE-3 head drafter; pass --drafter builtin:... or a head directory")
+    drafter = Eagle3Drafter(copy.deepcopy(engine.drafter.head), engine.drafter.embed)
+    return drafter, OnlineLearner(drafter, OnlineConfig(variant=variant))
 
 
 class _ForwardCounter:

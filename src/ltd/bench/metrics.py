@@ -107,6 +107,11 @@ def summarize(runs: Sequence[Run], baseline: Sequence[Run], matches: Mapping[str
     totals = per_repeat_totals(runs)
     prompts = sorted({r.prompt for r in runs})
     flags = [matches[p] for p in prompts if matches is not None and p in matches]
+    # Stream order (first appearance): online methods should improve over the second half.
+    order = list(dict.fromkeys(r.prompt for r in runs))
+    late_prompts = set(order[len(order) // 2 :])
+    late = [r for r in runs if r.prompt in late_prompts]
+    late_tps = spread(per_repeat_throughput(late)) if late else None
     return {
         "tokens_per_second": tps["median"] if tps else None,
         "tokens_per_second_min": tps["min"] if tps else None,
@@ -116,6 +121,8 @@ def summarize(runs: Sequence[Run], baseline: Sequence[Run], matches: Mapping[str
         "speedup_max": speed["max"] if speed else None,
         "speedup_aggregate": (tps["median"] / base_tps["median"]) if tps and base_tps and base_tps["median"] > 0 else None,
         "mean_accepted": weighted_mean_accepted(runs),
+        "mean_accepted_second_half": weighted_mean_accepted(late) if late else None,
+        "tokens_per_second_second_half": late_tps["median"] if late_tps else None,
         "new_tokens": statistics.median(t for t, _ in totals.values()) if totals else 0,
         "seconds": statistics.median(s for _, s in totals.values()) if totals else 0.0,
         "prompts": len(prompts),

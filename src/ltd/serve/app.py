@@ -208,12 +208,9 @@ def create_app(engine, settings: ServeSettings, codec: TextCodec | None = None) 
             raise ApiError(400, f"The model '{name}' does not exist; this server serves '{settings.model_name}'.",
                            "invalid_request_error", "model", "model_not_found")
 
-    def resolve_max_tokens(value: int | None, param: str) -> int:
-        if value is None:
-            return settings.default_max_tokens
-        if value > settings.max_tokens_limit:
+    def check_max_tokens(value: int | None, param: str) -> None:
+        if value is not None and value > settings.max_tokens_limit:
             raise bad_request(f"{param} is {value}, above this server's limit of {settings.max_tokens_limit}", param)
-        return value
 
     async def encode(fn: Callable, arg, param: str) -> list[int]:
         try:
@@ -224,16 +221,21 @@ def create_app(engine, settings: ServeSettings, codec: TextCodec | None = None) 
             raise bad_request("the prompt encodes to no tokens", param)
         return ids
 
-    def check_context(prompt: list[int], max_tokens: int, prompt_param: str, tokens_param: str) -> None:
+    def fit_context(prompt: list[int], max_tokens: int | None, prompt_param: str, tokens_param: str) -> int:
+        """The request's max_tokens, checked against the context; an absent one is the
+        server default, shortened to the room the prompt leaves (as OpenAI does)."""
         if len(prompt) + 1 > max_context:
             raise bad_request(f"the prompt has {len(prompt)} tokens but the model's context is {max_context}", prompt_param,
                               "context_length_exceeded")
+        if max_tokens is None:
+            return min(settings.default_max_tokens, max_context - len(prompt))
         if len(prompt) + max_tokens > max_context:
             raise bad_request(
                 f"the prompt ({len(prompt)} tokens) plus {tokens_param} ({max_tokens}) exceeds the model's context of "
                 f"{max_context} tokens; shorten the prompt or lower {tokens_param}",
                 tokens_param, "context_length_exceeded",
             )
+        return max_tokens
 
     async def generate(request: Request, body, prompt: list[int], max_tokens: int, chat: bool) -> Response:
         try:
@@ -286,16 +288,16 @@ def create_app(engine, settings: ServeSettings, codec: TextCodec | None = None) 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         value, param = body.requested_max_tokens()
-        max_tokens = resolve_max_tokens(value, param)
+        check_max_tokens(value, param)
         prompt = await encode(codec.encode_chat, [m.for_template() for m in body.messages], "messages")
-        check_context(prompt, max_tokens, "messages", param)
+        max_tokens = fit_context(prompt, value, "messages", param)
         return await generate(request, body, prompt, max_tokens, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         value, param = body.requested_max_tokens()
-        max_tokens = resolve_max_tokens(value, param)
+        check_max_tokens(value, param)
         if isinstance(body.prompt, str):
             prompt = await encode(codec.encode_text, body.prompt, "prompt")
         else:
@@ -303,7 +305,7 @@ def create_app(engine, settings: ServeSettings, codec: TextCodec | None = None) 
             if bad:
                 raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
             prompt = list(body.prompt)
-        check_context(prompt, max_tokens, "prompt", param)
+        max_tokens = fit_context(prompt, value, "prompt", param)
         return await generate(request, body, prompt, max_tokens, chat=False)
 
     @app.get("/v1/models")

@@ -1,0 +1,150 @@
+"""The server on the embedded SmolLM2-135M, called with the official ``openai`` client.
+
+The promise: for the same greedy request, the streamed text, the non-streamed text and
+``ltd generate``'s text are identical (the server consumes the same ``Engine.stream``
+and decodes the same token list). References are computed before the server starts,
+because the engine serves one caller at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import httpx
+import openai
+import pytest
+import torch
+
+from ltd.engine import Engine, GenerateConfig
+from ltd.serve.app import create_app
+from ltd.serve.background import BackgroundServer
+from ltd.serve.settings import ServeSettings
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "smollm2-135m"
+TREE = dict(depth=4, topk=2, size=8)
+MAX_TOKENS = 12
+# The second prompt makes SmolLM2 write emoji, each split over two tokens: a multi-byte
+# character across cycle boundaries, and a cut one at the end.
+CHAT_PROMPTS = ["What is the capital of France?", "Say hello in three languages."]
+RAW_PROMPT = "The capital of France is"
+
+
+def cli_generate(engine: Engine, prompt: str) -> dict:
+    """``ltd generate --json`` in-process, on the already loaded engine."""
+    from ltd import cli
+
+    argv = ["generate", "--model", MODEL, "--drafter", "self", "--method", "static", "--prompt", prompt,
+            "--max-new-tokens", str(MAX_TOKENS), "--threads", "1", "--json"]
+    argv += [x for k, v in TREE.items() for x in (f"--{k}", str(v))]
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setattr(Engine, "load", staticmethod(lambda *a, **k: engine))
+        assert cli.main(argv) == 0
+    return json.loads(out.getvalue())
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    torch.set_num_threads(1)
+    return Engine.load(MODEL, drafter="self")
+
+
+@pytest.fixture(scope="module")
+def references(engine) -> dict:
+    cfg = GenerateConfig(method="static", max_new_tokens=MAX_TOKENS, temperature=0.0, **TREE)
+    refs = {}
+    for p in CHAT_PROMPTS:
+        res = engine.generate(engine.encode(p), cfg)
+        refs[p] = {"text": res.text, "tokens": res.new_tokens, "prompt_tokens": len(engine.encode(p)),
+                   "cli": cli_generate(engine, p)["text"]}
+    raw = engine.generate(engine.encode(RAW_PROMPT, chat=False), cfg)
+    refs[RAW_PROMPT] = {"text": raw.text, "tokens": raw.new_tokens}
+    return refs
+
+
+@pytest.fixture(scope="module")
+def server(engine, references):
+    settings = ServeSettings(model_name=MODEL, method="static", queue_size=4, timeout=120, **TREE)
+    srv = BackgroundServer(create_app(engine, settings)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def messages(prompt: str) -> list[dict]:
+    return [{"role": "user", "content": prompt}]
+
+
+@pytest.mark.parametrize("prompt", CHAT_PROMPTS)
+def test_chat_stream_equals_non_stream_equals_ltd_generate(client, references, prompt):
+    ref = references[prompt]
+    assert ref["text"] == ref["cli"]
+    full = client.chat.completions.create(model=MODEL, messages=messages(prompt), max_tokens=MAX_TOKENS, temperature=0)
+    assert full.choices[0].message.content == ref["text"]
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage.completion_tokens == ref["tokens"] == MAX_TOKENS
+    assert full.usage.prompt_tokens == ref["prompt_tokens"]
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages(prompt), max_tokens=MAX_TOKENS,
+                                                 temperature=0, stream=True, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(deltas) == ref["text"]
+    assert chunks[-1].usage.completion_tokens == MAX_TOKENS
+    # Only the final flush may carry a replacement character (an emoji cut by max_tokens).
+    assert all("\ufffd" not in d for d in deltas[:-2])
+
+
+def test_completions_stream_equals_non_stream_equals_engine(client, references):
+    ref = references[RAW_PROMPT]
+    full = client.completions.create(model=MODEL, prompt=RAW_PROMPT, max_tokens=MAX_TOKENS, temperature=0)
+    assert full.choices[0].text == ref["text"]
+    parts = [c.choices[0].text for c in client.completions.create(model=MODEL, prompt=RAW_PROMPT,
+                                                                   max_tokens=MAX_TOKENS, temperature=0, stream=True)]
+    assert "".join(parts) == ref["text"]
+
+
+def test_stop_string_identical_streamed_and_not(client, references):
+    ref = references[CHAT_PROMPTS[0]]["text"]
+    words = ref.split()
+    assert len(words) >= 3, ref
+    stop = " " + words[2]
+    expected = ref[: ref.index(stop)]
+    kwargs = dict(model=MODEL, messages=messages(CHAT_PROMPTS[0]), max_tokens=MAX_TOKENS, temperature=0, stop=[stop])
+    full = client.chat.completions.create(**kwargs)
+    assert full.choices[0].message.content == expected and full.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_is_reproducible_streamed_and_not(client):
+    kwargs = dict(model=MODEL, messages=messages("Name a color."), max_tokens=8, temperature=0.9, seed=7)
+    a = client.chat.completions.create(**kwargs).choices[0].message.content
+    b = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs, stream=True))
+    assert a == b
+
+
+def test_models_health_metrics(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    client.chat.completions.create(model=MODEL, messages=messages("Hi"), max_tokens=4, temperature=0)
+    values = {}
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values["ltd_generated_tokens_total"] >= 4
+    assert values["ltd_cycles_total"] >= 1
+    # The target drafting for itself agrees with itself: whole 4-deep paths are accepted.
+    assert values["ltd_mean_accepted_length"] > 2
+    assert values["ltd_tokens_per_second"] > 0
+    assert values["ltd_queue_depth"] == 0
+    assert values['ltd_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
