@@ -75,10 +75,10 @@ def test_parse_methods_rejects_duplicates_and_empty():
 
 
 def test_planned_methods_parse_but_are_not_available():
-    specs = parse_methods("hf,ltd:some/dir,oracle")
+    specs = parse_methods("hf,oracle")
     with pytest.raises(LtdError, match="not available yet"):
         check_available(specs)
-    check_available(parse_methods("hf,ar,static:2x2x4,prompt-lookup,hf-assisted"))
+    check_available(parse_methods("hf,ar,static:2x2x4,prompt-lookup,hf-assisted,ltd:some/dir"))
 
 
 def test_grid_methods_and_int_lists():

@@ -9,14 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import time
-from pathlib import Path
-from typing import Sequence
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_llama
 from ltd.backends.hf import HFBackend
 from ltd.drafting.lm import LMDrafter
 from ltd.engine import Engine

@@ -193,3 +193,26 @@ def test_live_throughput_matches_replay_in_tokens(traces, engine):
     assert [a for s in replay.schedules for a in s.actions] == [a for s in live.schedules for a in s.actions]
     assert replay.tokens == live.tokens == len(PROMPTS) * (MAX_NEW - 1)
     assert live.seconds > 0 and replay.seconds > 0
+
+
+def test_depth_env_with_min_depth_zero_can_skip_drafting(traces):
+    """min_depth 0: the first decision comes before any draft; STOP decodes a plain token."""
+    lat = hand_latency()
+    spec = for_kind("depth", TOPK, MAX_DEPTH, SIZES, min_depth=0)
+    env = DepthEnv(ReplaySource(traces, lat), spec)
+    obs, _ = env.reset(seed=0)
+    kk = TOPK * TOPK
+    assert (obs[:kk] == -1).all() and obs[kk] == 0.0
+    p0 = env.source.position
+    _, reward, term, _, info = env.step(STOP)
+    assert term and info["cycle"]["depth"] == 0 and info["cycle"]["tokens"] == 1
+    ctx = env.source.committed_length - 1
+    assert info["cycle"]["seconds"] == pytest.approx(lat.ar_seconds(ctx) + lat.depth_policy_seconds)
+    env.reset()
+    assert env.source.position == p0 + 1
+    # a controller built on such a policy asks it before drafting too
+    from ltd.rl.policy import untrained_policy
+
+    ctrl = LTDController.from_policies(untrained_policy(spec), None, size=4)
+    assert ctrl.asks_depth_policy(0)
+    assert not LTDController.from_policies(untrained_policy(for_kind("depth", TOPK, MAX_DEPTH, SIZES)), None).asks_depth_policy(0)

@@ -14,17 +14,24 @@ import threading
 import time
 from types import SimpleNamespace
 
+import argparse
+
 import httpx
 import openai
 import pytest
 
-from ltd.cycle import CycleResult
-from ltd.serve.app import create_app
-from ltd.serve.background import BackgroundServer
-from ltd.serve.metrics import ServerMetrics
-from ltd.serve.schemas import param_from_loc
-from ltd.serve.settings import ServeSettings
-from ltd.serve.text import TextStream, partial_stop_length
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from ltd.cycle import CycleResult  # noqa: E402
+from ltd.errors import LtdError  # noqa: E402
+from ltd.serve import cli as serve_cli  # noqa: E402
+from ltd.serve.app import create_app  # noqa: E402
+from ltd.serve.background import BackgroundServer  # noqa: E402
+from ltd.serve.metrics import ServerMetrics  # noqa: E402
+from ltd.serve.schemas import param_from_loc  # noqa: E402
+from ltd.serve.settings import ServeSettings  # noqa: E402
+from ltd.serve.text import TextStream, partial_stop_length  # noqa: E402
 
 MODEL = "fake-model"
 EOS = 256
@@ -187,6 +194,34 @@ def test_metrics_render_is_prometheus_text():
     assert 'ltd_request_duration_seconds_bucket{endpoint="/v1/\\"x\\"",le="+Inf"} 1' in text
     for line in text.splitlines():
         assert line.startswith("#") or len(line.split(" ")) == 2, line
+
+
+# -- ltd serve: flags are checked before any model loads ---------------------------------
+
+
+def test_method_defaults_to_static_with_a_drafter_else_ar():
+    assert serve_cli.resolve_method("some/model", "self", None) == ("static", "self")
+    assert serve_cli.resolve_method("some/model", "none", None) == ("ar", "none")
+    assert serve_cli.resolve_method("some/model", None, None) == ("ar", "none")  # no registry drafter
+    assert serve_cli.resolve_method("some/model", "self", "hf") == ("hf", "none")  # drafter not loaded
+    with pytest.raises(LtdError, match="needs a drafter"):
+        serve_cli.resolve_method("some/model", "none", "static")
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--queue-size", "-1"], "--queue-size"),
+    (["--timeout", "0"], "--timeout"),
+    (["--max-tokens-limit", "0"], "--max-tokens-limit"),
+    (["--default-max-tokens", "5000"], "--default-max-tokens"),
+    (["--size", "0"], "size"),
+])
+def test_bad_serve_flags_are_one_line_errors(flags, match):
+    parser = argparse.ArgumentParser()
+    serve_cli.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--drafter", "self", *flags])
+    assert args.func is serve_cli.run
+    with pytest.raises(LtdError, match=match):
+        serve_cli.settings_from_args(args, "static")
 
 
 # -- the HTTP API on the fake engine ---------------------------------------------------

@@ -69,6 +69,7 @@ def _config_from(args, method: str):
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
+        policy=getattr(args, "policy", None),
     )
     cfg.validate()
     return cfg
@@ -211,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text for a prompt")
     _add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--method", default="static", help="hf | ar | static (default static)")
+    p.add_argument("--method", default="static", help="hf | ar | static | ltd | heuristic (default static)")
+    p.add_argument("--policy", default=None, help="LTD policy dir with depth/ and size/ (default: the shipped one)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_online_args(p)
@@ -253,12 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_train_drafter)
 
-    try:
-        from ltd.bench import cli as bench_cli
+    from ltd.bench import cli as bench_cli
+    from ltd.rl import cli as rl_cli
 
-        bench_cli.add_parser(sub)
-    except ImportError:  # bench extras not installed
-        pass
+    bench_cli.add_parser(sub)
+    rl_cli.add_parsers(sub)
     return parser
 
 

@@ -20,8 +20,6 @@ from ltd.errors import LtdError
 from ltd.rl.policy import LoadedPolicy, load_policy
 from ltd.rl.spaces import CONTINUE, depth_observation, size_observation
 
-MIN_DEPTH = 1  # LTD always drafts at least one step; the depth policy decides after each step
-
 
 class LTDController(ControllerBase):
     """Depth and size decisions from trained LTD policies (deterministic actions).
@@ -78,6 +76,10 @@ class LTDController(ControllerBase):
         self.topk = topk
         self.max_depth = trained.spec.max_depth if trained is not None else depth
 
+    def asks_depth_policy(self, step: int) -> bool:
+        """Whether ``continue_drafting`` at ``step`` runs the depth policy (a timed call)."""
+        return self.depth_policy is not None and step >= self.depth_policy.spec.min_depth
+
     def _check_topk(self, state: DraftStepState) -> None:
         if state.topk != self.topk:
             raise LtdError(f"the LTD policies were trained with topk {self.topk}, but decoding uses topk {state.topk}; decode with --topk {self.topk}")
@@ -86,7 +88,7 @@ class LTDController(ControllerBase):
         dp = self.depth_policy
         if dp is None:
             return state.step < self.depth
-        if state.step < MIN_DEPTH:
+        if state.step < dp.spec.min_depth:
             return True
         self._check_topk(state)
         if state.step >= dp.spec.max_depth:

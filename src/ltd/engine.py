@@ -27,8 +27,9 @@ from ltd.registry import REGISTRY
 
 log = logging.getLogger(__name__)
 
-METHODS = ("hf", "ar", "static")
+METHODS = ("hf", "ar", "static", "ltd", "heuristic")
 ASSETS = Path(__file__).parent / "assets" / "drafters"
+POLICY_ASSETS = Path(__file__).parent / "assets" / "policies"
 
 
 @dataclass
@@ -43,6 +44,7 @@ class GenerateConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    policy: str | None = None  # LTD policy directory (holding depth/ and size/); None = shipped
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -53,7 +55,7 @@ class GenerateConfig:
             raise LtdError(f"--temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise LtdError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.method == "static":
+        if self.method in ("static", "heuristic"):
             validate_static(self.depth, self.topk, self.size)
 
     @property
@@ -140,6 +142,24 @@ def load_drafter(spec: str, target: LoadedModel, device: str = "cpu", dtype: str
     return LMDrafter(HFBackend(drafter_model.model))
 
 
+def default_policy_dir(model_name: str) -> Path:
+    """Where the shipped LTD policies for a registry model live."""
+    return POLICY_ASSETS / model_name
+
+
+def load_ltd_controller(policy_dir: str | Path) -> Controller:
+    """An LTD controller from a directory holding ``depth/`` and ``size/`` policies."""
+    from ltd.control_ltd import LTDController
+
+    d = Path(policy_dir)
+    if not (d / "depth").is_dir() and not (d / "size").is_dir():
+        raise LtdError(f"no LTD policies in {d} (expected depth/ and size/); train them with ltd train-policy or pass --policy")
+    return LTDController(
+        d / "depth" if (d / "depth").is_dir() else None,
+        d / "size" if (d / "size").is_dir() else None,
+    )
+
+
 def _is_eagle3_dir(path: Path) -> bool:
     import json
 
@@ -187,14 +207,21 @@ class Engine:
     def controller_for(self, cfg: GenerateConfig) -> Controller:
         if cfg.method == "ar":
             return StaticController(depth=0, topk=1, size=0)
+        if cfg.method == "ltd":
+            return load_ltd_controller(cfg.policy or default_policy_dir(self.target.name))
+        if cfg.method == "heuristic":
+            from ltd.control_ltd import HeuristicController
+
+            return HeuristicController(depth=cfg.depth, topk=cfg.topk, size=cfg.size)
         return StaticController(depth=cfg.depth, topk=cfg.topk, size=cfg.size)
 
     def stream(self, prompt: list[int], cfg: GenerateConfig, controller: Controller | None = None) -> Iterator[CycleResult]:
         """Cycle results of a speculative generation (methods ar/static or a custom controller)."""
         cfg.validate()
-        if cfg.method == "static" and controller is None and isinstance(self.drafter, NullDrafter) and cfg.depth > 0:
-            raise LtdError("method static needs a drafter; pass --drafter (e.g. self, a model, or an EAGLE-3 head)")
+        if cfg.method not in ("hf", "ar") and controller is None and isinstance(self.drafter, NullDrafter):
+            raise LtdError(f"method {cfg.method} needs a drafter; pass --drafter (e.g. self, a model, or an EAGLE-3 head)")
         ctrl = controller or self.controller_for(cfg)
+        topk = getattr(ctrl, "topk", None) or cfg.topk
         drafter = self.drafter if cfg.method != "ar" else NullDrafter()
         return decode(
             self.backend,
@@ -202,7 +229,7 @@ class Engine:
             ctrl,
             prompt,
             cfg.max_new_tokens,
-            topk=cfg.topk,
+            topk=topk,
             sampling=cfg.sampling,
             eos_token_ids=self.target.eos_token_ids,
             seed=cfg.seed,

@@ -23,9 +23,9 @@ from ltd.errors import LtdError
 log = logging.getLogger(__name__)
 
 BASELINE = "hf"
-OURS = ("hf", "ar", "static")
+OURS = ("hf", "ar", "static", "ltd")
 PEERS = ("hf-assisted", "prompt-lookup")
-PLANNED = ("ltd", "oracle")
+PLANNED = ("oracle",)
 KINDS = OURS + PEERS + PLANNED
 DEFAULT_STATIC = (5, 8, 32)
 PROMPT_LOOKUP_TOKENS = 10
@@ -216,7 +216,7 @@ class MethodRunner:
         check_available([spec])
         if spec.kind == "hf-assisted" and assistant is None:
             raise LtdError("method hf-assisted needs a draft model; pass --assistant NAME")
-        if spec.is_static:
+        if spec.is_static or spec.kind == "ltd":
             from ltd.drafting.base import NullDrafter
 
             if isinstance(engine.drafter, NullDrafter):
@@ -243,6 +243,7 @@ class MethodRunner:
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 seed=sampling.seed,
+                policy=self.spec.policy,
             )
             saved = (self.engine.drafter, self.engine.online)
             self.engine.drafter, self.engine.online = self.drafter, self.online

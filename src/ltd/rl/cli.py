@@ -35,6 +35,15 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _need_rl(command: str) -> None:
+    """One-line error instead of an ImportError when the rl extras are missing."""
+    import importlib.util
+
+    missing = [m for m in ("gymnasium", "stable_baselines3") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise LtdError(f"ltd {command} needs {', '.join(missing)}: pip install 'ltd[rl]'")
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -101,6 +110,7 @@ def run_profile(args) -> int:
     from ltd.rl.latency import profile_engine
     from ltd.rl.spaces import DEFAULT_SIZES
 
+    _need_rl("profile")
     _threads(args)
     sizes = _int_list(args.sizes, "--sizes") if args.sizes else list(DEFAULT_SIZES)
     if min(sizes) < 0:
@@ -155,12 +165,13 @@ def run_train(args) -> int:
     from ltd.rl.train import PolicyTrainConfig, eval_subset, replay_source_factory, train_policies
     from ltd.rl.traces import TraceSet
 
+    _need_rl("train-policy")
     _threads(args)
     cfg = PolicyTrainConfig(
         stage=args.stage, env=args.env, iterations=args.iterations, rounds=args.rounds, n_steps=args.n_steps,
         batch_size=args.batch_size, n_epochs=args.epochs, learning_rate=args.lr, seed=args.seed,
         sizes=tuple(_int_list(args.sizes, "--sizes")) if args.sizes else DEFAULT_SIZES,
-        fixed_depth=args.fixed_depth, fixed_size=args.fixed_size, checkpoint_every=args.checkpoint_every,
+        fixed_depth=args.fixed_depth, fixed_size=args.fixed_size, min_depth=args.min_depth, checkpoint_every=args.checkpoint_every,
         eval_sequences=args.eval_sequences,
     )
     cfg.validate()
@@ -259,6 +270,7 @@ def run_oracle(args) -> int:
         if depth_dir is None and size_dir is None:
             raise LtdError(f"{root} holds no depth/ or size/ policy; pass the output directory of ltd train-policy")
     if depth_dir or size_dir:
+        _need_rl("oracle --policies")
         controllers["ltd"] = LTDController(depth_dir, size_dir, depth=min(5, traces.max_depth), size=min(32, cap), topk=traces.topk)
     report = compare(traces, latency, controllers, sizes)
     if args.out:
@@ -308,6 +320,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--sizes", default=None, help="size-policy actions V (default 1,2,4,8,16,24,32,48,64, capped by the traces)")
     p.add_argument("--fixed-depth", type=int, default=5, help="depth of the fixed rule while training size first (default 5)")
     p.add_argument("--fixed-size", type=int, default=32, help="size of the fixed rule while training depth alone (default 32)")
+    p.add_argument("--min-depth", type=int, default=1, choices=[0, 1],
+                   help="1: every cycle drafts at least one step (the paper); 0: the depth policy may also decode plainly")
     p.add_argument("--checkpoint-every", type=int, default=5, help="iterations between checkpoints (default 5)")
     p.add_argument("--eval-sequences", type=int, default=32, help="recorded sequences used to evaluate each phase in replay")
     p.add_argument("--traces", default=None, help="trace directory (needed for --env replay; evaluation for live)")

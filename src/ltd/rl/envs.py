@@ -18,7 +18,8 @@ another one drawn at random; ``reset(seed=...)`` restarts deterministically. A r
 the middle of a cycle first finishes that cycle with the environment's fixed rule.
 
 - :class:`DepthEnv`: one step per draft decision (0 = STOP, 1 = CONTINUE), after each
-  draft step; the first step of a cycle is always drafted. When drafting stops, a size
+  draft step from ``spec.min_depth`` on (with min_depth 1 the first step of a cycle is
+  always drafted; with 0 the agent may decode a plain token instead). When drafting stops, a size
   controller (a fixed V, or a trained size policy) chooses V.
 - :class:`SizeEnv`: one step per cycle; a depth controller (a fixed depth, or a trained
   depth policy) drafts, then the action picks V from ``spec.sizes``.
@@ -139,8 +140,9 @@ class DepthEnv(_CycleEnv):
 
     def _begin(self) -> None:
         self.source.begin_cycle()
-        if self.source.can_step:
-            self.source.step()
+        for _ in range(self.obs_spec.min_depth):
+            if self.source.can_step:
+                self.source.step()
 
     def _obs(self) -> np.ndarray:
         src = self.source

@@ -365,25 +365,26 @@ class LiveSource:
                             accepted.num_accepted, len(cut), seconds, tuple(cut))
 
 
-def is_learned(controller, kind: str) -> bool:
-    """Whether a controller decides ``kind`` ("depth"/"size") with an LTD policy, whose
-    calls cost time (modelled in replay, measured live)."""
+def is_learned(controller, kind: str, step: int = 0) -> bool:
+    """Whether a controller decides ``kind`` ("depth" at draft step ``step``, or "size")
+    with an LTD policy, whose calls cost time (modelled in replay, measured live)."""
     from ltd.control_ltd import LTDController
 
     if not isinstance(controller, LTDController):
         return False
-    return (controller.depth_policy if kind == "depth" else controller.size_policy) is not None
+    if kind == "depth":
+        return controller.asks_depth_policy(step)
+    return controller.size_policy is not None
 
 
 def draft_with(source: CycleSource, controller: Controller) -> None:
     """Draft the current cycle while ``controller`` says continue (as :func:`ltd.cycle.draft`)."""
-    learned = is_learned(controller, "depth")
     while source.can_step:
         state = source.step_state()
         t0 = time.perf_counter()
         go = controller.continue_drafting(state)
         dt = time.perf_counter() - t0
-        if learned and state.step >= 1:
+        if is_learned(controller, "depth", state.step):
             source.charge_policy("depth", dt)
         else:
             source.charge(dt)

@@ -4,7 +4,10 @@ The replay environment, the live environment and :class:`ltd.control_ltd.LTDCont
 all build observations with the two functions here, so a policy trained in replay sees
 exactly the same numbers when it runs live.
 
-Depth policy (called after every draft step; action 0 = STOP, 1 = CONTINUE):
+Depth policy (action 0 = STOP, 1 = CONTINUE), asked after every draft step from step
+``min_depth`` on: with ``min_depth = 1`` (the paper) every cycle drafts at least one
+step; with ``min_depth = 0`` it is also asked before drafting (empty candidates), so it
+can learn not to draft at all where drafting does not pay:
 
 - ``candidate_scores`` [k*k]: cumulative log-probabilities of the candidates the last
   step proposed (k after the first step, k*k after later ones), sorted descending,
@@ -50,9 +53,12 @@ class ObsSpec:
     sizes: tuple[int, ...] = field(default=DEFAULT_SIZES)
     context_scale: float = CONTEXT_SCALE
     score_clip: float = SCORE_CLIP
+    min_depth: int = 1
     version: int = OBS_VERSION
 
     def __post_init__(self) -> None:
+        if self.min_depth not in (0, 1):
+            raise ValueError(f"min_depth must be 0 or 1, got {self.min_depth}")
         if self.kind not in KINDS:
             raise ValueError(f"policy kind must be one of {KINDS}, got {self.kind!r}")
         if self.topk < 1 or self.max_depth < 1:
@@ -111,7 +117,7 @@ class ObsSpec:
 
     @staticmethod
     def from_json(data: dict) -> "ObsSpec":
-        keys = ("kind", "topk", "max_depth", "sizes", "context_scale", "score_clip", "version")
+        keys = ("kind", "topk", "max_depth", "sizes", "context_scale", "score_clip", "min_depth", "version")
         missing = [k for k in keys if k not in data]
         if missing:
             raise LtdError(f"policy observation spec lacks {', '.join(missing)}; retrain the policy")
@@ -122,6 +128,7 @@ class ObsSpec:
             sizes=tuple(int(v) for v in data["sizes"]),
             context_scale=float(data["context_scale"]),
             score_clip=float(data["score_clip"]),
+            min_depth=int(data["min_depth"]),
             version=int(data["version"]),
         )
         stored = [(f["name"], int(f["size"])) for f in data.get("fields", [])]
@@ -140,6 +147,8 @@ class ObsSpec:
                   ("score clip", self.score_clip, other.score_clip)]
         if self.kind == "size":
             checks.append(("size set", list(self.sizes), list(other.sizes)))
+        else:
+            checks.append(("min depth", self.min_depth, other.min_depth))
         for name, want, got in checks:
             if want != got:
                 return f"{name} {got} (expected {want})"

@@ -61,6 +61,7 @@ class PolicyTrainConfig:
     sizes: tuple[int, ...] = DEFAULT_SIZES
     fixed_depth: int = 5
     fixed_size: int = 32
+    min_depth: int = 1  # 0: the depth policy may also choose not to draft (see ltd.rl.spaces)
     seed: int = 0
     checkpoint_every: int = 5
     eval_sequences: int = 32
@@ -73,6 +74,8 @@ class PolicyTrainConfig:
         for name in ("iterations", "rounds", "n_steps", "batch_size", "n_epochs", "checkpoint_every", "fixed_depth", "fixed_size"):
             if getattr(self, name) < 1:
                 raise LtdError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.min_depth not in (0, 1):
+            raise LtdError(f"--min-depth must be 0 or 1, got {self.min_depth}")
         if self.n_steps < 2:
             raise LtdError("--n-steps must be at least 2")
         if self.batch_size > self.n_steps:
@@ -204,7 +207,7 @@ def train_policies(
     if max_size is None and eval_traces is not None:
         max_size = eval_traces.max_size  # live training evaluated on traces: stay within what they recorded
     sizes = tuple(v for v in sizes_up_to(max_size, cfg.sizes) if max_size is None or v <= max_size)
-    specs = {k: for_kind(k, probe.topk, probe.max_depth, sizes) for k in ("depth", "size")}
+    specs = {k: for_kind(k, probe.topk, probe.max_depth, sizes, min_depth=cfg.min_depth) for k in ("depth", "size")}
     fixed_depth = min(cfg.fixed_depth, probe.max_depth)
     fixed_size = min(cfg.fixed_size, max(sizes))
     latest = {}
@@ -290,6 +293,6 @@ def eval_subset(traces: TraceSet, n: int) -> TraceSet:
     return TraceSet.from_sequences(seqs, traces.topk, traces.max_depth, traces.max_size)
 
 
-def spec_for(kind: str, traces: TraceSet, sizes=DEFAULT_SIZES) -> ObsSpec:
+def spec_for(kind: str, traces: TraceSet, sizes=DEFAULT_SIZES, min_depth: int = 1) -> ObsSpec:
     """The observation spec a policy trained on ``traces`` has."""
-    return for_kind(kind, traces.topk, traces.max_depth, tuple(v for v in sizes_up_to(traces.max_size, sizes)))
+    return for_kind(kind, traces.topk, traces.max_depth, tuple(v for v in sizes_up_to(traces.max_size, sizes)), min_depth=min_depth)

@@ -112,11 +112,15 @@ def _check_bind(host: str, port: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ltd serve`` until interrupted."""
-    import torch
-    import uvicorn
+    try:
+        import uvicorn
 
-    from ltd.engine import Engine, GenerateConfig
-    from ltd.serve.app import create_app
+        from ltd.serve.app import create_app
+    except ImportError as exc:
+        raise LtdError(f"ltd serve needs the serve extras ({exc.name} is missing): pip install -e '.[serve]'") from None
+    import torch
+
+    from ltd.engine import Engine
 
     if args.threads is not None:
         if args.threads < 1:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ltd.engine import METHODS, GenerateConfig
 from ltd.errors import LtdError
+
+if TYPE_CHECKING:  # ltd.engine imports torch; `ltd --help` should not wait for it
+    from ltd.engine import GenerateConfig
+
+METHODS = ("hf", "ar", "static")  # ltd.engine.METHODS (checked again by GenerateConfig.validate)
 
 # OpenAI's default temperature; greedy (0) must be asked for. Documented in the README.
 DEFAULT_TEMPERATURE = 1.0
@@ -46,8 +51,10 @@ class ServeSettings:
             )
         self.generate_config(1, 0.0, 1.0, None).validate()
 
-    def generate_config(self, max_tokens: int, temperature: float | None, top_p: float | None, seed: int | None) -> GenerateConfig:
+    def generate_config(self, max_tokens: int, temperature: float | None, top_p: float | None, seed: int | None) -> "GenerateConfig":
         """The engine's per-request config. ``top_p == 0`` keeps only the top token, i.e. greedy."""
+        from ltd.engine import GenerateConfig
+
         temperature = DEFAULT_TEMPERATURE if temperature is None else temperature
         top_p = 1.0 if top_p is None else top_p
         if top_p == 0.0:

@@ -143,7 +143,12 @@ def evaluate(head, embed, seqs, t2d_index, cfg: TrainConfig) -> dict[str, float]
     step_hits = [0] * cfg.unroll
     step_n = [0] * cfg.unroll
     chain_total, chain_n = 0.0, 0
+    covered, positions = 0, 0
     for seq in seqs:
+        top1 = t2d_index[seq["top_ids"][1:, 0].long()]
+        keep = seq["loss_mask"][1:] > 0
+        covered += int(((top1 >= 0) & keep).sum())
+        positions += int(keep.sum())
         _, hits, valid = sequence_loss(head, embed, seq, t2d_index, cfg)
         n = valid.numel()
         for s in range(cfg.unroll):
@@ -166,6 +171,7 @@ def evaluate(head, embed, seqs, t2d_index, cfg: TrainConfig) -> dict[str, float]
     head.train()
     out = {f"acc_step{s + 1}": step_hits[s] / max(step_n[s], 1) for s in range(cfg.unroll)}
     out["chain_accept_len"] = chain_total / max(chain_n, 1)
+    out["vocab_coverage"] = covered / max(positions, 1)  # target top-1 inside the draft vocabulary
     return out
 
 
