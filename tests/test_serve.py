@@ -409,3 +409,15 @@ def test_request_timeout_non_stream_and_stream():
                 pass
     finally:
         srv.stop()
+
+
+def test_hf_method_answers_in_one_piece():
+    srv = start_server(FakeEngine(), method="hf")
+    try:
+        oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        chunks = list(chat(oc, stream=True, stop="STOP"))
+        texts = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+        assert texts == [REPLY[: REPLY.index("STOP")]]
+        assert chat(oc, stop="STOP").choices[0].message.content == texts[0]
+    finally:
+        srv.stop()
