@@ -271,7 +271,7 @@ def test_cli_builds_config_without_loading_models(tmp_path):
     assert [m.label for m in cfg.methods] == ["hf", "ar", "static:2x2x4"]
     assert len(cfg.questions) == 1
     with pytest.raises(LtdError, match="not available yet"):
-        config_from_args(_args(["--questions", str(f), "--methods", "ltd", "--out", str(tmp_path / "o")]))
+        config_from_args(_args(["--questions", str(f), "--methods", "oracle", "--out", str(tmp_path / "o")]))
 
 
 def test_cli_grid_config(tmp_path):
