@@ -86,7 +86,7 @@ class FakeEngine:
 
 
 def start_server(engine: FakeEngine, **settings) -> BackgroundServer:
-    cfg = ServeSettings(model_name=MODEL, method="static", **{"timeout": 30.0, "queue_size": 4, **settings})
+    cfg = ServeSettings(model_name=MODEL, **{"method": "static", "timeout": 30.0, "queue_size": 4, **settings})
     return BackgroundServer(create_app(engine, cfg)).start()
 
 

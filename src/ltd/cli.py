@@ -257,9 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ltd.bench import cli as bench_cli
     from ltd.rl import cli as rl_cli
+    from ltd.serve import cli as serve_cli
 
     bench_cli.add_parser(sub)
     rl_cli.add_parsers(sub)
+    serve_cli.add_parser(sub)
     return parser
 
 

@@ -27,6 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServeSettings(model_name="")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, HF id or local dir (default {DEFAULT_MODEL})")
     p.add_argument("--model-name", default=None, help="model id clients send and /v1/models lists (default: --model)")
+    from ltd.online import VARIANTS
+
+    p.add_argument("--online", default=None, choices=VARIANTS, help="adapt the EAGLE-3 head while serving")
+    p.add_argument("--online-state", default=None, help="directory to restore (at start) and save (at exit) online state")
     p.add_argument("--drafter", default=None,
                    help="none | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter)")
     p.add_argument("--method", default=None, choices=["hf", "ar", "static"],
@@ -133,6 +137,8 @@ def run(args: argparse.Namespace) -> int:
     _check_bind(args.host, args.port)
 
     engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype)
+    if args.online:
+        engine.enable_online(args.online, state_dir=args.online_state)
     if not args.no_warmup:
         # One-time costs (kernel selection, allocator growth) should not land on the first client.
         engine.generate(engine.encode(WARMUP_PROMPT), settings.generate_config(WARMUP_TOKENS, 0.0, 1.0, None))
@@ -146,7 +152,12 @@ def run(args: argparse.Namespace) -> int:
         access_log=not args.no_access_log,
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    finally:
+        if engine.online is not None and args.online_state:
+            engine.online.save_state(args.online_state)  # a restart keeps what was learned
+            log.info("online state saved to %s", args.online_state)
     return 0
 
 

@@ -46,6 +46,7 @@ class TrainConfig:
     grad_clip: float = 0.5
     batch_tokens: int = 2048  # sequences are accumulated up to this many tokens per update
     eval_every: int = 200
+    eval_sequences: int = 24
     checkpoint_every: int = 200
     seed: int = 0
     max_seq_len: int = 512
@@ -226,17 +227,19 @@ def train_head(
     t2d_index[head.draft_to_target(draft_ids)] = draft_ids
 
     seqs = [s for sh in feature_shards for s in split_sequences(sh)]
-    eval_seqs = [s for sh in eval_shards for s in split_sequences(sh)][:64]
+    eval_seqs = [s for sh in eval_shards for s in split_sequences(sh)][: cfg.eval_sequences]
     tokens = sum(s["input_ids"].numel() for s in seqs)
     steps_per_epoch = max(1, tokens // cfg.batch_tokens)
     total_steps = max(1, int(cfg.epochs * steps_per_epoch))
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
+    warmup = max(1, min(cfg.warmup_steps, total_steps // 10))
+
     def lr_at(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        prog = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if step < warmup:
+            return (step + 1) / warmup
+        prog = (step - warmup) / max(1, total_steps - warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
