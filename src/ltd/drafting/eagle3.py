@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ltd.errors import LtdError
+from ltd.fileio import atomic_write
 from ltd.tree import Tree, ancestor_mask
 
 log = logging.getLogger(__name__)
@@ -272,9 +271,9 @@ class Eagle3Head(nn.Module):
         tensors = {
             k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in self.state_dict().items()
         }
-        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
         text = json.dumps(self.config.to_json_dict(), indent=2)
-        _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+        atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
 
     @staticmethod
     def load(directory: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "Eagle3Head":
@@ -300,17 +299,6 @@ class Eagle3Head(nn.Module):
             first = str(exc).splitlines()[0]
             raise LtdError(f"drafter checkpoint in {directory} does not match its config: {first}") from None
         return head.to(device=device, dtype=dtype)
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def check_head_matches_target(cfg: Eagle3Config, target_config, where: str) -> None:

@@ -237,7 +237,7 @@ def format_report(report: dict) -> str:
 
 def run_oracle(args) -> int:
     from ltd.control_ltd import HeuristicController, LTDController
-    from ltd.rl.io import atomic_write_json
+    from ltd.fileio import atomic_write_json
     from ltd.rl.latency import LatencyModel
     from ltd.rl.oracle import compare
     from ltd.rl.spaces import sizes_up_to

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ltd.errors import LtdError
-from ltd.rl.io import atomic_write, atomic_write_json, read_json
+from ltd.fileio import atomic_write, atomic_write_json, read_json
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Callable
 
 from ltd.control import StaticController
 from ltd.errors import LtdError
-from ltd.rl.io import atomic_write, atomic_write_json, read_json
+from ltd.fileio import atomic_write, atomic_write_json, read_json
 from ltd.rl.latency import LatencyModel
 from ltd.rl.spaces import DEFAULT_SIZES, ObsSpec, for_kind, sizes_up_to
 from ltd.rl.traces import TraceSet

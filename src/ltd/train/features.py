@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ltd.errors import LtdError
+from ltd.fileio import atomic_write_json
 from ltd.train.data import iter_conversations, tokenize_conversation
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,6 @@ class FeatureManifest:
     def compatible(self, other: "FeatureManifest") -> bool:
         keys = ("target", "data", "layer_ids", "max_len", "label_topk", "hidden_size", "vocab_size")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
-
-
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def read_manifest(directory: Path) -> FeatureManifest | None:
@@ -110,7 +105,7 @@ def compute_features(
         man.shards.append(name)
         man.tokens += buf_tokens
         man.conversations_seen = seen
-        _atomic_json(out_dir / MANIFEST, asdict(man))
+        atomic_write_json(out_dir / MANIFEST, asdict(man))
         for v in buf.values():
             v.clear()
         lengths.clear()

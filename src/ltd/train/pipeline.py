@@ -6,7 +6,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
 
 from ltd.drafting.eagle3 import Eagle3Config, Eagle3Head
 from ltd.errors import LtdError
