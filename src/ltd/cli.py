@@ -199,7 +199,11 @@ def cmd_train_drafter(args) -> int:
         raise LtdError(f"--unroll must be >= 1, got {cfg.unroll}")
     out = Path(args.out)
     feature_dir = Path(args.features) if args.features else None
-    train_drafter(args.target, args.data, out, args.max_tokens, cfg, resume=args.resume, device=args.device, feature_dir=feature_dir)
+    init = Path(args.init) if args.init else None
+    train_drafter(
+        args.target, args.data, out, args.max_tokens, cfg, resume=args.resume, device=args.device,
+        feature_dir=feature_dir, init_from=init,
+    )
     print(f"head written to {out / 'head'}")
     return 0
 
@@ -251,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--init", default=None, help="start from this head directory (continued training, new schedule)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_train_drafter)

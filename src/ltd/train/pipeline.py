@@ -25,6 +25,7 @@ def train_drafter(
     resume: bool = False,
     device: str = "cpu",
     feature_dir: Path | None = None,
+    init_from: Path | None = None,
 ) -> Eagle3Head:
     """Train an EAGLE-3 head for ``target``; returns the trained head (also saved to out_dir/head)."""
     t0 = time.perf_counter()
@@ -43,6 +44,6 @@ def train_drafter(
     del model  # free the target: training needs only its embeddings
     shards = load_shards(feature_dir, man.shards[:-1])
     eval_shards = load_shards(feature_dir, man.shards[-1:])
-    head = train_head(shards, eval_shards, target_config, embed, man.layer_ids, out_dir, cfg, resume=resume)
+    head = train_head(shards, eval_shards, target_config, embed, man.layer_ids, out_dir, cfg, resume=resume, init_from=init_from)
     log.info("features %.0f s, total %.0f s", t_feat, time.perf_counter() - t0)
     return head

@@ -201,8 +201,13 @@ def train_head(
     out_dir: Path,
     cfg: TrainConfig,
     resume: bool = False,
+    init_from: Path | None = None,
 ) -> Eagle3Head:
-    """Train (or resume) a head; writes checkpoints, TensorBoard logs and the final head."""
+    """Train (or resume) a head; writes checkpoints, TensorBoard logs and the final head.
+
+    ``init_from`` starts from an existing head (continued training with a new schedule);
+    its draft vocabulary is kept.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     torch.manual_seed(cfg.seed)
@@ -213,6 +218,11 @@ def train_head(
         head = Eagle3Head.load(ckpt)
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         log.info("resuming from step %d", state["step"])
+    elif init_from is not None:
+        head = Eagle3Head.load(init_from)
+        if head.config.target_hidden_size != int(target_config.hidden_size) or head.config.vocab_size != int(target_config.vocab_size):
+            raise LtdError(f"--init head {init_from} does not fit this target; start without --init")
+        state = {"step": 0, "best": 0.0}
     else:
         if resume:
             log.warning("--resume given but no checkpoint in %s; starting fresh", out_dir)
