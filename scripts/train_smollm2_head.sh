@@ -11,7 +11,7 @@ TOKENS=${TOKENS:-264045}
 COMMON=(--target smollm2-135m --data sharegpt --max-tokens "$TOKENS" --draft-vocab 8192 --unroll 3
         --batch-tokens 2048 --eval-every 40 --threads "${THREADS:-2}" --features runs/smollm2-eagle3/features)
 .venv/bin/ltd -v train-drafter "${COMMON[@]}" --out runs/smollm2-eagle3 --epochs 1.5
-.venv/bin/ltd -v train-drafter "${COMMON[@]}" --out runs/smollm2-eagle3-s2 --epochs 3 --lr 4e-4 \
+.venv/bin/ltd -v train-drafter "${COMMON[@]}" --out runs/smollm2-eagle3-s2 --epochs 2 --lr 4e-4 \
     --init runs/smollm2-eagle3/head
 mkdir -p src/ltd/assets/drafters/smollm2-135m-eagle3
 cp runs/smollm2-eagle3-s2/head/config.json runs/smollm2-eagle3-s2/head/model.safetensors \

@@ -5,6 +5,9 @@ the drafter's tree attention, a head would be trained for a different computatio
 the one it runs; this pins the two together.
 """
 
+import json
+
+import pytest
 import torch
 from transformers import LlamaConfig
 
@@ -93,3 +96,24 @@ def test_sequence_loss_decreases_with_training():
         loss.backward()
         opt.step()
     assert float(loss) < 0.7 * first
+
+
+@pytest.mark.e2e
+def test_regenerate_appends_target_greedy_replies_and_resumes(tmp_path):
+    from ltd.models import load_model
+    from ltd.train.regenerate import regenerate
+
+    torch.set_num_threads(1)
+    m = load_model("smollm2-135m")
+    data = tmp_path / "convs.jsonl"
+    convs = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": "x"}]} for q in ("Say hi.", "Name a color.", "Count to three.")]
+    data.write_text("\n".join(json.dumps(c) for c in convs) + "\n")
+    out = tmp_path / "regen.jsonl"
+    assert regenerate(m.model, m.tokenizer, str(data), out, max_prompts=2, max_new_tokens=6, batch_size=2) == 2
+    assert regenerate(m.model, m.tokenizer, str(data), out, max_prompts=3, max_new_tokens=6, batch_size=2) == 3
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["conversations"][0]["value"] for r in rows] == ["Say hi.", "Name a color.", "Count to three."]
+    # the reply is the target's own greedy continuation (batch-1 reference for the first prompt)
+    ids = m.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True, tokenize=True, return_dict=False)
+    ref = m.model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, temperature=None, top_p=None, top_k=None)
+    assert rows[0]["conversations"][1]["value"] == m.tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True).strip()

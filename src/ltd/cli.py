@@ -208,6 +208,20 @@ def cmd_train_drafter(args) -> int:
     return 0
 
 
+def cmd_regenerate(args) -> int:
+    from ltd.models import load_model
+    from ltd.train.regenerate import regenerate
+
+    _setup_threads(args)
+    model = load_model(args.target, device=args.device, dtype=args.dtype)
+    n = regenerate(
+        model.model, model.tokenizer, args.data, Path(args.out), args.max_prompts,
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+    )
+    print(f"{n} conversations in {args.out}; train on them with: ltd train-drafter --data {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltd", description="Lossless tree speculative decoding that learns to draft")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -229,6 +243,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=DEMO_PROMPT)
     _add_decode_args(p)
     p.set_defaults(func=cmd_demo, max_new_tokens=96)
+
+    p = sub.add_parser("regenerate", help="regenerate training responses with the target (self-distillation data)")
+    p.add_argument("--target", default="smollm2-135m")
+    p.add_argument("--data", default="sharegpt", help="sharegpt or a jsonl file of conversations (first user turns)")
+    p.add_argument("--out", required=True, help="jsonl file to append to (resumable)")
+    p.add_argument("--max-prompts", type=int, default=2000)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_regenerate)
 
     p = sub.add_parser("online", help="manage saved online-adaptation state")
     p.add_argument("action", choices=["reset"])
