@@ -291,3 +291,25 @@ def test_drafter_returns_documented_shapes(tiny_backend, tiny_model, other_model
         assert bool((clp <= 0).all())
         tree.add(ctok, nodes.unsqueeze(1).expand_as(ctok), tree.scores[nodes].unsqueeze(1) + clp)
     drafter.end()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 8, 4), (4, 8, 16)])
+def test_smollm_shipped_head_is_lossless(smollm, smollm_refs, shape):
+    """The shipped EAGLE-3 head (the default drafter) keeps greedy output unchanged."""
+    from ltd.engine import GenerateConfig, default_drafter_spec, load_drafter
+
+    spec = default_drafter_spec("smollm2-135m")
+    assert spec == "builtin:smollm2-135m-eagle3"
+    drafter = load_drafter(spec, smollm.target)
+    d, k, v = shape
+    saved = smollm.drafter
+    smollm.drafter = drafter
+    try:
+        for text in E2E_PROMPTS:
+            prompt, ref = smollm_refs[text]
+            got = smollm.generate(prompt, GenerateConfig(method="static", max_new_tokens=E2E_NEW, depth=d, topk=k, size=v))
+            assert_same_tokens(got.tokens, ref, smollm.target.model, prompt, f"shipped head {shape} on {text!r}")
+            assert got.mean_accepted >= 1.0
+    finally:
+        smollm.drafter = saved

@@ -21,6 +21,7 @@ from ltd.backends.hf import HFBackend
 from ltd.control import Controller, StaticController, validate_static
 from ltd.cycle import CycleResult, decode
 from ltd.drafting.base import Drafter, NullDrafter
+from ltd.defaults import DEFAULT_DEPTH, DEFAULT_SIZE, DEFAULT_TOPK
 from ltd.errors import LtdError
 from ltd.models import LoadedModel, load_model
 from ltd.registry import REGISTRY
@@ -38,9 +39,9 @@ class GenerateConfig:
 
     method: str = "static"
     max_new_tokens: int = 128
-    depth: int = 5
-    topk: int = 8
-    size: int = 32
+    depth: int = DEFAULT_DEPTH
+    topk: int = DEFAULT_TOPK
+    size: int = DEFAULT_SIZE
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ltd.defaults import DEFAULT_DEPTH, DEFAULT_SIZE, DEFAULT_TOPK
 from ltd.errors import LtdError
 
 if TYPE_CHECKING:  # ltd.engine imports torch; `ltd --help` should not wait for it
@@ -27,9 +28,9 @@ class ServeSettings:
 
     model_name: str
     method: str = "static"
-    depth: int = 5
-    topk: int = 8
-    size: int = 32
+    depth: int = DEFAULT_DEPTH
+    topk: int = DEFAULT_TOPK
+    size: int = DEFAULT_SIZE
     queue_size: int = 8
     timeout: float = 300.0
     max_tokens_limit: int = 2048
