@@ -76,19 +76,15 @@ def _config_from(args, method: str):
 
 
 def _setup_threads(args) -> None:
-    if getattr(args, "threads", None):
-        import torch
+    from ltd.runtime import apply_threads
 
-        if args.threads < 1:
-            raise LtdError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(getattr(args, "threads", None))
 
 
 def _check_device(device: str) -> None:
-    import torch
+    from ltd.runtime import check_device
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LtdError(f"--device {device} asked for CUDA, but this torch build sees no GPU; use --device cpu")
+    check_device(device)
 
 
 def cmd_generate(args) -> int:

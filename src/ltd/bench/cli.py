@@ -143,12 +143,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ltd bench``; returns the exit code (130 after Ctrl-C, with results written)."""
-    import torch
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise LtdError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    from ltd.runtime import apply_threads
+
+    apply_threads(args.threads)
     config = config_from_args(args)
     out = Path(args.out)
     log.info("bench: %d questions x %d methods x %d repeats -> %s", len(config.questions), len(config.methods), config.repeats, out)

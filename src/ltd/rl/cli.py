@@ -55,12 +55,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _threads(args) -> None:
-    if getattr(args, "threads", None) is not None:
-        import torch
+    from ltd.runtime import apply_threads
 
-        if args.threads < 1:
-            raise LtdError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    apply_threads(getattr(args, "threads", None))
 
 
 def _load_engine(args):

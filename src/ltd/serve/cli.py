@@ -122,16 +122,12 @@ def run(args: argparse.Namespace) -> int:
         from ltd.serve.app import create_app
     except ImportError as exc:
         raise LtdError(f"ltd serve needs the serve extras ({exc.name} is missing): pip install -e '.[serve]'") from None
-    import torch
 
     from ltd.engine import Engine
+    from ltd.runtime import apply_threads, check_device
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise LtdError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise LtdError(f"--device {args.device} asked for CUDA, but this torch build sees no GPU; use --device cpu")
+    apply_threads(args.threads)
+    check_device(args.device)
     method, spec = resolve_method(args.model, args.drafter, args.method)
     settings = settings_from_args(args, method)
     _check_bind(args.host, args.port)
