@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -64,3 +65,22 @@ def read_json(path: str | Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise LtdError(f"{what} {path} does not hold a JSON object; recreate it")
     return data
+
+
+def atomic_dir(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_dir)`` and swap the finished directory in for ``path``.
+
+    A reader never sees a half-written directory: it is built next to the target and
+    renamed into place; a failure leaves the previous directory untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix="." + path.name + ".tmp"))
+    try:
+        write(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ltd.errors import LtdError
+from ltd.fileio import atomic_dir
 from ltd.registry import REGISTRY, RegistryEntry
 
 log = logging.getLogger(__name__)
@@ -103,17 +102,12 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=out_dir.name + ".tmp"))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_dir(out_dir, write)
 
 
 def resolve(name: str, fetch: bool = False) -> tuple[str, str | None]:

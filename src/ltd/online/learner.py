@@ -25,9 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -39,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from ltd.drafting.eagle3 import Eagle3Drafter
 from ltd.errors import LtdError
+from ltd.fileio import atomic_dir
 from ltd.train.trainer import TrainConfig, sequence_loss
 
 log = logging.getLogger(__name__)
@@ -228,10 +227,8 @@ class OnlineLearner:
     # -- persistence -------------------------------------------------------------------
     def save_state(self, directory: str | Path) -> None:
         """Save what was learned (atomic: temp dir then rename)."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=directory.name + ".tmp"))
-        try:
+
+        def write(tmp: Path) -> None:
             tensors = {}
             for i, member in enumerate(self.members):
                 for n, v in member.items():
@@ -245,12 +242,8 @@ class OnlineLearner:
                 "stats": asdict(self.stats),
             }
             (tmp / "online.json").write_text(json.dumps(meta, indent=2))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_dir(directory, write)
 
     def load_state(self, directory: str | Path) -> None:
         """Restore a saved state; refuses a corrupt or mismatched one with a clear error."""
