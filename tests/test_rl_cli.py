@@ -86,6 +86,16 @@ def test_profile_record_train_oracle(tmp_path, models, questions, capsys):
     rows = {r["name"]: r for r in json.loads(report.read_text())["results"]}
     assert rows["oracle"]["fraction_of_oracle"] == 1.0
     assert all(0 < r["fraction_of_oracle"] <= 1.0 for r in rows.values())
+    # --live re-runs ar and every controller with the models that recorded the traces
+    capsys.readouterr()
+    assert run("oracle", "--traces", str(traces), "--latency", str(lat), "--policies", str(out), "--static", "2x4",
+               "--live", "--threads", "1", "--out", str(report)) == 0
+    assert "live/replay" in capsys.readouterr().out
+    rows = {r["name"]: r for r in json.loads(report.read_text())["results"]}
+    for name in ("ar", "ltd", "heuristic", "static:2x3x4"):
+        assert rows[name]["live_tokens_per_second"] > 0 and rows[name]["live_over_replay"] > 0
+    assert "live_tokens_per_second" not in rows["oracle"]  # hindsight cannot run live
+    assert rows["ar"]["live_speedup_vs_ar"] == 1.0
 
 
 def test_user_errors_are_one_line(tmp_path, questions):

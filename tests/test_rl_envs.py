@@ -216,3 +216,58 @@ def test_depth_env_with_min_depth_zero_can_skip_drafting(traces):
     ctrl = LTDController.from_policies(untrained_policy(spec), None, size=4)
     assert ctrl.asks_depth_policy(0)
     assert not LTDController.from_policies(untrained_policy(for_kind("depth", TOPK, MAX_DEPTH, SIZES)), None).asks_depth_policy(0)
+
+
+# -- history features and the "verify nothing" size --------------------------------------
+
+
+def test_history_features_follow_cycles():
+    from ltd.rl.spaces import SINCE_DRAFT_SCALE, History
+
+    h = History()
+    assert h.features().tolist() == [0.0, 0.0, 1.0]  # nothing drafted yet: "long ago"
+    h.update(depth=4, accepted=2)
+    assert h.features().tolist() == [0.5, 0.5, 0.0]
+    h.update(depth=0, accepted=0)  # a plain decoding step only ages the history
+    h.update(depth=2, accepted=1, size=0)  # drafted but verified nothing: same
+    assert h.features()[:2].tolist() == [0.5, 0.5] and h.features()[2] == pytest.approx(2 / SINCE_DRAFT_SCALE)
+    h.update(depth=2, accepted=2)
+    last, mean, since = h.features().tolist()
+    assert last == 1.0 and 0.5 < mean < 1.0 and since == 0.0
+    h.reset()
+    assert h.features().tolist() == [0.0, 0.0, 1.0]
+
+
+def test_size_zero_is_a_plain_step_in_replay_and_live(traces, engine):
+    spec = for_kind("size", TOPK, MAX_DEPTH, (0, 1, 2))
+    for source in (replay_source(traces), live_source(engine)):
+        env = SizeEnv(source, spec, depth_controller=StaticController(depth=2, topk=TOPK, size=1))
+        env.reset(seed=0)
+        _, reward, done, _, info = env.step(0)  # action 0 = verify none of the drafted nodes
+        assert done and info["cycle"]["size"] == 0 and info["cycle"]["accepted"] == 0 and info["cycle"]["tokens"] == 1
+        assert info["cycle"]["depth"] == 2  # the drafting happened and was paid for
+
+
+def test_controller_history_matches_the_environment(traces):
+    """The history an LTDController builds from observe_result equals the env's, cycle by cycle."""
+    from ltd.rl.policy import untrained_policy
+    from ltd.rl.spaces import History
+
+    spec_d = for_kind("depth", TOPK, MAX_DEPTH, SIZES, min_depth=0)
+    spec_s = for_kind("size", TOPK, MAX_DEPTH, SIZES, min_depth=0)
+    ctrl = LTDController.from_policies(untrained_policy(spec_d, seed=1), untrained_policy(spec_s, seed=2))
+    env = DepthEnv(replay_source(traces), spec_d, size_controller=StaticController(depth=MAX_DEPTH, topk=TOPK, size=2))
+    env.reset(seed=0)
+    shadow = History()
+    for _ in range(12):
+        _, _, done, _, info = env.step(CONTINUE)
+        while not done:
+            _, _, done, _, info = env.step(CONTINUE)
+        c = info["cycle"]
+        shadow.update(c["depth"], c["accepted"], c["size"])
+        ctrl.observe_result(env.last_outcome.as_cycle_result(1))
+        assert ctrl.history.features().tolist() == env.history.features().tolist() == shadow.features().tolist()
+        env.reset()
+        if env.source.position == 0:  # the env moved on to a new sequence, and so would the engine
+            ctrl.reset()
+            shadow.reset()

@@ -18,7 +18,7 @@ from ltd.control import MAX_DEPTH, ControllerBase, DraftStepState, validate_stat
 from ltd.cycle import CycleResult
 from ltd.errors import LtdError
 from ltd.rl.policy import LoadedPolicy, load_policy
-from ltd.rl.spaces import CONTINUE, depth_observation, size_observation
+from ltd.rl.spaces import CONTINUE, History, depth_observation, size_observation
 
 
 class LTDController(ControllerBase):
@@ -75,6 +75,24 @@ class LTDController(ControllerBase):
         self.size = size
         self.topk = topk
         self.max_depth = trained.spec.max_depth if trained is not None else depth
+        self.history = History()
+        self._last_context = -1
+
+    def reset(self) -> None:
+        """Start a new sequence: forget the drafting history."""
+        self.history.reset()
+        self._last_context = -1
+
+    def observe_result(self, result: CycleResult) -> None:
+        """Feed the finished cycle into the history the policies observe."""
+        self.history.update(result.depth, result.num_accepted, result.size)
+
+    def _follow(self, state: DraftStepState) -> None:
+        # A shorter context than last time means a new sequence (the engine builds a
+        # controller per request, but a reused one must not carry history across).
+        if state.context_length < self._last_context:
+            self.history.reset()
+        self._last_context = state.context_length
 
     def asks_depth_policy(self, step: int) -> bool:
         """Whether ``continue_drafting`` at ``step`` runs the depth policy (a timed call)."""
@@ -85,6 +103,7 @@ class LTDController(ControllerBase):
             raise LtdError(f"the LTD policies were trained with topk {self.topk}, but decoding uses topk {state.topk}; decode with --topk {self.topk}")
 
     def continue_drafting(self, state: DraftStepState) -> bool:
+        self._follow(state)
         dp = self.depth_policy
         if dp is None:
             return state.step < self.depth
@@ -93,16 +112,17 @@ class LTDController(ControllerBase):
         self._check_topk(state)
         if state.step >= dp.spec.max_depth:
             return False
-        obs = depth_observation(dp.spec, state.step, state.candidate_scores, state.context_length)
+        obs = depth_observation(dp.spec, state.step, state.candidate_scores, state.context_length, self.history)
         return dp.act(obs) == CONTINUE
 
     def choose_size(self, state: DraftStepState) -> int:
+        self._follow(state)
         tree = state.tree
         sp = self.size_policy
         if sp is None:
             return min(self.size, tree.num_drafted)
         self._check_topk(state)
-        obs = size_observation(sp.spec, tree.scores[1:], tree.depths[1:], tree.max_depth, state.context_length)
+        obs = size_observation(sp.spec, tree.scores[1:], tree.depths[1:], tree.max_depth, state.context_length, self.history)
         return min(sp.spec.sizes[sp.act(obs)], tree.num_drafted)
 
 

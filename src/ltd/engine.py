@@ -148,17 +148,16 @@ def default_policy_dir(model_name: str) -> Path:
     return POLICY_ASSETS / model_name
 
 
-def load_ltd_controller(policy_dir: str | Path) -> Controller:
-    """An LTD controller from a directory holding ``depth/`` and ``size/`` policies."""
-    from ltd.control_ltd import LTDController
+def load_ltd_policies(policy_dir: str | Path) -> tuple:
+    """The (depth, size) policies in a directory holding ``depth/`` and/or ``size/``."""
+    from ltd.rl.policy import load_policy
 
     d = Path(policy_dir)
     if not (d / "depth").is_dir() and not (d / "size").is_dir():
         raise LtdError(f"no LTD policies in {d} (expected depth/ and size/); train them with ltd train-policy or pass --policy")
-    return LTDController(
-        d / "depth" if (d / "depth").is_dir() else None,
-        d / "size" if (d / "size").is_dir() else None,
-    )
+    dp = load_policy(d / "depth", kind="depth") if (d / "depth").is_dir() else None
+    sp = load_policy(d / "size", kind="size") if (d / "size").is_dir() else None
+    return dp, sp
 
 
 def _is_eagle3_dir(path: Path) -> bool:
@@ -182,6 +181,7 @@ class Engine:
         self.backend = HFBackend(target.model)
         self.drafter = drafter or NullDrafter()
         self.online = None  # an OnlineLearner when online adaptation is on
+        self._policies: dict[str, tuple] = {}  # loaded once per directory, not inside each timed request
 
     def enable_online(self, variant: str, state_dir: str | None = None, **overrides) -> "object":
         """Adapt the EAGLE-3 head online from verification feedback (``--online VARIANT``)."""
@@ -209,7 +209,12 @@ class Engine:
         if cfg.method == "ar":
             return StaticController(depth=0, topk=1, size=0)
         if cfg.method == "ltd":
-            return load_ltd_controller(cfg.policy or default_policy_dir(self.target.name))
+            from ltd.control_ltd import LTDController
+
+            key = str(Path(cfg.policy or default_policy_dir(self.target.name)).resolve())
+            if key not in self._policies:
+                self._policies[key] = load_ltd_policies(key)
+            return LTDController.from_policies(*self._policies[key])  # fresh history per request
         if cfg.method == "heuristic":
             from ltd.control_ltd import HeuristicController
 

@@ -223,12 +223,42 @@ def _parse_static(text: str, topk: int) -> dict:
     return out
 
 
+def _add_live(args, traces, latency, controllers: dict, report: dict) -> dict:
+    """Re-run ar and every controller with the real models on the traces' prompts."""
+    from ltd.rl.oracle import add_live
+    from ltd.rl.sources import LiveSource
+
+    man = traces.manifest
+    args.model = args.model or man.get("model")
+    if not args.model:
+        raise LtdError("the traces do not name their model; pass --model")
+    if args.drafter is None:
+        args.drafter = man.get("drafter")
+    _threads(args)
+    engine, _ = _load_engine(args)
+    prompts = [s.prompt.tolist() for s in traces.sequences if s.num_positions]
+    max_new = int(man.get("max_new_tokens") or max(int(s.output.size) for s in traces.sequences))
+    source = LiveSource(engine.backend, engine.drafter, prompts, latency, topk=traces.topk, max_depth=traces.max_depth,
+                        max_new_tokens=max_new, eos_token_ids=engine.target.eos_token_ids)
+    from ltd.control import StaticController
+    from ltd.rl.sources import run_controller
+
+    run_controller(source, StaticController(depth=1, topk=traces.topk, size=1), 0, max_cycles=8)  # warm-up
+    return add_live(report, source, controllers)
+
+
 def format_report(report: dict) -> str:
     lines = [f"CPU: {report['cpu_model']}; {report['sequences']} sequences, {report['positions']} positions (replay)",
              f"{'method':<22} {'tokens/s':>9} {'vs ar':>7} {'of oracle':>10} {'tokens/cycle':>13}"]
+    live = report.get("live", False)
+    if live:
+        lines[1] += f" {'live tok/s':>11} {'live vs ar':>11} {'live/replay':>12}"
     for r in report["results"]:
-        lines.append(f"{r['name']:<22} {r['tokens_per_second']:>9.1f} {r['speedup_vs_ar']:>6.2f}x "
-                     f"{100 * r['fraction_of_oracle']:>9.1f}% {r['tokens_per_cycle']:>13.2f}")
+        line = (f"{r['name']:<22} {r['tokens_per_second']:>9.1f} {r['speedup_vs_ar']:>6.2f}x "
+                f"{100 * r['fraction_of_oracle']:>9.1f}% {r['tokens_per_cycle']:>13.2f}")
+        if live and "live_tokens_per_second" in r:
+            line += f" {r['live_tokens_per_second']:>11.1f} {r.get('live_speedup_vs_ar', 0):>10.2f}x {r['live_over_replay']:>12.3f}"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -268,8 +298,15 @@ def run_oracle(args) -> int:
             raise LtdError(f"{root} holds no depth/ or size/ policy; pass the output directory of ltd train-policy")
     if depth_dir or size_dir:
         _need_rl("oracle --policies")
-        controllers["ltd"] = LTDController(depth_dir, size_dir, depth=min(5, traces.max_depth), size=min(32, cap), topk=traces.topk)
+        from ltd.rl.policy import load_policy
+
+        dp = load_policy(depth_dir, kind="depth") if depth_dir else None
+        sp = load_policy(size_dir, kind="size") if size_dir else None
+        # a factory: the controller keeps a per-sequence history
+        controllers["ltd"] = lambda: LTDController.from_policies(dp, sp, depth=min(5, traces.max_depth), size=min(32, cap), topk=traces.topk)
     report = compare(traces, latency, controllers, sizes)
+    if args.live:
+        report = _add_live(args, traces, latency, controllers, report)
     if args.out:
         atomic_write_json(args.out, report)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -314,7 +351,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sizes", default=None, help="size-policy actions V (default 1,2,4,8,16,24,32,48,64, capped by the traces)")
+    p.add_argument("--sizes", default=None, help="size-policy actions V (default 0,1,2,4,8,16,24,32,48,64, capped by the traces; 0 = verify no drafted node)")
     p.add_argument("--fixed-depth", type=int, default=5, help="depth of the fixed rule while training size first (default 5)")
     p.add_argument("--fixed-size", type=int, default=32, help="size of the fixed rule while training depth alone (default 32)")
     p.add_argument("--min-depth", type=int, default=1, choices=[0, 1],
@@ -346,4 +383,11 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N recorded sequences")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=None, help="also write the report as JSON")
+    live = p.add_argument_group("live check (--live: run ar and each controller with the real models on the traces' prompts)")
+    live.add_argument("--live", action="store_true", help="measure live tokens/s beside replay's prediction")
+    live.add_argument("--model", default=None, help="target (default: the one that recorded the traces)")
+    live.add_argument("--drafter", default=None, help="drafter (default: the one that recorded the traces)")
+    live.add_argument("--device", default="cpu")
+    live.add_argument("--dtype", default="float32")
+    live.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run_oracle)

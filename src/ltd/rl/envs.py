@@ -36,7 +36,7 @@ from gymnasium.envs.registration import EnvSpec
 from ltd.control import Controller, StaticController
 from ltd.errors import LtdError
 from ltd.rl.sources import CycleOutcome, CycleSource, LiveSource, draft_with, size_with
-from ltd.rl.spaces import CONTINUE, ObsSpec, depth_observation, for_kind, size_observation
+from ltd.rl.spaces import CONTINUE, History, ObsSpec, depth_observation, for_kind, size_observation
 
 DEFAULT_FIXED_DEPTH = 5
 DEFAULT_FIXED_SIZE = 32
@@ -74,6 +74,7 @@ class _CycleEnv(gym.Env):
         self.spec = _env_spec(name, type(self), {"source": source, "spec": spec, **kwargs}, nondeterministic=live)
         self._in_cycle = False
         self.last_outcome: CycleOutcome | None = None
+        self.history = History()  # of the current sequence, as LTDController keeps it live
 
     # -- hooks -------------------------------------------------------------------------
     def _begin(self) -> None:
@@ -92,13 +93,16 @@ class _CycleEnv(gym.Env):
         if seed is not None or not src.started:
             self._in_cycle = False
             src.start(int(self.np_random.integers(src.num_sequences)))
+            self.history.reset()
         elif self._in_cycle:
-            self._default_finish()
+            out = self._default_finish()
+            self.history.update(out.depth, out.accepted, out.size)
             self._in_cycle = False
         for _ in range(src.num_sequences + 1):
             if not src.done:
                 break
             src.start(int(self.np_random.integers(src.num_sequences)))
+            self.history.reset()
         else:
             raise LtdError("every sequence of the environment is empty; record longer outputs or give other prompts")
         self._begin()
@@ -108,6 +112,7 @@ class _CycleEnv(gym.Env):
     def _end_cycle(self, outcome: CycleOutcome) -> tuple[float, dict]:
         self._in_cycle = False
         self.last_outcome = outcome
+        self.history.update(outcome.depth, outcome.accepted, outcome.size)
         unit = self.source.latency.ar_seconds(outcome.context_length - 1)
         reward = float(outcome.tokens / outcome.seconds * unit) if outcome.seconds > 0 else 0.0
         info = {
@@ -146,7 +151,7 @@ class DepthEnv(_CycleEnv):
 
     def _obs(self) -> np.ndarray:
         src = self.source
-        return depth_observation(self.obs_spec, src.depth, src.candidate_scores(), src.context_length)
+        return depth_observation(self.obs_spec, src.depth, src.candidate_scores(), src.context_length, self.history)
 
     def _default_finish(self) -> CycleOutcome:
         return self.source.finish(size_with(self.source, self.size_controller))
@@ -185,7 +190,7 @@ class SizeEnv(_CycleEnv):
     def _obs(self) -> np.ndarray:
         src = self.source
         scores, depths = src.drafted_nodes()
-        return size_observation(self.obs_spec, scores, depths, src.depth, src.context_length)
+        return size_observation(self.obs_spec, scores, depths, src.depth, src.context_length, self.history)
 
     def _default_finish(self) -> CycleOutcome:
         return self.source.finish(self.obs_spec.sizes[-1])

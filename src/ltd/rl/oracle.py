@@ -17,6 +17,7 @@ calls): it is the limit, not a controller.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -27,6 +28,8 @@ from ltd.rl.latency import LatencyModel
 from ltd.rl.sources import ReplaySource, run_controller
 from ltd.rl.spaces import DEFAULT_SIZES, sizes_up_to
 from ltd.rl.traces import TraceSequence, TraceSet
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -166,3 +169,31 @@ def compare(traces: TraceSet, latency: LatencyModel, controllers: dict[str, Cont
         r["speedup_vs_ar"] = round(r["tokens_per_second"] / ar_tps, 3) if ar_tps else 0.0
     return {"cpu_model": latency.machine.get("cpu_model", "unknown"), "sequences": len(best.schedules),
             "positions": traces.num_positions, "results": rows}
+
+
+def add_live(report: dict, source, controllers: dict[str, Controller | Callable[[], Controller]]) -> dict:
+    """Run ``ar`` and each controller live (``source`` a :class:`~ltd.rl.sources.LiveSource`
+    over the traces' prompts) and put the measured tokens/s beside replay's prediction.
+
+    This is the check that replay tells the truth: a controller's live/replay ratio near
+    1 means the latency model and the traces describe this machine.
+    """
+    from ltd.control import StaticController
+
+    runs = {"ar": StaticController(depth=0, topk=1, size=0), **controllers}
+    for row in report["results"]:
+        ctrl = runs.get(row["name"])
+        if ctrl is None:
+            continue
+        t = source_throughput(source, ctrl, row["name"])
+        row["live_tokens_per_second"] = round(t.tokens_per_second, 3)
+        row["live_tokens_per_cycle"] = round(t.tokens_per_cycle, 3)
+        row["live_over_replay"] = round(t.tokens_per_second / row["tokens_per_second"], 4) if row["tokens_per_second"] else 0.0
+        log.info("%s: replay %.2f tok/s, live %.2f tok/s", row["name"], row["tokens_per_second"], t.tokens_per_second)
+    ar = next((r for r in report["results"] if r["name"] == "ar" and "live_tokens_per_second" in r), None)
+    if ar and ar["live_tokens_per_second"]:
+        for row in report["results"]:
+            if "live_tokens_per_second" in row:
+                row["live_speedup_vs_ar"] = round(row["live_tokens_per_second"] / ar["live_tokens_per_second"], 3)
+    report["live"] = True
+    return report

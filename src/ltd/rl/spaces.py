@@ -13,7 +13,8 @@ can learn not to draft at all where drafting does not pay:
   step proposed (k after the first step, k*k after later ones), sorted descending,
   clipped to ``[-score_clip, 0]``, divided by ``score_clip`` and padded with -1;
 - ``step`` [1]: draft steps done / max_depth;
-- ``context`` [1]: context length / context_scale, clipped to 1.
+- ``context`` [1]: context length / context_scale, clipped to 1;
+- ``history`` [3]: how drafting has been going in this sequence (:class:`History`).
 
 Size policy (called once drafting stops; action i = verify ``sizes[i]`` nodes):
 
@@ -23,7 +24,17 @@ Size policy (called once drafting stops; action i = verify ``sizes[i]`` nodes):
   ``max(sizes)`` can never be verified, so they are left out;
 - ``tree_depths`` [max(sizes)]: the depth / max_depth of those nodes (0 = padding);
 - ``depth`` [1]: the tree's depth / max_depth;
-- ``context`` [1]: as above.
+- ``context`` [1]: as above;
+- ``history`` [3]: as above.
+
+The size set may hold 0: verify none of the drafted nodes (a plain decoding step), the
+right call when the tree looks too weak for its verification cost.
+
+Why history: before the first draft step the depth policy has no candidates to look at,
+so without it "draft or not" could only be a constant. Acceptance is bursty (code,
+quoted text, lists), so the last drafting cycles predict the next one; and "cycles since
+the last draft" lets a policy that stopped drafting learn when to probe again. Replay
+and live compute it from the same cycle outcomes (depth, accepted), so it is identical.
 """
 
 from __future__ import annotations
@@ -35,10 +46,13 @@ import numpy as np
 
 from ltd.errors import LtdError
 
-OBS_VERSION = 1
+OBS_VERSION = 2
+HISTORY_FIELDS = 3
+SINCE_DRAFT_SCALE = 8
+HISTORY_EMA = 0.3
 SCORE_CLIP = 20.0
 CONTEXT_SCALE = 4096.0
-DEFAULT_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
+DEFAULT_SIZES = (0, 1, 2, 4, 8, 16, 24, 32, 48, 64)
 STOP, CONTINUE = 0, 1
 KINDS = ("depth", "size")
 
@@ -64,8 +78,8 @@ class ObsSpec:
         if self.topk < 1 or self.max_depth < 1:
             raise ValueError("topk and max_depth must be >= 1")
         object.__setattr__(self, "sizes", tuple(int(v) for v in self.sizes))
-        if not self.sizes or any(v < 1 for v in self.sizes) or list(self.sizes) != sorted(set(self.sizes)):
-            raise ValueError(f"sizes must be distinct increasing positive integers, got {self.sizes}")
+        if not self.sizes or any(v < 0 for v in self.sizes) or list(self.sizes) != sorted(set(self.sizes)) or max(self.sizes) < 1:
+            raise ValueError(f"sizes must be distinct increasing integers >= 0 (at least one positive), got {self.sizes}")
 
     # -- layout ------------------------------------------------------------------------
     @property
@@ -76,9 +90,9 @@ class ObsSpec:
     def fields(self) -> list[tuple[str, int]]:
         """(name, length) of each part of the observation vector, in order."""
         if self.kind == "depth":
-            return [("candidate_scores", self.topk * self.topk), ("step", 1), ("context", 1)]
+            return [("candidate_scores", self.topk * self.topk), ("step", 1), ("context", 1), ("history", HISTORY_FIELDS)]
         n = self.size_nodes
-        return [("tree_scores", n), ("tree_depths", n), ("depth", 1), ("context", 1)]
+        return [("tree_scores", n), ("tree_depths", n), ("depth", 1), ("context", 1), ("history", HISTORY_FIELDS)]
 
     @property
     def dim(self) -> int:
@@ -180,10 +194,51 @@ def _norm_scores(scores: np.ndarray, clip: float) -> np.ndarray:
     return np.clip(scores / clip, -1.0, 0.0)
 
 
-def depth_observation(spec: ObsSpec, step: int, candidate_scores, context_length: int) -> np.ndarray:
+@dataclass
+class History:
+    """How drafting went in the current sequence, as the policies see it.
+
+    Updated from every finished cycle with its draft depth and accepted drafted tokens
+    (cycles that did not draft only advance ``since_draft``). Features, all in [0, 1]:
+    the last drafting cycle's accepted fraction (accepted / depth), an exponential
+    average of that fraction (weight ``HISTORY_EMA`` on the newest), and cycles since
+    the last drafting cycle / ``SINCE_DRAFT_SCALE`` (clipped; 1 at the start).
+    """
+
+    last_fraction: float = 0.0
+    mean_fraction: float = 0.0
+    since_draft: int = SINCE_DRAFT_SCALE
+    drafted_cycles: int = 0
+
+    def reset(self) -> None:
+        self.last_fraction, self.mean_fraction, self.since_draft, self.drafted_cycles = 0.0, 0.0, SINCE_DRAFT_SCALE, 0
+
+    def update(self, depth: int, accepted: int, size: int | None = None) -> None:
+        """Record one finished cycle (``size`` 0 means nothing drafted was verified)."""
+        if depth <= 0 or size == 0:
+            self.since_draft = min(self.since_draft + 1, SINCE_DRAFT_SCALE)
+            return
+        frac = min(max(accepted / depth, 0.0), 1.0)
+        if self.drafted_cycles == 0:
+            self.mean_fraction = frac
+        else:
+            self.mean_fraction = (1 - HISTORY_EMA) * self.mean_fraction + HISTORY_EMA * frac
+        self.last_fraction = frac
+        self.since_draft = 0
+        self.drafted_cycles += 1
+
+    def features(self) -> np.ndarray:
+        return np.array([self.last_fraction, self.mean_fraction, self.since_draft / SINCE_DRAFT_SCALE], dtype=np.float32)
+
+
+def _history(history: "History | None") -> np.ndarray:
+    return (history or History()).features()
+
+
+def depth_observation(spec: ObsSpec, step: int, candidate_scores, context_length: int, history: History | None = None) -> np.ndarray:
     """The depth policy's observation after ``step`` draft steps."""
     kk = spec.topk * spec.topk
-    obs = np.empty(kk + 2, dtype=np.float32)
+    obs = np.empty(kk + 2 + HISTORY_FIELDS, dtype=np.float32)
     obs[:kk] = -1.0
     cand = _to_numpy(candidate_scores)
     if cand.size:
@@ -191,6 +246,7 @@ def depth_observation(spec: ObsSpec, step: int, candidate_scores, context_length
         obs[: top.size] = _norm_scores(top, spec.score_clip)
     obs[kk] = min(step / spec.max_depth, 1.0)
     obs[kk + 1] = min(context_length / spec.context_scale, 1.0)
+    obs[kk + 2 :] = _history(history)
     return obs
 
 
@@ -200,13 +256,13 @@ def rank_order(scores: np.ndarray, depths: np.ndarray) -> np.ndarray:
     return np.lexsort((idx, depths, -scores))
 
 
-def size_observation(spec: ObsSpec, scores, depths, tree_depth: int, context_length: int) -> np.ndarray:
+def size_observation(spec: ObsSpec, scores, depths, tree_depth: int, context_length: int, history: History | None = None) -> np.ndarray:
     """The size policy's observation for a drafted tree.
 
     ``scores``/``depths`` are those of the drafted nodes (root excluded), in tree order.
     """
     n = spec.size_nodes
-    obs = np.zeros(2 * n + 2, dtype=np.float32)
+    obs = np.zeros(2 * n + 2 + HISTORY_FIELDS, dtype=np.float32)
     obs[:n] = -1.0
     s = _to_numpy(scores)
     if s.size:
@@ -216,4 +272,5 @@ def size_observation(spec: ObsSpec, scores, depths, tree_depth: int, context_len
         obs[n : n + top.size] = np.minimum(d[top] / spec.max_depth, 1.0)
     obs[2 * n] = min(tree_depth / spec.max_depth, 1.0)
     obs[2 * n + 1] = min(context_length / spec.context_scale, 1.0)
+    obs[2 * n + 2 :] = _history(history)
     return obs
