@@ -271,3 +271,17 @@ def test_controller_history_matches_the_environment(traces):
         if env.source.position == 0:  # the env moved on to a new sequence, and so would the engine
             ctrl.reset()
             shadow.reset()
+
+
+def test_gain_reward_is_tokens_beyond_plain_decoding(traces):
+    src = replay_source(traces)
+    spec = for_kind("depth", TOPK, MAX_DEPTH, SIZES, min_depth=0)
+    env = DepthEnv(src, spec, reward="gain")
+    env.reset(seed=0)
+    _, reward, done, _, info = env.step(STOP)  # no draft: one plain step plus the policy call
+    c = info["cycle"]
+    unit = src.latency.ar_seconds(env.last_outcome.context_length - 1)
+    assert done and c["depth"] == 0 and c["tokens"] == 1
+    assert reward == pytest.approx(1 - c["seconds"] / unit) and reward < 0  # slower than plain by the policy call
+    with pytest.raises(LtdError, match="reward"):
+        DepthEnv(src, spec, reward="speed")

@@ -118,7 +118,7 @@ def cmd_generate(args) -> int:
 def cmd_demo(args) -> int:
     """The README's main job: generate with the default speculative setup and with plain decoding."""
     from ltd.bench.machine import cpu_model
-    from ltd.engine import Engine, GenerateConfig, default_drafter_spec
+    from ltd.engine import Engine, GenerateConfig, default_drafter_spec, default_policy_dir
 
     _setup_threads(args)
     _check_device(args.device)
@@ -132,10 +132,13 @@ def cmd_demo(args) -> int:
     # warm-up so that one-time costs do not count against the first method
     engine.generate(prompt, GenerateConfig(method="ar", max_new_tokens=4))
     results = {}
-    for method in ("hf", "static"):
+    methods = ["hf", "static"]
+    if (default_policy_dir(args.model) / "depth").is_dir():
+        methods.append("ltd")  # the shipped learned policies decide depth and size per cycle
+    for method in methods:
         cfg = GenerateConfig(method=method, max_new_tokens=args.max_new_tokens, depth=args.depth, topk=args.topk, size=args.size)
         results[method] = engine.generate(prompt, cfg)
-    print(results["static"].text)
+    print(results[methods[-1]].text)
     print()
     base = results["hf"]
     for method, r in results.items():
@@ -144,8 +147,8 @@ def cmd_demo(args) -> int:
             f"{method:>7}: {r.tokens_per_second:6.1f} tokens/s  ({speed:.2f}x hf)  "
             f"{r.new_tokens} tokens, {r.mean_accepted:.2f} tokens/cycle"
         )
-    same = results["static"].tokens == base.tokens
-    print(f"speculative output identical to plain greedy output: {'yes' if same else 'NO'}")
+    same = all(results[m].tokens == base.tokens for m in methods[1:])
+    print(f"speculative output ({', '.join(methods[1:])}) identical to plain greedy output: {'yes' if same else 'NO'}")
     return 0 if same else 1
 
 

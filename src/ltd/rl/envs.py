@@ -24,6 +24,13 @@ the middle of a cycle first finishes that cycle with the environment's fixed rul
 - :class:`SizeEnv`: one step per cycle; a depth controller (a fixed depth, or a trained
   depth policy) drafts, then the action picks V from ``spec.sizes``.
 
+Two rewards (``reward=``): ``rate`` (above: the cycle's speedup over plain decoding) and
+``gain`` = tokens - seconds / ar_seconds (tokens gained over what plain decoding makes in
+the same time). Total throughput is a ratio of sums, not a mean of per-cycle ratios;
+``gain`` is the standard linearisation of that ratio (Dinkelbach, at the plain-decoding
+rate), so a policy maximising it maximises long-run tokens/s near that rate, and a plain
+step scores ~0, which makes "is this draft worth it" the sign of the reward.
+
 Co-adaptive training alternates the two, each with the other's latest policy.
 """
 
@@ -40,6 +47,7 @@ from ltd.rl.spaces import CONTINUE, History, ObsSpec, depth_observation, for_kin
 
 DEFAULT_FIXED_DEPTH = 5
 DEFAULT_FIXED_SIZE = 32
+REWARDS = ("rate", "gain")
 
 
 def _env_spec(env_id: str, cls, kwargs: dict, nondeterministic: bool) -> EnvSpec:
@@ -52,8 +60,11 @@ class _CycleEnv(gym.Env):
     metadata = {"render_modes": []}
     kind = ""
 
-    def __init__(self, source: CycleSource, spec: ObsSpec | None, kwargs: dict) -> None:
+    def __init__(self, source: CycleSource, spec: ObsSpec | None, kwargs: dict, reward: str = "rate") -> None:
         super().__init__()
+        if reward not in REWARDS:
+            raise LtdError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
+        self.reward_kind = reward
         spec = spec or for_kind(self.kind, source.topk, source.max_depth)
         if spec.kind != self.kind:
             raise LtdError(f"a {self.kind} environment needs a {self.kind} observation spec, got {spec.kind}")
@@ -71,7 +82,7 @@ class _CycleEnv(gym.Env):
         self.action_space = spec.action_space()
         live = isinstance(source, LiveSource)
         name = f"ltd/{self.kind.capitalize()}{'Live' if live else 'Replay'}-v0"
-        self.spec = _env_spec(name, type(self), {"source": source, "spec": spec, **kwargs}, nondeterministic=live)
+        self.spec = _env_spec(name, type(self), {"source": source, "spec": spec, "reward": reward, **kwargs}, nondeterministic=live)
         self._in_cycle = False
         self.last_outcome: CycleOutcome | None = None
         self.history = History()  # of the current sequence, as LTDController keeps it live
@@ -114,7 +125,10 @@ class _CycleEnv(gym.Env):
         self.last_outcome = outcome
         self.history.update(outcome.depth, outcome.accepted, outcome.size)
         unit = self.source.latency.ar_seconds(outcome.context_length - 1)
-        reward = float(outcome.tokens / outcome.seconds * unit) if outcome.seconds > 0 else 0.0
+        if self.reward_kind == "gain":
+            reward = float(outcome.tokens - outcome.seconds / unit) if unit > 0 else 0.0
+        else:
+            reward = float(outcome.tokens / outcome.seconds * unit) if outcome.seconds > 0 else 0.0
         info = {
             "cycle": {
                 "position": outcome.position,
@@ -136,11 +150,11 @@ class DepthEnv(_CycleEnv):
 
     kind = "depth"
 
-    def __init__(self, source: CycleSource, spec: ObsSpec | None = None, size_controller: Controller | None = None) -> None:
+    def __init__(self, source: CycleSource, spec: ObsSpec | None = None, size_controller: Controller | None = None, reward: str = "rate") -> None:
         spec = spec or for_kind(self.kind, source.topk, source.max_depth)
         if size_controller is None:  # fixed V, within the spec's size set (the same for both backends)
             size_controller = StaticController(depth=source.max_depth, topk=source.topk, size=min(DEFAULT_FIXED_SIZE, max(spec.sizes)))
-        super().__init__(source, spec, {"size_controller": size_controller})
+        super().__init__(source, spec, {"size_controller": size_controller}, reward)
         self.size_controller = size_controller
 
     def _begin(self) -> None:
@@ -176,11 +190,11 @@ class SizeEnv(_CycleEnv):
 
     kind = "size"
 
-    def __init__(self, source: CycleSource, spec: ObsSpec | None = None, depth_controller: Controller | None = None) -> None:
+    def __init__(self, source: CycleSource, spec: ObsSpec | None = None, depth_controller: Controller | None = None, reward: str = "rate") -> None:
         if depth_controller is None:
             depth = min(DEFAULT_FIXED_DEPTH, source.max_depth)
             depth_controller = StaticController(depth=depth, topk=source.topk, size=1)
-        super().__init__(source, spec, {"depth_controller": depth_controller})
+        super().__init__(source, spec, {"depth_controller": depth_controller}, reward)
         self.depth_controller = depth_controller
 
     def _begin(self) -> None:
@@ -206,10 +220,10 @@ class SizeEnv(_CycleEnv):
         return obs, reward, True, False, info
 
 
-def make_env(kind: str, source: CycleSource, spec: ObsSpec | None = None, other: Controller | None = None) -> _CycleEnv:
+def make_env(kind: str, source: CycleSource, spec: ObsSpec | None = None, other: Controller | None = None, reward: str = "rate") -> _CycleEnv:
     """A depth or size environment; ``other`` is the controller for the other decision."""
     if kind == "depth":
-        return DepthEnv(source, spec, size_controller=other)
+        return DepthEnv(source, spec, size_controller=other, reward=reward)
     if kind == "size":
-        return SizeEnv(source, spec, depth_controller=other)
+        return SizeEnv(source, spec, depth_controller=other, reward=reward)
     raise LtdError(f"unknown policy kind {kind!r}; choose depth or size")

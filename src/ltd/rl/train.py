@@ -62,6 +62,7 @@ class PolicyTrainConfig:
     fixed_depth: int = 5
     fixed_size: int = 32
     min_depth: int = 1  # 0: the depth policy may also choose not to draft (see ltd.rl.spaces)
+    reward: str = "rate"  # rate | gain (see ltd.rl.envs)
     seed: int = 0
     checkpoint_every: int = 5
     eval_sequences: int = 32
@@ -76,6 +77,8 @@ class PolicyTrainConfig:
                 raise LtdError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.min_depth not in (0, 1):
             raise LtdError(f"--min-depth must be 0 or 1, got {self.min_depth}")
+        if self.reward not in ("rate", "gain"):
+            raise LtdError(f"--reward must be rate or gain, got {self.reward!r}")
         if self.n_steps < 2:
             raise LtdError("--n-steps must be at least 2")
         if self.batch_size > self.n_steps:
@@ -228,7 +231,7 @@ def train_policies(
         other = controller() if other_kind in latest else None
         if other is None:
             other = StaticController(depth=fixed_depth, topk=probe.topk, size=fixed_size)
-        env = make_env(kind, make_source(), specs[kind], other)
+        env = make_env(kind, make_source(), specs[kind], other, reward=cfg.reward)
         total = cfg.iterations * cfg.n_steps
         ckpt = phase_dir / CHECKPOINT
         tb_name = f"{i:02d}-{kind}"
