@@ -92,7 +92,7 @@ def test_depth_env_cycle_mechanics_and_reward(traces):
     obs, info = env.reset(seed=3)
     p0 = env.source.position
     assert obs[TOPK * TOPK] == pytest.approx(1 / MAX_DEPTH)  # one step drafted
-    assert (obs[:TOPK] < 0).all() and (obs[TOPK:TOPK * TOPK] == -1).all()  # k candidates after step 1, padding after
+    assert (obs[:TOPK] > 0).all() and (obs[TOPK:TOPK * TOPK] == 0).all()  # k candidate probabilities after step 1, padding after
     obs, r, term, _, _ = env.step(CONTINUE)
     assert not term and r == 0.0 and obs[TOPK * TOPK] == pytest.approx(2 / MAX_DEPTH)
     obs, r, term, _, info = env.step(STOP)
@@ -202,7 +202,7 @@ def test_depth_env_with_min_depth_zero_can_skip_drafting(traces):
     env = DepthEnv(ReplaySource(traces, lat), spec)
     obs, _ = env.reset(seed=0)
     kk = TOPK * TOPK
-    assert (obs[:kk] == -1).all() and obs[kk] == 0.0
+    assert (obs[:kk] == 0).all() and obs[kk] == 0.0
     p0 = env.source.position
     _, reward, term, _, info = env.step(STOP)
     assert term and info["cycle"]["depth"] == 0 and info["cycle"]["tokens"] == 1

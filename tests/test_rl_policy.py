@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 
 import numpy as np
@@ -93,7 +95,8 @@ def test_observations_fit_their_spaces():
     spec_s = for_kind("size", TOPK, MAX_DEPTH, SIZES)
     obs = depth_observation(spec_d, 2, torch.tensor([-0.5, -100.0, float("-inf"), -3.0]), 10_000)
     assert obs in spec_d.observation_space()
-    assert obs[:4].tolist() == pytest.approx([-0.025, -0.15, -1.0, -1.0])
+    # probabilities, largest first; -100 is clipped at -20; -inf and padding are 0
+    assert obs[:4].tolist() == pytest.approx([math.exp(-0.5), math.exp(-3.0), math.exp(-20.0), 0.0], abs=1e-7)
     tree = Tree.root(1)
     tree.add(torch.tensor([5, 6]), torch.tensor([0, 0]), torch.tensor([-1.0, -0.5]))
     tree.add(torch.tensor([7]), torch.tensor([2]), torch.tensor([-0.5]))
@@ -101,7 +104,7 @@ def test_observations_fit_their_spaces():
     assert obs in spec_s.observation_space()
     n = spec_s.size_nodes
     # select's ranking: -0.5 (depth 1) before -0.5 (depth 2) before -1.0
-    assert obs[:3].tolist() == pytest.approx([-0.025, -0.025, -0.05]) and obs[3] == -1
+    assert obs[:3].tolist() == pytest.approx([math.exp(-0.5), math.exp(-0.5), math.exp(-1.0)]) and obs[3] == 0
     assert obs[n : n + 4].tolist() == pytest.approx([1 / MAX_DEPTH, 2 / MAX_DEPTH, 1 / MAX_DEPTH, 0])
 
 

@@ -199,7 +199,7 @@ def plot_static_grid(results: dict, path: Path) -> bool:
     methods = results.get("methods", {})
     lines: dict[tuple[int, int], list[tuple[int, dict]]] = {}
     for label, s in methods.items():
-        if not label.startswith("static:"):
+        if not label.startswith("static:") or "+" in label:  # adapting variants are not grid points
             continue
         d, k, v = (int(x) for x in label.split(":", 1)[1].split("x"))
         lines.setdefault((d, k), []).append((v, s))

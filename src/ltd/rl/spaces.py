@@ -11,7 +11,9 @@ can learn not to draft at all where drafting does not pay:
 
 - ``candidate_scores`` [k*k]: cumulative log-probabilities of the candidates the last
   step proposed (k after the first step, k*k after later ones), sorted descending,
-  clipped to ``[-score_clip, 0]``, divided by ``score_clip`` and padded with -1;
+  clipped to ``[-score_clip, 0]`` and given as probabilities ``exp(score)``, padded with 0
+  (log-probabilities divided by a clip squeezed the useful range, 0.05-0.9, into a few
+  hundredths, and the first trained policies could not tell a sure draft from a guess);
 - ``step`` [1]: draft steps done / max_depth;
 - ``context`` [1]: context length / context_scale, clipped to 1;
 - ``history`` [3]: how drafting has been going in this sequence (:class:`History`).
@@ -20,7 +22,7 @@ Size policy (called once drafting stops; action i = verify ``sizes[i]`` nodes):
 
 - ``tree_scores`` [max(sizes)]: the cumulative scores of the tree's best nodes in the
   order :func:`ltd.tree.select` ranks them (score descending, then shallower, then
-  earlier), normalised like the candidates and padded with -1. Nodes ranked below
+  earlier), as probabilities like the candidates, padded with 0. Nodes ranked below
   ``max(sizes)`` can never be verified, so they are left out;
 - ``tree_depths`` [max(sizes)]: the depth / max_depth of those nodes (0 = padding);
 - ``depth`` [1]: the tree's depth / max_depth;
@@ -46,7 +48,7 @@ import numpy as np
 
 from ltd.errors import LtdError
 
-OBS_VERSION = 2
+OBS_VERSION = 3
 HISTORY_FIELDS = 3
 SINCE_DRAFT_SCALE = 8
 HISTORY_EMA = 0.3
@@ -106,8 +108,6 @@ class ObsSpec:
         low = np.zeros(self.dim, dtype=np.float32)
         high = np.ones(self.dim, dtype=np.float32)
         first = self.fields()[0][1]
-        low[:first] = -1.0
-        high[:first] = 0.0
         return low, high
 
     def observation_space(self):
@@ -191,7 +191,7 @@ def _to_numpy(x) -> np.ndarray:
 
 def _norm_scores(scores: np.ndarray, clip: float) -> np.ndarray:
     scores = np.nan_to_num(scores, nan=-clip, neginf=-clip, posinf=0.0)
-    return np.clip(scores / clip, -1.0, 0.0)
+    return np.exp(np.clip(scores, -clip, 0.0)).astype(np.float32)
 
 
 @dataclass
@@ -239,7 +239,7 @@ def depth_observation(spec: ObsSpec, step: int, candidate_scores, context_length
     """The depth policy's observation after ``step`` draft steps."""
     kk = spec.topk * spec.topk
     obs = np.empty(kk + 2 + HISTORY_FIELDS, dtype=np.float32)
-    obs[:kk] = -1.0
+    obs[:kk] = 0.0
     cand = _to_numpy(candidate_scores)
     if cand.size:
         top = -np.sort(-cand)[:kk]
@@ -263,7 +263,7 @@ def size_observation(spec: ObsSpec, scores, depths, tree_depth: int, context_len
     """
     n = spec.size_nodes
     obs = np.zeros(2 * n + 2 + HISTORY_FIELDS, dtype=np.float32)
-    obs[:n] = -1.0
+    obs[:n] = 0.0
     s = _to_numpy(scores)
     if s.size:
         d = np.asarray(depths.detach().cpu().numpy() if hasattr(depths, "detach") else depths).reshape(-1)
