@@ -95,7 +95,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--cache", default="runs/online_stream.pt")
-    ap.add_argument("--out", default="runs/online_tune.json")
+    ap.add_argument("--out", default="runs/online_tune2.json")
     args = ap.parse_args()
     engine = Engine.load("smollm2-135m")
     cache = Path(args.cache)
@@ -108,10 +108,13 @@ def main() -> None:
         torch.save(stream, cache)
         print(f"recorded {len(stream)} sequences in {time.perf_counter() - t0:.0f} s")
     settings = {"frozen": None}
-    for params in ("midlayer", "all"):
-        for lr in (3e-4, 1e-3, 3e-3):
-            for every in (4, 16):
-                settings[f"plain/{params}/lr{lr:g}/every{every}"] = OnlineConfig(variant="plain", params=params, lr=lr, update_every=every)
+    # first grid (runs/online_tune.json of 2026-11-27): midlayer beat lm_head and all, lr 3e-4 beat 1e-3,
+    # window 32 / unroll 1 matched window 96 / unroll 2 at a third of the cost
+    grid = [("plain", "midlayer", 1e-4, 16, 32, 1), ("plain", "midlayer", 3e-4, 32, 32, 1), ("plain", "midlayer", 3e-4, 16, 16, 1),
+            ("optimistic", "midlayer", 3e-4, 16, 32, 1), ("hedge", "midlayer", 3e-4, 16, 32, 1)]
+    for variant, params, lr, every, window, unroll in grid:
+        name = f"{variant}/{params}/lr{lr:g}/every{every}/window{window}/unroll{unroll}"
+        settings[name] = OnlineConfig(variant=variant, params=params, lr=lr, update_every=every, window=window, unroll=unroll)
     report = {}
     for name, cfg in settings.items():
         report[name] = simulate(engine, stream, cfg)

@@ -168,7 +168,7 @@ def run_train(args) -> int:
         stage=args.stage, env=args.env, iterations=args.iterations, rounds=args.rounds, n_steps=args.n_steps,
         batch_size=args.batch_size, n_epochs=args.epochs, learning_rate=args.lr, seed=args.seed,
         sizes=tuple(_int_list(args.sizes, "--sizes")) if args.sizes else DEFAULT_SIZES,
-        fixed_depth=args.fixed_depth, fixed_size=args.fixed_size, min_depth=args.min_depth, reward=args.reward, checkpoint_every=args.checkpoint_every,
+        fixed_depth=args.fixed_depth, fixed_size=args.fixed_size, min_depth=args.min_depth, reward=args.reward, ent_coef=args.ent_coef, checkpoint_every=args.checkpoint_every,
         eval_sequences=args.eval_sequences,
     )
     cfg.validate()
@@ -358,6 +358,7 @@ def add_parsers(subparsers) -> None:
                    help="1: every cycle drafts at least one step (the paper); 0: the depth policy may also decode plainly")
     p.add_argument("--reward", default="rate", choices=["rate", "gain"],
                    help="rate: the cycle's speedup over plain decoding; gain: tokens minus plain-decoding tokens in the same time")
+    p.add_argument("--ent-coef", type=float, default=0.01, help="PPO entropy bonus: more keeps exploring drafting choices longer (default 0.01)")
     p.add_argument("--checkpoint-every", type=int, default=5, help="iterations between checkpoints (default 5)")
     p.add_argument("--eval-sequences", type=int, default=32, help="recorded sequences used to evaluate each phase in replay")
     p.add_argument("--traces", default=None, help="trace directory (needed for --env replay; evaluation for live)")

@@ -77,6 +77,8 @@ class PolicyTrainConfig:
                 raise LtdError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.min_depth not in (0, 1):
             raise LtdError(f"--min-depth must be 0 or 1, got {self.min_depth}")
+        if self.ent_coef < 0:
+            raise LtdError(f"--ent-coef must be >= 0, got {self.ent_coef}")
         if self.reward not in ("rate", "gain"):
             raise LtdError(f"--reward must be rate or gain, got {self.reward!r}")
         if self.n_steps < 2:
