@@ -313,3 +313,21 @@ def test_smollm_shipped_head_is_lossless(smollm, smollm_refs, shape):
             assert got.mean_accepted >= 1.0
     finally:
         smollm.drafter = saved
+
+
+@pytest.mark.e2e
+def test_smollm_shipped_ltd_policies_are_lossless(smollm, smollm_refs):
+    """The shipped LTD policies (the README's main job) with the shipped head keep greedy output."""
+    from ltd.engine import GenerateConfig, default_drafter_spec, default_policy_dir, load_drafter
+
+    assert (default_policy_dir("smollm2-135m") / "depth" / "policy.json").is_file()
+    assert (default_policy_dir("smollm2-135m") / "size" / "policy.json").is_file()
+    saved = smollm.drafter
+    smollm.drafter = load_drafter(default_drafter_spec("smollm2-135m"), smollm.target)
+    try:
+        for text in E2E_PROMPTS:
+            prompt, ref = smollm_refs[text]
+            got = smollm.generate(prompt, GenerateConfig(method="ltd", max_new_tokens=E2E_NEW))
+            assert_same_tokens(got.tokens, ref, smollm.target.model, prompt, f"shipped LTD policies on {text!r}")
+    finally:
+        smollm.drafter = saved
