@@ -40,6 +40,8 @@ class GridSpec:
     depths: list[int]
     sizes: list[int]
     topk: int
+    peer_types: list[str] = field(default_factory=list)  # --grid-peers: llama.cpp built-in types
+    peer_lengths: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +66,8 @@ class BenchConfig:
     prompt_lookup_tokens: int = 10
     grid: GridSpec | None = None
     source: dict = field(default_factory=dict)
+    threads: int | None = None  # llama.cpp peers' threads (default: torch's thread count)
+    skipped: list[str] = field(default_factory=list)  # one line per method dropped before running
 
     def validate(self) -> None:
         if self.repeats < 1:
@@ -77,6 +81,27 @@ class BenchConfig:
         if not self.methods or self.methods[0].kind != BASELINE:
             raise LtdError("the method list must start with the hf baseline (parse it with parse_methods)")
         check_available(self.methods)
+        peers = [m.label for m in self.methods if m.is_llamacpp_spec]
+        if peers and self.temperature != 0.0:
+            raise LtdError(f"{', '.join(peers)} run greedy only; use --temperature 0 or drop them from --methods")
+
+    def drop_unbuilt_peers(self) -> list[str]:
+        """Drop llama.cpp peers when their tools are not built; returns one line each.
+
+        A bench of many methods should not fail because one optional peer is missing:
+        it runs the rest and says how to get the peer.
+        """
+        from ltd.peers.llamacpp_peer import peers_built, unbuilt_message
+
+        if peers_built():
+            return []
+        dropped = [m for m in self.methods if m.is_llamacpp_spec]
+        self.methods = [m for m in self.methods if not m.is_llamacpp_spec]
+        lines = [unbuilt_message(m.label) for m in dropped]
+        for line in lines:
+            log.warning("%s", line)
+        self.skipped.extend(lines)
+        return lines
 
     def to_json(self) -> dict:
         return {
@@ -95,6 +120,7 @@ class BenchConfig:
             "warmup": self.warmup,
             "prompt_lookup_tokens": self.prompt_lookup_tokens,
             "grid": asdict(self.grid) if self.grid else None,
+            "skipped": list(self.skipped),
             "questions": len(self.questions),
             "suites": sorted({q.suite for q in self.questions}),
             **self.source,
@@ -184,9 +210,27 @@ class _Loop:
         assistant, assistant_tok = None, None
         if any(m.kind == "hf-assisted" for m in cfg.methods):
             assistant, assistant_tok = resolve_assistant(self.engine, cfg.assistant, cfg.drafter, cfg.device, cfg.dtype)
-        return [
-            MethodRunner(self.engine, m, assistant, assistant_tok, cfg.prompt_lookup_tokens) for m in cfg.methods
-        ]
+        runners = []
+        for m in list(cfg.methods):
+            try:
+                peer = self._peer(m)
+            except LtdError as exc:  # a peer that cannot run here is skipped, not fatal
+                line = f"skipping {m.label}: {exc}"
+                log.warning("%s", line)
+                cfg.skipped.append(line)
+                cfg.methods.remove(m)
+                continue
+            runners.append(MethodRunner(self.engine, m, assistant, assistant_tok, cfg.prompt_lookup_tokens, peer=peer))
+        return runners
+
+    def _peer(self, spec: MethodSpec):
+        """The llama.cpp tool binding of a ``llama.cpp-spec`` method (None for others)."""
+        if not spec.is_llamacpp_spec:
+            return None
+        from ltd.peers.llamacpp_peer import LlamaCppSpecPeer
+
+        cfg = self.config
+        return LlamaCppSpecPeer(spec.peer, self.engine, cfg.model, cfg.drafter, cfg.assistant, threads=cfg.threads)
 
     def _turns(self, q: Question) -> int:
         return len(q.turns) if self.config.multi_turn else 1
@@ -324,6 +368,20 @@ class _Loop:
                 "selected_on": sorted(per_suite),
                 "criterion": "median pairwise speedup over hf",
             }
+        peers = [m.label for m in cfg.methods if m.is_llamacpp_spec]
+        best_peer = metrics.best_method(overall, peers)
+        best_llamacpp_spec = None
+        if best_peer is not None:
+            spec = next(m for m in cfg.methods if m.label == best_peer)
+            best_llamacpp_spec = {
+                "method": best_peer,
+                "type": spec.peer.type,
+                "draft_length": spec.peer.n or None,
+                "speedup": overall[best_peer]["speedup"],
+                "tokens_per_second": overall[best_peer]["tokens_per_second"],
+                "selected_on": sorted(per_suite),
+                "criterion": "median pairwise speedup over hf",
+            }
         return {
             "schema_version": SCHEMA_VERSION,
             "date": utc_now(),
@@ -336,6 +394,8 @@ class _Loop:
             "methods": overall,
             "suites": per_suite,
             "best_static": best_static,
+            "best_llamacpp_spec": best_llamacpp_spec,
+            "skipped": list(cfg.skipped),
             "runs": [
                 {**asdict(r), "tokens_per_second": metrics.throughput(r.new_tokens, r.seconds)} for r in runs
             ],
@@ -353,6 +413,7 @@ class _Loop:
 def run_bench(config: BenchConfig, out_dir: str | Path | None = None, engine: Engine | None = None) -> dict:
     """Run a bench and return its results; with ``out_dir``, also write results.json,
     report.md and the plots there (also after Ctrl-C, with what was measured)."""
+    config.drop_unbuilt_peers()
     config.validate()
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
