@@ -156,11 +156,10 @@ def spec_command(
     cmd = [
         str(binary), "-m", str(target_gguf), "-p", prompt_text, "-n", str(max_new_tokens),
         "-c", str(context), "-b", str(max(context, 512)), "-ub", "512",
-        "-t", str(threads), "-tb", str(threads), "--temp", "0", "--seed", str(seed),
-        "-ngl", "0", *spec.type_args(),
+        "-t", str(threads), "-tb", str(threads), "--temp", "0", "--seed", str(seed), *spec.type_args(),
     ]
     if draft_gguf is not None:
-        cmd += ["-md", str(draft_gguf), "-td", str(threads), "-tbd", str(threads), "-ngld", "0"]
+        cmd += ["-md", str(draft_gguf), "-td", str(threads), "-tbd", str(threads)]
     return cmd
 
 
@@ -189,3 +188,8 @@ def parse_plain_run(stdout: str, stderr: str, prompt_text: str) -> ToolRun:
     if body.startswith(prompt_text):
         body = body[len(prompt_text):]
     return ToolRun(text=body[:-1] if body.endswith("\n") else body, n_predict=int(m.group(1)), seconds=float(m.group(2)))
+
+
+def plain_command(binary: Path, target_gguf: Path, prompt_text: str, max_new_tokens: int) -> list[str]:
+    """``llama-simple``: llama.cpp's plain greedy loop (its thread count is llama.cpp's default)."""
+    return [str(binary), "-m", str(target_gguf), "-n", str(max_new_tokens), prompt_text]
