@@ -107,6 +107,7 @@ def test_parse_spec_run():
     assert (run.n_predict, run.n_drafted, run.n_accept) == (10, 12, 4)
     assert run.seconds == pytest.approx(0.25)
     assert run.cycles == 6 and run.acceptance_rate == pytest.approx(1 / 3)
+    assert run.n_prompt == 12
 
 
 def test_parse_spec_run_failure_is_one_line():

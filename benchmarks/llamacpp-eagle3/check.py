@@ -73,7 +73,7 @@ def main() -> int:
         ids_eagle = output_tokens(target.tokenizer, eagle, args.max_new_tokens, eos)
         ids_base = output_tokens(target.tokenizer, base, args.max_new_tokens, eos)
         row = {
-            "prompt": q.key, "suite": q.suite, "prompt_tokens": len(prompt),
+            "prompt": q.key, "suite": q.suite, "prompt_tokens": len(prompt), "llamacpp_prompt_tokens": eagle.n_prompt,
             "match_plain": ids_eagle == ids_plain, "base_matches_plain": ids_base == ids_plain,
             "tokens": len(ids_eagle), "n_drafted": eagle.n_drafted, "n_accept": eagle.n_accept,
             "acceptance_rate": round(eagle.acceptance_rate, 4),

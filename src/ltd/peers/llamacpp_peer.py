@@ -125,6 +125,8 @@ class LlamaCppSpecPeer:
         )
         out, err = run_tool(cmd)
         run = parse_spec_run(out, err, prompt_text)
+        if run.n_prompt != len(prompt):
+            log.warning("%s tokenized the prompt to %d tokens, ours has %d: outputs may differ", self.label, run.n_prompt, len(prompt))
         self.last_run = run
         tokens = output_tokens(tok, run, max_new_tokens, self.engine.target.eos_token_ids)
         rate = run.n_predict / run.seconds if run.seconds > 0 else 0.0

@@ -99,6 +99,7 @@ class ToolRun:
     seconds: float  # prompt encode + decode, model load excluded
     n_drafted: int = 0
     n_accept: int = 0
+    n_prompt: int = 0  # prompt tokens as the tool tokenized them (0 = not reported)
 
     @property
     def cycles(self) -> int:
@@ -136,6 +137,7 @@ def parse_spec_run(stdout: str, stderr: str, prompt_text: str) -> ToolRun:
         seconds=float(enc.group(2)) + float(dec.group(2)),
         n_drafted=int(drafted.group(1)),
         n_accept=int(accept.group(1)),
+        n_prompt=int(enc.group(1)),
     )
 
 
