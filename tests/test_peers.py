@@ -237,3 +237,31 @@ def test_bench_runs_without_unbuilt_peer(tmp_path, no_build):
     assert list(results["methods"]) == ["hf"]
     assert any("ltd peers build llama.cpp" in line for line in results["skipped"])
     assert results["best_llamacpp_spec"] is None
+
+
+def test_llamacpp_spec_is_compared_with_llamacpp_plain_when_present():
+    """Same engine, same kernels: llama.cpp's speculation must equal llama.cpp's plain greedy."""
+    from ltd.bench.methods import MethodSpec, Sampling, parse_methods
+    from ltd.bench.runner import BenchConfig, _Loop
+    from ltd.bench.suites import Question
+    from ltd.engine import GenerateResult
+
+    def result(tokens):
+        return GenerateResult("m", tokens, "", len(tokens), 1.0, float(len(tokens)), 1, 1.0)
+
+    q = Question(suite="code", question_id="1", category="code", turns=("hi",))
+    for with_plain in (True, False):
+        methods = parse_methods("hf,llama.cpp-spec:ngram-mod")
+        if with_plain:
+            methods.insert(1, MethodSpec("llama.cpp"))
+        loop = _Loop.__new__(_Loop)
+        loop.config = BenchConfig(model="x", methods=methods, questions=[q])
+        loop.sampling = Sampling(8)
+        loop.runs, loop.references, loop.matches, loop.mismatches = [], {}, {}, {}
+        loop._record(q, "code/1", 0, "hf", [1], result([5, 6, 7]))
+        if with_plain:
+            loop._record(q, "code/1", 0, "llama.cpp", [1], result([5, 6, 9]))
+        loop._record(q, "code/1", 0, "llama.cpp-spec:ngram-mod", [1], result([5, 6, 9]))
+        assert loop.matches["llama.cpp-spec:ngram-mod"]["code/1"] is with_plain
+        if not with_plain:
+            assert loop.mismatches["llama.cpp-spec:ngram-mod"]["code/1"].reference_label == "hf"
