@@ -30,6 +30,10 @@ from ltd.peers.llamacpp_spec import PeerSpec, parse_plain_run, parse_spec_run, p
 NO_DRAFT = ["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "1024"]  # never matches: plain loop
 
 
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -74,7 +78,8 @@ def main() -> int:
         ids_base = output_tokens(target.tokenizer, base, args.max_new_tokens, eos)
         row = {
             "prompt": q.key, "suite": q.suite, "prompt_tokens": len(prompt), "llamacpp_prompt_tokens": eagle.n_prompt,
-            "match_plain": ids_eagle == ids_plain, "base_matches_plain": ids_base == ids_plain,
+            "match_nodraft": ids_eagle == ids_base, "match_plain": ids_eagle == ids_plain,
+            "nodraft_matches_plain": ids_base == ids_plain,
             "tokens": len(ids_eagle), "n_drafted": eagle.n_drafted, "n_accept": eagle.n_accept,
             "acceptance_rate": round(eagle.acceptance_rate, 4),
             "tokens_per_cycle": round(eagle.n_predict / eagle.cycles, 3) if eagle.cycles else None,
@@ -82,9 +87,9 @@ def main() -> int:
             "nodraft_tps": round(base.n_predict / base.seconds, 2),
             "plain_simple_tps": round(plain.n_predict / plain.seconds, 2) if plain.seconds else None,
         }
-        if not row["match_plain"]:
-            pos = next((i for i, (a, b) in enumerate(zip(ids_plain, ids_eagle)) if a != b), min(len(ids_plain), len(ids_eagle)))
-            row["first_difference"] = pos
+        for name, ref in (("nodraft", ids_base), ("plain", ids_plain)):
+            if ref != ids_eagle:
+                row[f"first_difference_{name}"] = first_difference(ref, ids_eagle)
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
 
@@ -93,7 +98,9 @@ def main() -> int:
         "date": utc_now(), "cpu_model": cpu_model(), "threads": args.threads, "model": args.model,
         "target_gguf": tgt.name, "drafter": args.drafter, "draft_n_max": args.draft_n or 3,
         "max_new_tokens": args.max_new_tokens, "prompts": len(rows), "convert_seconds": round(convert_seconds, 1),
+        "outputs_match_nodraft": sum(r["match_nodraft"] for r in rows) / len(rows),
         "outputs_match_plain": sum(r["match_plain"] for r in rows) / len(rows),
+        "nodraft_matches_plain": sum(r["nodraft_matches_plain"] for r in rows) / len(rows),
         "acceptance_rate": round(sum(r["n_accept"] for r in rows) / drafted, 4) if drafted else 0.0,
         "median_eagle3_tps": statistics.median(r["eagle3_tps"] for r in rows),
         "median_nodraft_tps": statistics.median(r["nodraft_tps"] for r in rows),

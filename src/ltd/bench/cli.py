@@ -53,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default: ../shared/data/bench from here or the repo root)")
     p.add_argument("--from-hub", action="store_true", help="build the suites from their Hugging Face datasets (needs internet and `datasets`)")
     p.add_argument("--multi-turn", action="store_true", help="run every turn (later turns follow hf's replies); default: first turn only")
-    p.add_argument("--methods", default=None, help=f"comma-separated: hf, ar, static:DxKxV, hf-assisted, prompt-lookup (default {DEFAULT_METHODS}; with --grid: hf)")
+    p.add_argument("--methods", default=None, help=f"comma-separated: hf, ar, static:DxKxV, hf-assisted, prompt-lookup, llama.cpp-spec:TYPE[:N] "
+                        f"(default {DEFAULT_METHODS}; with --grid: hf)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each suite")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each method per prompt; min/median/max are reported (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -78,7 +79,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of repeat 0 (repeat r uses seed + r)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, also llama.cpp peers' threads (default: torch's choice)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each method")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
