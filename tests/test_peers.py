@@ -265,3 +265,24 @@ def test_llamacpp_spec_is_compared_with_llamacpp_plain_when_present():
         assert loop.matches["llama.cpp-spec:ngram-mod"]["code/1"] is with_plain
         if not with_plain:
             assert loop.mismatches["llama.cpp-spec:ngram-mod"]["code/1"].reference_label == "hf"
+
+
+def test_converter_failure_is_one_line_and_leaves_no_gguf(tmp_path):
+    from ltd.peers.eagle3_gguf import convert_export, head_key
+
+    build = LlamaCppBuild(tmp_path / "peer")
+    build.converter.parent.mkdir(parents=True)
+    build.converter.write_text("import sys\nprint('INFO: loading', file=sys.stderr)\n"
+                               "print('ValueError: EAGLE-3 d2t contains duplicate target ids', file=sys.stderr)\n"
+                               "sys.exit(1)\n")
+    out = tmp_path / "head.gguf"
+    with pytest.raises(LtdError) as err:
+        convert_export(build, tmp_path / "head", tmp_path / "head" / "target", out)
+    assert "rejected the EAGLE-3 export" in str(err.value) and "duplicate target ids" in str(err.value)
+    assert "\n" not in str(err.value)
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    (tmp_path / "head").mkdir()
+    (tmp_path / "head" / "config.json").write_text("{}")
+    key = head_key(tmp_path / "head")
+    (tmp_path / "head" / "config.json").write_text('{"a": 1}')
+    assert head_key(tmp_path / "head") != key  # a retrained head converts again
