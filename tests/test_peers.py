@@ -77,11 +77,14 @@ def test_type_args_select_type_and_draft_length():
     assert PeerSpec("draft-simple", 6).type_args()[-2:] == ["--spec-draft-n-max", "6"]
     assert PeerSpec("ngram-mod", 16).type_args()[2:] == ["--spec-ngram-mod-n-max", "16", "--spec-ngram-mod-n-min", "12"]
     assert PeerSpec("draft-eagle3").type_args() == ["--spec-type", "draft-eagle3"]
+    assert PeerSpec("none").type_args() == ["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "1024"]
+    with pytest.raises(LtdError, match="takes no N"):
+        parse_peer_arg("none:3")
 
 
 def test_grid_peers_cross_types_and_lengths():
     labels = [p.label for p in grid_peers(["ngram-simple", "draft-eagle3"], [3, 6])]
-    assert labels == ["llama.cpp-spec:ngram-simple:3", "llama.cpp-spec:ngram-simple:6",
+    assert labels == ["llama.cpp-spec:none", "llama.cpp-spec:ngram-simple:3", "llama.cpp-spec:ngram-simple:6",
                       "llama.cpp-spec:draft-eagle3:3", "llama.cpp-spec:draft-eagle3:6"]
     with pytest.raises(LtdError, match="unknown llama.cpp speculative type"):
         grid_peers(["ngram-typo"], [3])
@@ -210,7 +213,7 @@ def test_grid_peers_adds_builtin_types(tmp_path):
     cfg = config_from_args(_bench_args(["--grid", "--grid-suite", q, "--grid-depths", "2", "--grid-sizes", "4",
                                         "--topk", "2", "--grid-peers", "--grid-peer-types", "ngram-simple,ngram-mod",
                                         "--grid-peer-lengths", "3,6", "--out", str(tmp_path / "o")]))
-    assert [m.label for m in cfg.methods] == ["hf", "static:2x2x4", "llama.cpp-spec:ngram-simple:3",
+    assert [m.label for m in cfg.methods] == ["hf", "static:2x2x4", "llama.cpp-spec:none", "llama.cpp-spec:ngram-simple:3",
                                              "llama.cpp-spec:ngram-simple:6", "llama.cpp-spec:ngram-mod:3",
                                              "llama.cpp-spec:ngram-mod:6"]
     assert cfg.grid.peer_types == ["ngram-simple", "ngram-mod"] and cfg.grid.peer_lengths == [3, 6]
@@ -286,3 +289,26 @@ def test_converter_failure_is_one_line_and_leaves_no_gguf(tmp_path):
     key = head_key(tmp_path / "head")
     (tmp_path / "head" / "config.json").write_text('{"a": 1}')
     assert head_key(tmp_path / "head") != key  # a retrained head converts again
+
+
+def test_llamacpp_spec_prefers_the_no_draft_reference():
+    from ltd.bench.methods import MethodSpec, Sampling, parse_methods
+    from ltd.bench.runner import BenchConfig, _Loop
+    from ltd.bench.suites import Question
+    from ltd.engine import GenerateResult
+
+    def result(tokens):
+        return GenerateResult("m", tokens, "", len(tokens), 1.0, float(len(tokens)), 1, 1.0)
+
+    q = Question(suite="code", question_id="1", category="code", turns=("hi",))
+    methods = parse_methods("hf,llama.cpp-spec:ngram-mod:4,llama.cpp-spec:none")
+    methods.insert(1, MethodSpec("llama.cpp"))
+    loop = _Loop.__new__(_Loop)
+    loop.config = BenchConfig(model="x", methods=methods, questions=[q])
+    loop.sampling = Sampling(8)
+    loop.runs, loop.references, loop.matches, loop.mismatches = [], {}, {}, {}
+    for label, toks in (("hf", [5, 6, 7]), ("llama.cpp", [5, 6, 8]), ("llama.cpp-spec:none", [5, 6, 9]),
+                        ("llama.cpp-spec:ngram-mod:4", [5, 6, 9])):
+        loop._record(q, "code/1", 0, label, [1], result(toks))
+    assert loop.matches["llama.cpp-spec:ngram-mod:4"]["code/1"] is True  # equal to the same tool without drafts
+    assert loop.matches["llama.cpp-spec:none"]["code/1"] is False  # itself compared with hf, across engines

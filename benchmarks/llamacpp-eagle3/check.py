@@ -27,8 +27,6 @@ from ltd.peers.llamacpp_build import PLAIN_BINARY, SPEC_BINARY, require_build
 from ltd.peers.llamacpp_peer import output_tokens, target_gguf
 from ltd.peers.llamacpp_spec import PeerSpec, parse_plain_run, parse_spec_run, plain_command, run_tool, spec_command
 
-NO_DRAFT = ["--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "1024"]  # never matches: plain loop
-
 
 def first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -67,8 +65,7 @@ def main() -> int:
         text = target.tokenizer.decode(prompt, skip_special_tokens=False)
         ctx = len(prompt) + args.max_new_tokens + 64
         plain = parse_plain_run(*run_tool(plain_command(build.binary(PLAIN_BINARY), tgt, text, args.max_new_tokens)), text)
-        base_cmd = spec_command(build.binary(SPEC_BINARY), PeerSpec("ngram-mod"), tgt, text, args.max_new_tokens, ctx, args.threads)
-        base_cmd = base_cmd[: base_cmd.index("--spec-type")] + NO_DRAFT
+        base_cmd = spec_command(build.binary(SPEC_BINARY), PeerSpec("none"), tgt, text, args.max_new_tokens, ctx, args.threads)
         base = parse_spec_run(*run_tool(base_cmd), text)
         eagle = parse_spec_run(*run_tool(spec_command(build.binary(SPEC_BINARY), spec, tgt, text, args.max_new_tokens, ctx,
                                                       args.threads, draft_gguf=gguf)), text)

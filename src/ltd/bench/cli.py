@@ -70,7 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=8, help="branching K of the --grid trees (default 8)")
     p.add_argument("--grid-peers", action="store_true",
                    help="with --grid, also sweep llama.cpp's built-in speculative types x draft lengths "
-                        "(llama.cpp-spec:TYPE:N; needs ltd peers build llama.cpp) and name the best")
+                        "(llama.cpp-spec:TYPE:N, with llama.cpp-spec:none as their no-draft reference; "
+                        "needs ltd peers build llama.cpp) and name the best")
     p.add_argument("--grid-peer-types", default=DEFAULT_GRID_PEER_TYPES,
                    help=f"llama.cpp speculative types for --grid-peers (default {DEFAULT_GRID_PEER_TYPES})")
     p.add_argument("--grid-peer-lengths", default=DEFAULT_GRID_PEER_LENGTHS,

@@ -32,6 +32,9 @@ WARMUP_TOKENS = 16
 # when it is benchmarked too (same engine, same quantized kernels); otherwise they are
 # compared with hf across engines.
 LLAMACPP_REFERENCE = "llama.cpp"
+# llama.cpp's speculative tool with no drafts: the closest reference (same prompt batching)
+LLAMACPP_SPEC_REFERENCE = "llama.cpp-spec:none"
+REFERENCES = (BASELINE, LLAMACPP_REFERENCE, LLAMACPP_SPEC_REFERENCE)
 TIE_MARGIN = 1e-4  # below this a top-2 logit margin is a numerical tie (DESIGN.md section 2)
 SCHEMA_VERSION = 1
 
@@ -291,8 +294,8 @@ class _Loop:
                 done.append((label, runner.run(prompt, sampling)))
                 bar.update(1)
             # references first, so that every method is compared whatever the run order
-            order = {BASELINE: 0, LLAMACPP_REFERENCE: 1}
-            for label, res in sorted(done, key=lambda item: order.get(item[0], 2)):
+            rank = {ref: i for i, ref in enumerate(REFERENCES)}
+            for label, res in sorted(done, key=lambda item: rank.get(item[0], len(rank))):
                 self._record(q, key, rep, label, prompt, res)
                 if label == BASELINE and rep == 0:
                     reply = res.text
@@ -300,8 +303,10 @@ class _Loop:
 
     def _reference_for(self, label: str) -> str:
         labels = [m.label for m in self.config.methods]
-        if label.startswith("llama.cpp-spec:") and LLAMACPP_REFERENCE in labels:
-            return LLAMACPP_REFERENCE
+        if label.startswith("llama.cpp-spec:") and label != LLAMACPP_SPEC_REFERENCE:
+            for ref in (LLAMACPP_SPEC_REFERENCE, LLAMACPP_REFERENCE):
+                if ref in labels:
+                    return ref
         return BASELINE
 
     def _record(self, q: Question, key: str, rep: int, label: str, prompt: list[int], res: GenerateResult) -> None:
@@ -309,7 +314,7 @@ class _Loop:
         self.runs.append(metrics.Run(label, key, q.suite, rep, res.new_tokens, res.seconds, res.cycles, mean_acc))
         if not self.sampling.greedy:
             return
-        if label in (BASELINE, LLAMACPP_REFERENCE):
+        if label in REFERENCES:
             self.references.setdefault(label, {}).setdefault(key, list(res.tokens))
             if label == BASELINE:
                 return
@@ -392,7 +397,7 @@ class _Loop:
                 "selected_on": sorted(per_suite),
                 "criterion": "median pairwise speedup over hf",
             }
-        peers = [m.label for m in cfg.methods if m.is_llamacpp_spec]
+        peers = [m.label for m in cfg.methods if m.is_llamacpp_spec and m.label != LLAMACPP_SPEC_REFERENCE]
         best_peer = metrics.best_method(overall, peers)
         best_llamacpp_spec = None
         if best_peer is not None:

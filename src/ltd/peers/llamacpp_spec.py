@@ -12,6 +12,12 @@ What N means per type (the draft length, with llama.cpp's other defaults kept):
 draft-simple / draft-eagle3 ``--spec-draft-n-max N``; ngram-simple / ngram-map-k /
 ngram-map-k4v the draft m-gram size ``--spec-ngram-*-size-m N``; ngram-mod
 ``--spec-ngram-mod-n-max N`` with ``n-min`` at the shipped 3/4 of it.
+
+``llama.cpp-spec:none`` is the same tool with a drafter that never proposes anything
+(ngram-mod with a 1024-token lookup): llama.cpp's own greedy loop, one token per step,
+with the prompt processed exactly as in the speculative runs. It is the reference the
+speculative types must equal token for token: llama.cpp's plain tools decode the whole
+prompt in one batch, which changes the numbers slightly and flips near-ties.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from ltd.errors import LtdError
 log = logging.getLogger(__name__)
 
 KIND = "llama.cpp-spec"
-SPEC_TYPES = ("draft-simple", "draft-eagle3", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod")
+SPEC_TYPES = ("draft-simple", "draft-eagle3", "ngram-simple", "ngram-map-k", "ngram-map-k4v", "ngram-mod", "none")
+NO_DRAFT = "none"
+NO_DRAFT_ARGS = ("--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "1024")  # never matches
 MODEL_DRAFT_TYPES = ("draft-simple", "draft-eagle3")
 DEFAULT_GRID_TYPES = ("ngram-simple", "ngram-map-k", "ngram-mod", "draft-simple", "draft-eagle3")
 DEFAULT_GRID_LENGTHS = (3, 6, 10)
@@ -49,6 +57,8 @@ class PeerSpec:
 
     def type_args(self) -> list[str]:
         """The tool flags that select this type and its draft length."""
+        if self.type == NO_DRAFT:
+            return list(NO_DRAFT_ARGS)
         args = ["--spec-type", self.type]
         if not self.n:
             return args
@@ -70,14 +80,17 @@ def parse_peer_arg(text: str) -> PeerSpec:
         raise LtdError(f"unknown llama.cpp speculative type {typ!r}; {kind_help}")
     if not n_text:
         return PeerSpec(typ)
+    if typ == NO_DRAFT:
+        raise LtdError(f"bad method {KIND}:{text}: {KIND}:{NO_DRAFT} drafts nothing and takes no N")
     if not n_text.isdigit() or not 1 <= int(n_text) <= MAX_DRAFT:
         raise LtdError(f"bad method {KIND}:{text}: N is a draft length from 1 to {MAX_DRAFT}")
     return PeerSpec(typ, int(n_text))
 
 
 def grid_peers(types: Sequence[str], lengths: Sequence[int]) -> list[PeerSpec]:
-    """Every type at every draft length, each validated like a user-given spec."""
-    return [parse_peer_arg(f"{t}:{n}") for t in types for n in lengths]
+    """The no-draft reference first, then every type at every draft length, each
+    validated like a user-given spec."""
+    return [PeerSpec(NO_DRAFT)] + [parse_peer_arg(f"{t}:{n}") for t in types if t != NO_DRAFT for n in lengths]
 
 
 # -- running -------------------------------------------------------------------------
