@@ -221,6 +221,39 @@ def cmd_regenerate(args) -> int:
     return 0
 
 
+def cmd_export_drafter(args) -> int:
+    from ltd.drafting.export import export_drafter
+
+    _setup_threads(args)
+    res = export_drafter(args.drafter, args.model, args.out, fmt=args.format, target_dir=args.target_dir, dtype=args.dtype)
+    print(f"EAGLE-3 head ({res.draft_vocab_size} draft tokens over {res.vocab_size}) written to {res.head_dir}")
+    print(f"target config and tokenizer in {res.target_dir}")
+    print(f"convert to GGUF with llama.cpp: {res.convert_command()}")
+    return 0
+
+
+def cmd_peers(args) -> int:
+    from ltd.peers.llamacpp_build import build_llamacpp, find_build, peer_dir
+
+    if args.peer != "llama.cpp":
+        raise LtdError(f"unknown peer {args.peer!r}; the buildable peer is llama.cpp")
+    if args.action == "status":
+        b = find_build()
+        if b is None:
+            print(f"llama.cpp: not built (cache {peer_dir()}); run: ltd peers build llama.cpp")
+        else:
+            info = b.info()
+            print(f"llama.cpp: built in {b.root} ({info.get('sdist')}, {info.get('build_seconds')} s, {info.get('finished')})")
+        return 0
+    build, built_now = build_llamacpp(jobs=args.jobs, progress=lambda line: print(line, flush=True), force=args.force)
+    info = build.info()
+    if built_now:
+        print(f"built llama.cpp peers in {info.get('build_seconds')} s: {build.build_dir / 'bin'}")
+    else:
+        print(f"llama.cpp peers already built in {build.build_dir / 'bin'} (took {info.get('build_seconds')} s); nothing to do")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltd", description="Lossless tree speculative decoding that learns to draft")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -284,6 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_train_drafter)
+
+    p = sub.add_parser("export-drafter", help="export an EAGLE-3 head in the standard layout (llama.cpp, vLLM, SGLang)")
+    p.add_argument("--drafter", default="builtin:smollm2-135m-eagle3", help="builtin:NAME or an EAGLE-3 head directory")
+    p.add_argument("--model", default="smollm2-135m", help="the head's target (for embeddings, config and tokenizer)")
+    p.add_argument("--format", default="eagle3", choices=["eagle3"])
+    p.add_argument("--out", required=True, help="directory to write the head to (replaced atomically)")
+    p.add_argument("--target-dir", default=None, help="where to write the target's config and tokenizer (default OUT/target)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_export_drafter)
+
+    p = sub.add_parser("peers", help="build other engines' speculative decoders for ltd bench")
+    p.add_argument("action", choices=["build", "status"])
+    p.add_argument("peer", choices=["llama.cpp"])
+    p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
+    p.add_argument("--force", action="store_true", help="rebuild even when a build exists")
+    p.set_defaults(func=cmd_peers)
 
     from ltd.bench import cli as bench_cli
     from ltd.rl import cli as rl_cli

@@ -15,7 +15,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from ltd.bench.methods import grid_methods, parse_int_list, parse_methods, with_baseline
+import sys
+
+from ltd.bench.methods import grid_methods, grid_peer_methods, parse_int_list, parse_methods, with_baseline
 from ltd.bench.runner import BenchConfig, GridSpec, run_bench
 from ltd.bench.suites import SUITES, load_hub_suite, load_questions, load_suites, parse_suite_list, resolve_data_dir
 from ltd.errors import LtdError
@@ -27,6 +29,8 @@ DEFAULT_METHODS = "hf,ar,static:5x8x32"
 DEFAULT_GRID_SUITE = "alpaca"
 DEFAULT_GRID_DEPTHS = "2,3,4,5,6"
 DEFAULT_GRID_SIZES = "4,8,16,32,48"
+DEFAULT_GRID_PEER_TYPES = "ngram-simple,ngram-map-k,ngram-mod,draft-simple,draft-eagle3"
+DEFAULT_GRID_PEER_LENGTHS = "3,6,10"
 EXIT_INTERRUPTED = 130
 
 
@@ -49,7 +53,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default: ../shared/data/bench from here or the repo root)")
     p.add_argument("--from-hub", action="store_true", help="build the suites from their Hugging Face datasets (needs internet and `datasets`)")
     p.add_argument("--multi-turn", action="store_true", help="run every turn (later turns follow hf's replies); default: first turn only")
-    p.add_argument("--methods", default=None, help=f"comma-separated: hf, ar, static:DxKxV, hf-assisted, prompt-lookup (default {DEFAULT_METHODS}; with --grid: hf)")
+    p.add_argument("--methods", default=None, help=f"comma-separated: hf, ar, static:DxKxV, hf-assisted, prompt-lookup, llama.cpp-spec:TYPE[:N] "
+                        f"(default {DEFAULT_METHODS}; with --grid: hf)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each suite")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each method per prompt; min/median/max are reported (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -63,11 +68,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grid-depths", default=DEFAULT_GRID_DEPTHS, help=f"depths D for --grid (default {DEFAULT_GRID_DEPTHS})")
     p.add_argument("--grid-sizes", default=DEFAULT_GRID_SIZES, help=f"verification sizes V for --grid (default {DEFAULT_GRID_SIZES})")
     p.add_argument("--topk", type=int, default=8, help="branching K of the --grid trees (default 8)")
+    p.add_argument("--grid-peers", action="store_true",
+                   help="with --grid, also sweep llama.cpp's built-in speculative types x draft lengths "
+                        "(llama.cpp-spec:TYPE:N, with llama.cpp-spec:none as their no-draft reference; "
+                        "needs ltd peers build llama.cpp) and name the best")
+    p.add_argument("--grid-peer-types", default=DEFAULT_GRID_PEER_TYPES,
+                   help=f"llama.cpp speculative types for --grid-peers (default {DEFAULT_GRID_PEER_TYPES})")
+    p.add_argument("--grid-peer-lengths", default=DEFAULT_GRID_PEER_LENGTHS,
+                   help=f"draft lengths N for --grid-peers (default {DEFAULT_GRID_PEER_LENGTHS})")
     p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of the prompt-lookup peer (default 10)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of repeat 0 (repeat r uses seed + r)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, also llama.cpp peers' threads (default: torch's choice)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each method")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -108,11 +121,19 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         depths = parse_int_list(args.grid_depths, "--grid-depths")
         sizes = parse_int_list(args.grid_sizes, "--grid-sizes")
         grid_specs = grid_methods(depths, sizes, args.topk)
+        peer_types: list[str] = []
+        peer_lengths: list[int] = []
+        if args.grid_peers:
+            peer_types = [t.strip() for t in args.grid_peer_types.split(",") if t.strip()]
+            peer_lengths = parse_int_list(args.grid_peer_lengths, "--grid-peer-lengths")
+            grid_specs += grid_peer_methods(peer_types, peer_lengths)
         user = parse_methods(args.methods) if args.methods else []
         user_labels = {m.label for m in user}
         methods = with_baseline(user + [g for g in grid_specs if g.label not in user_labels])
-        grid = GridSpec(args.grid_suite, depths, sizes, args.topk)
+        grid = GridSpec(args.grid_suite, depths, sizes, args.topk, peer_types, peer_lengths)
     else:
+        if args.grid_peers:
+            raise LtdError("--grid-peers extends --grid; add --grid")
         methods = parse_methods(args.methods or DEFAULT_METHODS)
     if args.prompt_lookup_tokens < 1:
         raise LtdError(f"--prompt-lookup-tokens must be at least 1, got {args.prompt_lookup_tokens}")
@@ -136,6 +157,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         prompt_lookup_tokens=args.prompt_lookup_tokens,
         grid=grid,
         source={**source, "limit": args.limit},
+        threads=args.threads,
     )
     config.validate()
     return config
@@ -148,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
 
     apply_threads(args.threads)
     config = config_from_args(args)
+    for line in config.drop_unbuilt_peers():
+        print(line, file=sys.stderr)
     out = Path(args.out)
     log.info("bench: %d questions x %d methods x %d repeats -> %s", len(config.questions), len(config.methods), config.repeats, out)
     results = run_bench(config, out_dir=out)
@@ -172,8 +196,14 @@ def summary_text(results: dict, out: Path) -> str:
             f"{acc if acc is not None else float('nan'):>9.2f} "
             f"{'-' if match is None else f'{100 * match:.0f}%':>6}"
         )
+    for line in results.get("skipped", []):
+        if "not built" not in line:  # unbuilt peers were reported before the run
+            lines.append(line)
     best = results.get("best_static")
     if best:
         lines.append(f"best static: {best['method']} ({best['speedup']:.2f}x)" if best.get("speedup") is not None else f"best static: {best['method']}")
+    peer = results.get("best_llamacpp_spec")
+    if peer and peer.get("speedup") is not None:
+        lines.append(f"best llama.cpp built-in: {peer['method']} ({peer['speedup']:.2f}x)")
     lines.append(f"wrote {out / 'results.json'} and {out / 'report.md'}")
     return "\n".join(lines)

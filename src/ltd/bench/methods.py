@@ -19,6 +19,8 @@ import torch
 from ltd.control import validate_static
 from ltd.engine import Engine, GenerateConfig, GenerateResult
 from ltd.errors import LtdError
+from ltd.peers.llamacpp_spec import KIND as LLAMACPP_SPEC
+from ltd.peers.llamacpp_spec import PeerSpec, parse_peer_arg
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,12 @@ class MethodSpec:
     size: int = 0
     policy: str | None = None  # ltd:POLICY_DIR
     online: str | None = None  # +online=VARIANT: adapt a private copy of the head while running
+    peer: PeerSpec | None = None  # llama.cpp-spec:TYPE[:N]
 
     @property
     def label(self) -> str:
+        if self.peer is not None:
+            return self.peer.label
         if self.kind == "static":
             base = f"static:{self.depth}x{self.topk}x{self.size}"
         elif self.kind == "ltd" and self.policy:
@@ -57,6 +62,10 @@ class MethodSpec:
     @property
     def is_static(self) -> bool:
         return self.kind == "static"
+
+    @property
+    def is_llamacpp_spec(self) -> bool:
+        return self.kind == LLAMACPP_SPEC
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -93,6 +102,8 @@ def parse_method(text: str) -> MethodSpec:
         return MethodSpec("static", d, k, v)
     if kind == "ltd":
         return MethodSpec("ltd", policy=arg or None)
+    if kind == LLAMACPP_SPEC:
+        return MethodSpec(LLAMACPP_SPEC, peer=parse_peer_arg(arg))
     if arg:
         if kind in KINDS:
             raise LtdError(f"bad method {text!r}: {kind} takes no ':' argument")
@@ -103,7 +114,7 @@ def parse_method(text: str) -> MethodSpec:
 
 
 def _method_help() -> list[str]:
-    return ["hf", "ar", "static:DxKxV", "hf-assisted", "prompt-lookup", "ltd[:POLICY_DIR]", "oracle"]
+    return ["hf", "ar", "static:DxKxV", "hf-assisted", "prompt-lookup", "ltd[:POLICY_DIR]", "oracle", f"{LLAMACPP_SPEC}:TYPE[:N]"]
 
 
 def parse_methods(text: str) -> list[MethodSpec]:
@@ -141,6 +152,13 @@ def grid_methods(depths: Sequence[int], sizes: Sequence[int], topk: int) -> list
         for v in sizes:
             out.append(parse_method(f"static:{d}x{topk}x{v}"))
     return out
+
+
+def grid_peer_methods(types: Sequence[str], lengths: Sequence[int]) -> list[MethodSpec]:
+    """llama.cpp's built-in speculative types x draft lengths (``--grid-peers``)."""
+    from ltd.peers.llamacpp_spec import grid_peers
+
+    return [MethodSpec(LLAMACPP_SPEC, peer=p) for p in grid_peers(types, lengths)]
 
 
 def parse_int_list(text: str, flag: str) -> list[int]:
@@ -212,8 +230,11 @@ class MethodRunner:
         assistant: torch.nn.Module | None = None,
         assistant_tokenizer=None,
         prompt_lookup_tokens: int = PROMPT_LOOKUP_TOKENS,
+        peer=None,
     ) -> None:
         check_available([spec])
+        if spec.is_llamacpp_spec and peer is None:
+            raise LtdError(f"method {spec.label} needs its llama.cpp peer; build it with ltd peers build llama.cpp")
         if spec.kind == "hf-assisted" and assistant is None:
             raise LtdError("method hf-assisted needs a draft model; pass --assistant NAME")
         if spec.is_static or spec.kind == "ltd":
@@ -230,6 +251,7 @@ class MethodRunner:
         self.assistant = assistant
         self.assistant_tokenizer = assistant_tokenizer
         self.prompt_lookup_tokens = prompt_lookup_tokens
+        self.peer = peer  # a LlamaCppSpecPeer for llama.cpp-spec methods
 
     def run(self, prompt: list[int], sampling: Sampling) -> GenerateResult:
         kind = self.spec.kind
@@ -253,6 +275,8 @@ class MethodRunner:
                 self.engine.drafter, self.engine.online = saved
             result.method = self.spec.label
             return result
+        if kind == LLAMACPP_SPEC:
+            return self.peer.run(prompt, sampling.max_new_tokens, greedy=sampling.greedy, seed=sampling.seed)
         if kind == "prompt-lookup":
             return run_hf_peer(self.engine, prompt, sampling, self.spec.label, prompt_lookup_num_tokens=self.prompt_lookup_tokens)
         if kind == "hf-assisted":

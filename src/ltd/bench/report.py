@@ -112,16 +112,28 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
                   f"**{best['method']}** (depth {best['depth']}, top-k {best['topk']}, size {best['size']}): "
                   f"speedup {_fmt(best.get('speedup'))}x, {_fmt(best.get('tokens_per_second'), 1)} tokens/s, "
                   f"selected by {best.get('criterion')} on {', '.join(best.get('selected_on', []))}."]
+    peer = results.get("best_llamacpp_spec")
+    if peer:
+        length = peer.get("draft_length")
+        lines += ["", "## Best llama.cpp built-in speculation", "",
+                  f"**{peer['method']}** (type {peer['type']}, draft length {length or 'llama.cpp default'}): "
+                  f"speedup {_fmt(peer.get('speedup'))}x, {_fmt(peer.get('tokens_per_second'), 1)} tokens/s, "
+                  f"selected by {peer.get('criterion')} on {', '.join(peer.get('selected_on', []))}."]
+    if results.get("skipped"):
+        lines += ["", "## Skipped methods", ""] + [f"- {line}" for line in results["skipped"]]
     rows = [(label, m) for label, s in methods.items() for m in s.get("mismatches", [])]
     if rows:
-        lines += ["", "## Greedy outputs that differ from hf", "",
-                  "A top-2 margin below 1e-4 is a numerical tie; a larger one points at a bug.", "",
-                  "| method | prompt | first differing token | hf token | method token | hf top-2 logit margin | tie |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "## Greedy outputs that differ from their reference", "",
+                  "A top-2 margin (of hf's logits) below 1e-4 is a numerical tie; a larger one points at a bug, "
+                  "except across engines (llama.cpp's quantized kernels against transformers' dense weights).", "",
+                  "| method | reference | prompt | first differing token | reference token | method token "
+                  "| hf top-2 logit margin | tie |",
+                  "|---|---|---|---|---|---|---|---|"]
         for label, m in rows:
             tie = m.get("numerical_tie")
+            ref = m.get("reference", "hf") + (" (cross-engine)" if m.get("cross_engine") else "")
             lines.append(
-                f"| {label} | {m['prompt']} | {m['position']} | {_fmt(m.get('reference_token'))} "
+                f"| {label} | {ref} | {m['prompt']} | {m['position']} | {_fmt(m.get('reference_token'))} "
                 f"| {_fmt(m.get('output_token'))} | {_fmt(m.get('reference_top2_margin'), 6)} "
                 f"| {'-' if tie is None else ('yes' if tie else 'NO')} |"
             )
@@ -141,6 +153,9 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
         "then median over prompts.",
         "- mean accepted: tokens added per target verification (hf: 1).",
         "- outputs match: share of prompts whose greedy output equals hf's token for token.",
+        "- llama.cpp-spec:TYPE[:N]: llama.cpp's own speculative loop (llama-speculative-simple, greedy) on the "
+        "target's GGUF; its time is the tool's own prompt + decode time (model load excluded); its tokens are "
+        "its output text re-tokenized.",
         "",
     ]
     return "\n".join(lines)
@@ -161,7 +176,9 @@ def _plot_methods(results: dict) -> list[str]:
     if len(labels) <= MAX_BARS:
         return labels
     best = (results.get("best_static") or {}).get("method")
-    keep = [m for m in labels if not m.startswith("static:") or m == best]
+    best_peer = (results.get("best_llamacpp_spec") or {}).get("method")
+    keep = [m for m in labels if (not m.startswith("static:") or m == best)
+            and (not m.startswith("llama.cpp-spec:") or m == best_peer)]
     return keep[:MAX_BARS]
 
 

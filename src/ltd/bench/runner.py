@@ -28,6 +28,13 @@ from ltd.errors import LtdError
 log = logging.getLogger(__name__)
 
 WARMUP_TOKENS = 16
+# llama.cpp's plain greedy method: the reference of llama.cpp's own speculative methods
+# when it is benchmarked too (same engine, same quantized kernels); otherwise they are
+# compared with hf across engines.
+LLAMACPP_REFERENCE = "llama.cpp"
+# llama.cpp's speculative tool with no drafts: the closest reference (same prompt batching)
+LLAMACPP_SPEC_REFERENCE = "llama.cpp-spec:none"
+REFERENCES = (BASELINE, LLAMACPP_REFERENCE, LLAMACPP_SPEC_REFERENCE)
 TIE_MARGIN = 1e-4  # below this a top-2 logit margin is a numerical tie (DESIGN.md section 2)
 SCHEMA_VERSION = 1
 
@@ -40,6 +47,8 @@ class GridSpec:
     depths: list[int]
     sizes: list[int]
     topk: int
+    peer_types: list[str] = field(default_factory=list)  # --grid-peers: llama.cpp built-in types
+    peer_lengths: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -64,6 +73,8 @@ class BenchConfig:
     prompt_lookup_tokens: int = 10
     grid: GridSpec | None = None
     source: dict = field(default_factory=dict)
+    threads: int | None = None  # llama.cpp peers' threads (default: torch's thread count)
+    skipped: list[str] = field(default_factory=list)  # one line per method dropped before running
 
     def validate(self) -> None:
         if self.repeats < 1:
@@ -77,6 +88,27 @@ class BenchConfig:
         if not self.methods or self.methods[0].kind != BASELINE:
             raise LtdError("the method list must start with the hf baseline (parse it with parse_methods)")
         check_available(self.methods)
+        peers = [m.label for m in self.methods if m.is_llamacpp_spec]
+        if peers and self.temperature != 0.0:
+            raise LtdError(f"{', '.join(peers)} run greedy only; use --temperature 0 or drop them from --methods")
+
+    def drop_unbuilt_peers(self) -> list[str]:
+        """Drop llama.cpp peers when their tools are not built; returns one line each.
+
+        A bench of many methods should not fail because one optional peer is missing:
+        it runs the rest and says how to get the peer.
+        """
+        from ltd.peers.llamacpp_peer import peers_built, unbuilt_message
+
+        if peers_built():
+            return []
+        dropped = [m for m in self.methods if m.is_llamacpp_spec]
+        self.methods = [m for m in self.methods if not m.is_llamacpp_spec]
+        lines = [unbuilt_message(m.label) for m in dropped]
+        for line in lines:
+            log.warning("%s", line)
+        self.skipped.extend(lines)
+        return lines
 
     def to_json(self) -> dict:
         return {
@@ -95,6 +127,7 @@ class BenchConfig:
             "warmup": self.warmup,
             "prompt_lookup_tokens": self.prompt_lookup_tokens,
             "grid": asdict(self.grid) if self.grid else None,
+            "skipped": list(self.skipped),
             "questions": len(self.questions),
             "suites": sorted({q.suite for q in self.questions}),
             **self.source,
@@ -110,6 +143,7 @@ class _Mismatch:
     prompt: list[int]
     reference: list[int]
     output: list[int]
+    reference_label: str = BASELINE
 
     @property
     def position(self) -> int:
@@ -171,7 +205,7 @@ class _Loop:
         self.out_dir = out_dir
         self.sampling = Sampling(config.max_new_tokens, config.temperature, config.top_p, config.seed)
         self.runs: list[metrics.Run] = []
-        self.references: dict[str, list[int]] = {}
+        self.references: dict[str, dict[str, list[int]]] = {}  # reference label -> prompt -> tokens
         self.matches: dict[str, dict[str, bool]] = {}
         self.mismatches: dict[str, dict[str, _Mismatch]] = {}
         self.runners = self._runners()
@@ -184,9 +218,27 @@ class _Loop:
         assistant, assistant_tok = None, None
         if any(m.kind == "hf-assisted" for m in cfg.methods):
             assistant, assistant_tok = resolve_assistant(self.engine, cfg.assistant, cfg.drafter, cfg.device, cfg.dtype)
-        return [
-            MethodRunner(self.engine, m, assistant, assistant_tok, cfg.prompt_lookup_tokens) for m in cfg.methods
-        ]
+        runners = []
+        for m in list(cfg.methods):
+            try:
+                peer = self._peer(m)
+            except LtdError as exc:  # a peer that cannot run here is skipped, not fatal
+                line = f"skipping {m.label}: {exc}"
+                log.warning("%s", line)
+                cfg.skipped.append(line)
+                cfg.methods.remove(m)
+                continue
+            runners.append(MethodRunner(self.engine, m, assistant, assistant_tok, cfg.prompt_lookup_tokens, peer=peer))
+        return runners
+
+    def _peer(self, spec: MethodSpec):
+        """The llama.cpp tool binding of a ``llama.cpp-spec`` method (None for others)."""
+        if not spec.is_llamacpp_spec:
+            return None
+        from ltd.peers.llamacpp_peer import LlamaCppSpecPeer
+
+        cfg = self.config
+        return LlamaCppSpecPeer(spec.peer, self.engine, cfg.model, cfg.drafter, cfg.assistant, threads=cfg.threads)
 
     def _turns(self, q: Question) -> int:
         return len(q.turns) if self.config.multi_turn else 1
@@ -235,32 +287,46 @@ class _Loop:
                 self.sampling.top_p,
                 None if self.sampling.seed is None else self.sampling.seed + rep,
             )
+            done: list[tuple[str, GenerateResult]] = []
             for runner in self.runners:
                 label = runner.spec.label
                 bar.set_postfix_str(f"{q.suite} {label}", refresh=False)
-                res = runner.run(prompt, sampling)
+                done.append((label, runner.run(prompt, sampling)))
+                bar.update(1)
+            # references first, so that every method is compared whatever the run order
+            rank = {ref: i for i, ref in enumerate(REFERENCES)}
+            for label, res in sorted(done, key=lambda item: rank.get(item[0], len(rank))):
                 self._record(q, key, rep, label, prompt, res)
                 if label == BASELINE and rep == 0:
                     reply = res.text
-                bar.update(1)
         return reply
+
+    def _reference_for(self, label: str) -> str:
+        labels = [m.label for m in self.config.methods]
+        if label.startswith("llama.cpp-spec:") and label != LLAMACPP_SPEC_REFERENCE:
+            for ref in (LLAMACPP_SPEC_REFERENCE, LLAMACPP_REFERENCE):
+                if ref in labels:
+                    return ref
+        return BASELINE
 
     def _record(self, q: Question, key: str, rep: int, label: str, prompt: list[int], res: GenerateResult) -> None:
         mean_acc = None if res.mean_accepted != res.mean_accepted else float(res.mean_accepted)  # NaN -> None
         self.runs.append(metrics.Run(label, key, q.suite, rep, res.new_tokens, res.seconds, res.cycles, mean_acc))
         if not self.sampling.greedy:
             return
-        if label == BASELINE:
-            self.references.setdefault(key, list(res.tokens))
-            return
-        ref = self.references.get(key)
+        if label in REFERENCES:
+            self.references.setdefault(label, {}).setdefault(key, list(res.tokens))
+            if label == BASELINE:
+                return
+        ref_label = self._reference_for(label)
+        ref = self.references.get(ref_label, {}).get(key)
         if ref is None:
             return
         same = list(res.tokens) == ref
         per = self.matches.setdefault(label, {})
         per[key] = per.get(key, True) and same
         if not same and key not in self.mismatches.setdefault(label, {}):
-            self.mismatches[label][key] = _Mismatch(key, rep, list(prompt), ref, list(res.tokens))
+            self.mismatches[label][key] = _Mismatch(key, rep, list(prompt), ref, list(res.tokens), ref_label)
 
     # -- results ---------------------------------------------------------------------
     def mismatch_report(self, with_margins: bool) -> dict[str, list[dict]]:
@@ -278,12 +344,19 @@ class _Loop:
                     "output_token": mm.output[pos] if pos < len(mm.output) else None,
                     "reference_length": len(mm.reference),
                     "output_length": len(mm.output),
+                    "reference": mm.reference_label,
                 }
-                if with_margins:
+                cross_engine = label.startswith("llama.cpp") and mm.reference_label == BASELINE
+                if cross_engine:
+                    # quantized llama.cpp kernels against dense transformers: not a tie test
+                    row["cross_engine"] = True
+                if with_margins and mm.reference_label == BASELINE:
                     row.update(reference_margin(model, mm.prompt, mm.reference, pos, row["output_token"]))
                     margin = row["reference_top2_margin"]
                     row["numerical_tie"] = margin < TIE_MARGIN
-                    if not row["numerical_tie"]:
+                    if cross_engine:
+                        log.info("%s differs from hf on %s at token %d (llama.cpp vs transformers numerics)", label, mm.prompt_key, pos)
+                    elif not row["numerical_tie"]:
                         log.warning("%s differs from hf on %s at token %d with margin %.3g: likely a bug", label, mm.prompt_key, pos, margin)
                 rows.append(row)
             out[label] = rows
@@ -324,6 +397,20 @@ class _Loop:
                 "selected_on": sorted(per_suite),
                 "criterion": "median pairwise speedup over hf",
             }
+        peers = [m.label for m in cfg.methods if m.is_llamacpp_spec and m.label != LLAMACPP_SPEC_REFERENCE]
+        best_peer = metrics.best_method(overall, peers)
+        best_llamacpp_spec = None
+        if best_peer is not None:
+            spec = next(m for m in cfg.methods if m.label == best_peer)
+            best_llamacpp_spec = {
+                "method": best_peer,
+                "type": spec.peer.type,
+                "draft_length": spec.peer.n or None,
+                "speedup": overall[best_peer]["speedup"],
+                "tokens_per_second": overall[best_peer]["tokens_per_second"],
+                "selected_on": sorted(per_suite),
+                "criterion": "median pairwise speedup over hf",
+            }
         return {
             "schema_version": SCHEMA_VERSION,
             "date": utc_now(),
@@ -336,6 +423,8 @@ class _Loop:
             "methods": overall,
             "suites": per_suite,
             "best_static": best_static,
+            "best_llamacpp_spec": best_llamacpp_spec,
+            "skipped": list(cfg.skipped),
             "runs": [
                 {**asdict(r), "tokens_per_second": metrics.throughput(r.new_tokens, r.seconds)} for r in runs
             ],
@@ -353,6 +442,7 @@ class _Loop:
 def run_bench(config: BenchConfig, out_dir: str | Path | None = None, engine: Engine | None = None) -> dict:
     """Run a bench and return its results; with ``out_dir``, also write results.json,
     report.md and the plots there (also after Ctrl-C, with what was measured)."""
+    config.drop_unbuilt_peers()
     config.validate()
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:

@@ -96,6 +96,10 @@ class Eagle3Config:
 
     @staticmethod
     def from_json_dict(d: dict) -> "Eagle3Config":
+        """Read our own config or a standard EAGLE-3 export (EAGLE/SpecForge layout, or
+        vLLM speculators' ``Eagle3Speculator`` with the layer under ``transformer_layer_config``)."""
+        if isinstance(d.get("transformer_layer_config"), dict):
+            d = {**d["transformer_layer_config"], **{k: v for k, v in d.items() if k != "transformer_layer_config"}}
         names = set(Eagle3Config.__dataclass_fields__)
         kw = {k: v for k, v in d.items() if k in names}
         if not kw.get("eagle_aux_hidden_state_layer_ids"):
@@ -292,6 +296,7 @@ class Eagle3Head(nn.Module):
         if "d2t" not in state:  # full-vocabulary head
             state["d2t"] = torch.zeros(cfg.draft_vocab_size, dtype=torch.long)
             state["t2d"] = torch.ones(cfg.vocab_size, dtype=torch.bool)
+        state["d2t"] = state["d2t"].to(torch.long)  # exports store int64; older files any int type
         state["t2d"] = state["t2d"].to(torch.bool)
         try:
             head.load_state_dict(state, strict=True)
