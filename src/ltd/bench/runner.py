@@ -20,7 +20,7 @@ import torch
 
 from ltd.bench import metrics
 from ltd.bench.machine import machine_info, utc_now
-from ltd.bench.methods import BASELINE, MethodRunner, MethodSpec, Sampling, check_available, resolve_assistant
+from ltd.bench.methods import BASELINES, MethodRunner, MethodSpec, Sampling, check_available, resolve_assistant
 from ltd.bench.suites import Question
 from ltd.engine import Engine, GenerateResult
 from ltd.errors import LtdError
@@ -64,6 +64,13 @@ class BenchConfig:
     prompt_lookup_tokens: int = 10
     grid: GridSpec | None = None
     source: dict = field(default_factory=dict)
+    backend: str = "hf"
+    threads: int | None = None
+
+    @property
+    def baseline(self) -> str:
+        """``hf`` on transformers, ``llama.cpp`` on llama.cpp: what every ratio is against."""
+        return BASELINES[self.backend]
 
     def validate(self) -> None:
         if self.repeats < 1:
@@ -74,8 +81,10 @@ class BenchConfig:
             raise LtdError(f"--temperature must be >= 0, got {self.temperature}")
         if not self.questions:
             raise LtdError("no questions to run; check --suites/--questions and --limit")
-        if not self.methods or self.methods[0].kind != BASELINE:
-            raise LtdError("the method list must start with the hf baseline (parse it with parse_methods)")
+        if self.backend not in BASELINES:
+            raise LtdError(f"unknown backend {self.backend!r}; choose one of {', '.join(BASELINES)}")
+        if not self.methods or self.methods[0].kind != self.baseline:
+            raise LtdError(f"the method list must start with the {self.baseline} baseline (parse it with parse_methods)")
         check_available(self.methods)
 
     def to_json(self) -> dict:
@@ -91,6 +100,8 @@ class BenchConfig:
             "seed": self.seed,
             "device": self.device,
             "dtype": self.dtype,
+            "backend": self.backend,
+            "threads": self.threads,
             "multi_turn": self.multi_turn,
             "warmup": self.warmup,
             "prompt_lookup_tokens": self.prompt_lookup_tokens,
@@ -142,15 +153,18 @@ def encode_turns(engine: Engine, turns: Sequence[str], replies: Sequence[str]) -
 
 
 @torch.inference_mode()
-def reference_margin(model: torch.nn.Module, prompt: Sequence[int], reference: Sequence[int], position: int, other: int | None) -> dict:
+def reference_margin(backend, prompt: Sequence[int], reference: Sequence[int], position: int, other: int | None) -> dict:
     """Top-2 logit margin of the target after prompt + reference[:position].
 
-    One plain forward (no cache, no tree mask): a margin below ~1e-4 means the two
-    outputs differ at a numerical tie; anything larger points at a bug.
+    One plain causal pass through the backend (no tree): a margin below ~1e-4 means the
+    two outputs differ at a numerical tie; anything larger points at a bug.
     """
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(prompt) + list(reference[:position])], dtype=torch.long, device=device)
-    logits = model(input_ids=ids).logits[0, -1].float()
+    ids = list(prompt) + list(reference[:position])
+    backend.reset()
+    try:
+        logits = backend.score(ids, list(range(-1, len(ids) - 1)), last_only=True).logits[-1].float()
+    finally:
+        backend.reset()
     top = torch.topk(logits, 2)
     out = {
         "reference_top2_margin": float(top.values[0] - top.values[1]),
@@ -240,7 +254,7 @@ class _Loop:
                 bar.set_postfix_str(f"{q.suite} {label}", refresh=False)
                 res = runner.run(prompt, sampling)
                 self._record(q, key, rep, label, prompt, res)
-                if label == BASELINE and rep == 0:
+                if label == self.config.baseline and rep == 0:
                     reply = res.text
                 bar.update(1)
         return reply
@@ -250,7 +264,7 @@ class _Loop:
         self.runs.append(metrics.Run(label, key, q.suite, rep, res.new_tokens, res.seconds, res.cycles, mean_acc))
         if not self.sampling.greedy:
             return
-        if label == BASELINE:
+        if label == self.config.baseline:
             self.references.setdefault(key, list(res.tokens))
             return
         ref = self.references.get(key)
@@ -265,7 +279,6 @@ class _Loop:
     # -- results ---------------------------------------------------------------------
     def mismatch_report(self, with_margins: bool) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = {}
-        model = self.engine.target.model
         for label, per in self.mismatches.items():
             rows = []
             for mm in per.values():
@@ -280,11 +293,11 @@ class _Loop:
                     "output_length": len(mm.output),
                 }
                 if with_margins:
-                    row.update(reference_margin(model, mm.prompt, mm.reference, pos, row["output_token"]))
+                    row.update(reference_margin(self.engine.backend, mm.prompt, mm.reference, pos, row["output_token"]))
                     margin = row["reference_top2_margin"]
                     row["numerical_tie"] = margin < TIE_MARGIN
                     if not row["numerical_tie"]:
-                        log.warning("%s differs from hf on %s at token %d with margin %.3g: likely a bug", label, mm.prompt_key, pos, margin)
+                        log.warning("%s differs from the baseline on %s at token %d with margin %.3g: likely a bug", label, mm.prompt_key, pos, margin)
                 rows.append(row)
             out[label] = rows
         return out
@@ -305,7 +318,7 @@ class _Loop:
         cfg = self.config
         labels = [m.label for m in cfg.methods]
         runs = self.complete_runs()
-        overall, per_suite = metrics.summarize_all(runs, labels, BASELINE, self.matches if self.sampling.greedy else None)
+        overall, per_suite = metrics.summarize_all(runs, labels, cfg.baseline, self.matches if self.sampling.greedy else None)
         mismatches = self.mismatch_report(with_margins)
         for label, summary in overall.items():
             summary["mismatches"] = mismatches.get(label, [])
@@ -322,14 +335,14 @@ class _Loop:
                 "speedup": overall[best]["speedup"],
                 "tokens_per_second": overall[best]["tokens_per_second"],
                 "selected_on": sorted(per_suite),
-                "criterion": "median pairwise speedup over hf",
+                "criterion": f"median pairwise speedup over {cfg.baseline}",
             }
         return {
             "schema_version": SCHEMA_VERSION,
             "date": utc_now(),
             "started": self.started,
             "interrupted": self.interrupted,
-            "baseline": BASELINE,
+            "baseline": cfg.baseline,
             "config": cfg.to_json(),
             "machine": machine_info(cfg.dtype, cfg.device),
             "warmup_seconds": round(self.warmup_seconds, 3),
@@ -359,7 +372,10 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, engine: En
         out.mkdir(parents=True, exist_ok=True)
     if engine is None:
         t0 = time.perf_counter()
-        engine = Engine.load(config.model, drafter=config.drafter, device=config.device, dtype=config.dtype)
+        engine = Engine.load(
+            config.model, drafter=config.drafter, device=config.device, dtype=config.dtype,
+            backend=config.backend, threads=config.threads,
+        )
         log.info("models loaded in %.1f s", time.perf_counter() - t0)
     loop = _Loop(config, engine, out)
     loop.run()
