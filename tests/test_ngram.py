@@ -114,3 +114,35 @@ def test_engine_loads_the_ngram_spec():
 
     assert isinstance(load_drafter("ngram:2", target=None), NgramDrafter)
     assert isinstance(load_drafter("none", target=None), NullDrafter)
+
+
+def test_hybrid_merges_candidates_by_best_score():
+    from ltd.drafting.hybrid import merge_candidates
+
+    ninf = -math.inf
+    t, lp = merge_candidates(
+        torch.tensor([[5, 6, 0]]), torch.tensor([[-0.1, -2.0, ninf]]),
+        torch.tensor([[6, 7, 8]]), torch.tensor([[-0.5, -1.0, -3.0]]), 3,
+    )
+    assert t.tolist() == [[5, 6, 7]]
+    assert lp[0].tolist() == pytest.approx([-0.1, -0.5, -1.0])
+
+
+def test_hybrid_is_lossless_on_hf(tiny_model, other_model, tiny_backend):
+    from ltd.backends.hf import HFBackend
+    from ltd.drafting.hybrid import HybridDrafter
+    from ltd.drafting.lm import LMDrafter
+
+    prompt = [3, 17, 42, 8, 77, 5, 23, 3, 17, 42, 8, 61, 9, 3, 17]
+    ref = hf_greedy(tiny_model, prompt, 30)
+    drafter = HybridDrafter(NgramDrafter(), LMDrafter(HFBackend(other_model)))
+    got, _ = run_decode(tiny_backend, drafter, StaticController(depth=3, topk=3, size=6), prompt, 30)
+    assert_same_tokens(got, ref, tiny_model, prompt, "hybrid")
+
+
+def test_hybrid_spec_errors():
+    from ltd.drafting.hybrid import split_hybrid_spec
+
+    assert split_hybrid_spec("hybrid:ngram:4+self") == ("ngram:4", "self")
+    with pytest.raises(LtdError):
+        split_hybrid_spec("hybrid:self")

@@ -133,7 +133,8 @@ def load_drafter(
 ) -> Drafter:
     """Build a drafter from a spec.
 
-    ``none``; ``ngram`` or ``ngram:N`` (continuations found in the text so far); ``self``
+    ``none``; ``ngram`` or ``ngram:N`` (continuations found in the text so far);
+    ``hybrid:ngram[:N]+SPEC`` (n-gram and another drafter merged in one tree); ``self``
     (the target drafting for itself); ``builtin:NAME`` (a head shipped in the package); a
     directory holding an EAGLE-3 head (config.json with ``LlamaForCausalLMEagle3``); or
     any model argument accepted by :func:`load_model` (an independent small LM with the
@@ -149,6 +150,12 @@ def load_drafter(
         from ltd.drafting.ngram import parse_ngram_spec
 
         return parse_ngram_spec(spec)
+    if spec.startswith("hybrid:"):
+        from ltd.drafting.hybrid import HybridDrafter, split_hybrid_spec
+
+        ngram_spec, model_spec = split_hybrid_spec(spec)
+        model_drafter = load_drafter(model_spec, target, device, dtype, target_backend, threads)
+        return HybridDrafter(load_drafter(ngram_spec, target), model_drafter)
     if target is None:
         raise LtdError(f"drafter {spec!r} needs a target model")
     if _is_llamacpp(target_backend):
