@@ -63,7 +63,13 @@ def reference(lmodel):
 
 
 def chain_logits(b, tokens):
-    """Logits after each token of ``tokens``, decoded as one plain chain from scratch."""
+    """Logits after each token of ``tokens``, decoded as one plain chain from scratch.
+
+    llama.cpp's kernels give the same logits for a token whatever the size of its batch,
+    as long as the batch has two or more tokens; a one-token batch takes another path
+    (logits differ by up to ~0.7 on SmolLM2 Q4_1). So these comparisons always score at
+    least two tokens, or compare a one-token batch with a one-token batch.
+    """
     b.reset()
     out = b.score(tokens, list(range(-1, len(tokens) - 1))).logits
     b.reset()
@@ -92,7 +98,7 @@ def test_tree_logits_equal_sequential_decoding(backend, reference):
             n = parents[n]
         want = chain_logits(reference, PROMPT + path[::-1])[-1]
         diff = float((tree[node] - want).abs().max())
-        assert diff < 1e-3, f"node {node}: max |tree - sequential| = {diff}"
+        assert diff == 0.0, f"node {node}: max |tree - sequential| = {diff}"
 
 
 def test_incremental_levels_equal_one_batch(backend):
@@ -107,7 +113,9 @@ def test_incremental_levels_equal_one_batch(backend):
     pieces = [backend.score(tokens[lo:hi], parents[lo:hi]).logits for lo, hi in [(0, 2), (2, 4), (4, 5), (5, 7)]]
     backend.rollback()
     got = torch.cat(pieces)
-    assert float((got - whole).abs().max()) < 1e-3
+    # the one-node pieces (4, 5) are one-token batches: compare the multi-token pieces exactly
+    rows = [0, 1, 2, 3, 5, 6]
+    assert float((got[rows] - whole[rows]).abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("keep_leaf", [3, 6, 5])
@@ -131,7 +139,7 @@ def test_commit_leaves_the_cache_as_sequential_decoding(backend, reference, keep
     got = backend.score(nxt, [-1, 0]).logits
     backend.rollback()
     want = chain_logits(reference, PROMPT + [tokens[i] for i in path] + nxt)[-2:]
-    assert float((got - want).abs().max()) < 1e-3
+    assert float((got - want).abs().max()) == 0.0
     # after a rollback the same continuation scores the same again
     again = backend.score(nxt, [-1, 0]).logits
     backend.rollback()
@@ -148,8 +156,12 @@ def test_empty_commit_and_rollback_keep_the_context(backend, reference):
     backend.rollback()
     got = backend.score([14], [-1]).logits
     backend.rollback()
-    want = chain_logits(reference, PROMPT + [14])[-1:]
-    assert float((got - want).abs().max()) < 1e-3
+    reference.reset()
+    reference.score(PROMPT, list(range(-1, len(PROMPT) - 1)))
+    reference.commit(list(range(len(PROMPT))))
+    want = reference.score([14], [-1]).logits  # a one-token batch, like ``got``
+    reference.reset()
+    assert float((got - want).abs().max()) == 0.0
 
 
 def test_bad_commits_are_refused(backend):

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'ltd[llamacpp]' (builds llama-cpp-python==0.3.36 from source, a few minutes)"
 DEFAULT_N_CTX = 4096
 DEFAULT_TREE_ROOM = 512  # KV cells beyond max_context for the speculative entries of a tree
-DEFAULT_N_SEQ = 128  # path sequences available to a tree (llama.cpp allows up to 256)
+DEFAULT_N_SEQ = 128
+FLASH_ATTN_DISABLED = 0  # llama_flash_attn_type: -1 auto, 0 disabled, 1 enabled  # path sequences available to a tree (llama.cpp allows up to 256)
 
 
 def import_llama_cpp():
@@ -182,6 +183,10 @@ class LlamaCppBackend:
         params.n_threads_batch = self.threads
         params.kv_unified = True
         params.no_perf = True
+        # Flash attention off: its CPU kernel gave different logits (0.4 on SmolLM2) when a
+        # rejected branch left a free cell before an accepted one, so the cache after a
+        # commit no longer matched sequential decoding. Without it they are bit-identical.
+        params.flash_attn_type = FLASH_ATTN_DISABLED
         self.n_ctx = n_ctx
         _LAST_ERRORS.clear()
         ctx = lc.llama_init_from_model(model.ptr, params)
