@@ -251,3 +251,28 @@ def test_corrupt_gguf_is_a_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(LtdError, match="does not exist"):
         LlamaCppModel(tmp_path / "missing.gguf")
+
+
+def test_server_on_llamacpp_streams_the_engine_output():
+    """``ltd serve --backend llamacpp``: streamed and whole answers equal Engine.generate."""
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from ltd.engine import Engine, GenerateConfig
+    from ltd.serve.app import create_app
+    from ltd.serve.background import BackgroundServer
+    from ltd.serve.settings import ServeSettings
+
+    engine = Engine.load("smollm2-135m", drafter="ngram", backend="llamacpp", threads=1)
+    tree = dict(depth=3, topk=2, size=4)
+    prompt = "Say hello twice."
+    ref = engine.generate(engine.encode(prompt), GenerateConfig(method="static", max_new_tokens=12, **tree))
+    srv = BackgroundServer(create_app(engine, ServeSettings(model_name="m", method="static", **tree))).start()
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        msgs = [{"role": "user", "content": prompt}]
+        full = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0)
+        assert full.choices[0].message.content == ref.text
+        chunks = client.chat.completions.create(model="m", messages=msgs, max_tokens=12, temperature=0, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    finally:
+        srv.stop()
