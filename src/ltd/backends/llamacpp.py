@@ -76,6 +76,14 @@ def _last_error() -> str:
     return _LAST_ERRORS[-1].strip() if _LAST_ERRORS else "no details from llama.cpp"
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class LlamaCppModel:
     """A GGUF model loaded by llama.cpp (weights shared by every context made from it)."""
 
@@ -168,7 +176,7 @@ class LlamaCppBackend:
         self.max_context = int(max_context or min(model.n_ctx_train or DEFAULT_N_CTX, DEFAULT_N_CTX))
         if threads is not None and threads < 1:
             raise LtdError(f"--threads must be at least 1, got {threads}")
-        self.threads = int(threads or os.cpu_count() or 1)
+        self.threads = int(threads or usable_cpus())
         self.device = "llama.cpp"
         if not 2 <= n_seq <= 256:
             raise ValueError("n_seq must be in [2, 256] (llama.cpp's LLAMA_MAX_SEQ)")
