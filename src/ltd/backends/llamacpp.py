@@ -39,13 +39,55 @@ FLASH_ATTN_DISABLED = 0  # llama_flash_attn_type: -1 auto, 0 disabled, 1 enabled
 
 
 def import_llama_cpp():
-    """The ``llama_cpp`` module, or a one-line error saying how to install it."""
+    """The ``llama_cpp`` module, or a one-line error saying how to install it.
+
+    With ``LTD_LLAMACPP_EXACT=1`` it also turns off ggml's tiled K-quant matmul
+    (``GGML_CPU_TILED_MM=0``, read once at the first matmul), which computes batches of 8+
+    rows on other kernels than smaller ones; see :func:`exact_kernels`.
+    """
+    if exact_kernels():
+        os.environ.setdefault("GGML_CPU_TILED_MM", "0")
     try:
         import llama_cpp
     except ImportError:
         raise LtdError(f"--backend llamacpp needs llama-cpp-python: {INSTALL_HINT}") from None
     _route_native_logs(llama_cpp)
+    _warn_batch_dependent_kernels(llama_cpp)
     return llama_cpp
+
+
+_WARNED = False
+
+
+def exact_kernels() -> bool:
+    """``LTD_LLAMACPP_EXACT=1``: make a token's logits independent of its batch size.
+
+    Stock llama.cpp computes one token, 2-3 tokens and 4+ tokens on different CPU kernels
+    (llamafile sgemm, repacked K-quant weights, tiled matmul), so a verified tree can
+    leave plain decoding's greedy text at a near-tie. Exact mode turns off the runtime
+    ones (repacked weights, tiled matmul); with llama-cpp-python built with
+    ``CMAKE_ARGS=-DGGML_LLAMAFILE=OFF`` logits are then bit-identical for every batch
+    size (measured on SmolLM2 Q4_1 and Qwen2.5-Coder Q4_K_M) but batches get slower.
+    """
+    return os.environ.get("LTD_LLAMACPP_EXACT", "0") not in ("", "0")
+
+
+def batch_dependent_kernels(llama_cpp) -> bool:
+    """True when llama.cpp was built with llamafile's sgemm, which computes batches of 2+
+    (or 4+) tokens on other kernels than one token: logits then depend on batch size."""
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return "LLAMAFILE = 1" in info
+
+
+def _warn_batch_dependent_kernels(llama_cpp) -> None:
+    global _WARNED
+    if not _WARNED and batch_dependent_kernels(llama_cpp):
+        _WARNED = True
+        log.info(
+            "llama-cpp-python was built with llamafile kernels: greedy tree outputs may differ from plain decoding "
+            "at near-ties; for exact outputs set LTD_LLAMACPP_EXACT=1 and reinstall with CMAKE_ARGS=-DGGML_LLAMAFILE=OFF "
+            "pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python==0.3.36 (batches get slower)"
+        )
 
 
 _NATIVE_LOG = logging.getLogger("ltd.llama_cpp")
@@ -95,6 +137,7 @@ class LlamaCppModel:
         lc = self.llama_cpp
         lc.llama_backend_init()
         params = lc.llama_model_default_params()
+        params.use_extra_bufts = not exact_kernels()  # repacked weights: another kernel for 4+ rows
         _LAST_ERRORS.clear()
         ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
