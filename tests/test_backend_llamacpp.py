@@ -184,6 +184,19 @@ def _greedy_reference(backend, prompt, n):
     return backend.greedy_generate(prompt, n)
 
 
+def _tie_margin(lmodel) -> float:
+    """Margin below which a greedy difference is numerics, not a bug.
+
+    With stock kernels a token's logits depend on its batch size (up to ~0.7 on SmolLM2,
+    README "Batch-size numerics"), so a tree run may leave the one-token loop at a
+    near-tie; without them (llamafile off, LTD_LLAMACPP_EXACT=1) outputs must be equal.
+    """
+    from ltd.backends.llamacpp import batch_dependent_kernels, exact_kernels
+
+    exact = exact_kernels() and not batch_dependent_kernels(lmodel.llama_cpp)
+    return TIE if exact else 1.0
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 2, 4), (4, 4, 10)])
 def test_greedy_is_lossless_with_every_drafter(lmodel, backend, shape):
     """The keystone on this backend: ar and static equal llama.cpp's plain greedy loop."""
@@ -204,7 +217,8 @@ def test_greedy_is_lossless_with_every_drafter(lmodel, backend, shape):
             logits = backend.score(ctx, list(range(-1, len(ctx) - 1))).logits[-1]
             backend.reset()
             margin = float(torch.topk(logits, 2).values.diff().abs())
-            assert margin < TIE, f"{name} {shape}: differs at {pos} with reference top-2 margin {margin:.3g}"
+            assert name != "none", f"ar differs from the plain loop at {pos}: a bug (both decode one token at a time)"
+            assert margin < _tie_margin(lmodel), f"{name} {shape}: differs at {pos} with reference top-2 margin {margin:.3g}"
         if name == "self":
             assert sum(r.num_accepted for r in results[1:]) > 0  # the target drafting for itself is accepted
 
