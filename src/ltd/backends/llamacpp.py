@@ -202,6 +202,16 @@ class LlamaCppBackend:
 
     dtype = "gguf"  # weights stay quantized as stored in the GGUF
 
+    @property
+    def tie_margin(self) -> float:
+        """Top-2 margin below which a greedy difference from plain decoding is numerics.
+
+        1e-4 with batch-size-independent kernels; with stock kernels a token's logits
+        move by up to ~0.7 with its batch size (README, "Batch-size numerics").
+        """
+        exact = exact_kernels() and not batch_dependent_kernels(self.lc)
+        return 1e-4 if exact else 1.0
+
     def __init__(
         self,
         model: LlamaCppModel,
