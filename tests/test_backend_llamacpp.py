@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -187,14 +188,13 @@ def _greedy_reference(backend, prompt, n):
 def _tie_margin(lmodel) -> float:
     """Margin below which a greedy difference is numerics, not a bug.
 
-    With stock kernels a token's logits depend on its batch size (up to ~0.7 on SmolLM2,
-    README "Batch-size numerics"), so a tree run may leave the one-token loop at a
-    near-tie; without them (llamafile off, LTD_LLAMACPP_EXACT=1) outputs must be equal.
+    A token's logits depend on its batch size with stock kernels (up to ~0.7 on SmolLM2)
+    and on the KV cell order otherwise (README "Batch-size numerics"), so a tree run may
+    leave the one-token loop at a near-tie: the backend's measured ``tie_margin``.
     """
-    from ltd.backends.llamacpp import batch_dependent_kernels, exact_kernels
+    from ltd.backends.llamacpp import LlamaCppBackend
 
-    exact = exact_kernels() and not batch_dependent_kernels(lmodel.llama_cpp)
-    return TIE if exact else 1.0
+    return LlamaCppBackend.tie_margin.fget(SimpleNamespace(lc=lmodel.llama_cpp))
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 2, 4), (4, 4, 10)])
