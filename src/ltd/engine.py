@@ -1,7 +1,9 @@
 """One entry point for every generation method.
 
 ``hf`` is transformers' own greedy/sampling ``generate`` (the reference users would
-otherwise run); ``ar`` is our cycle with depth 0 (plain decoding with a KV cache);
+otherwise run) and ``llama.cpp`` its counterpart on the llama.cpp backend (a plain greedy
+loop through the same bindings); ``ar`` is our cycle with depth 0 (plain decoding with a
+KV cache);
 ``static`` is tree speculative decoding with fixed depth, branching and size. Learned
 controllers plug in as other controllers of the same cycle.
 """
@@ -17,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from ltd.acceptance import SamplingConfig
+from ltd.backends.base import Backend
 from ltd.backends.hf import HFBackend
 from ltd.control import Controller, StaticController, validate_static
 from ltd.cycle import CycleResult, decode
@@ -28,7 +31,15 @@ from ltd.registry import REGISTRY
 
 log = logging.getLogger(__name__)
 
-METHODS = ("hf", "ar", "static", "ltd", "heuristic")
+METHODS = ("hf", "llama.cpp", "ar", "static", "ltd", "heuristic")
+BACKENDS = ("hf", "llamacpp")
+#: the library's own plain decoding on each backend: the reference outputs and speeds
+REFERENCE_METHOD = {"hf": "hf", "llamacpp": "llama.cpp"}
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise LtdError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 ASSETS = Path(__file__).parent / "assets" / "drafters"
 POLICY_ASSETS = Path(__file__).parent / "assets" / "policies"
 
@@ -95,30 +106,60 @@ def builtin_drafter_dir(name: str) -> Path:
     return ASSETS / name
 
 
-def default_drafter_spec(model_name: str) -> str:
-    """The drafter used when none is given: the registry's choice when it is available."""
+def default_drafter_spec(model_name: str, backend: str = "hf") -> str:
+    """The drafter used when none is given: the registry's choice when it is available.
+
+    EAGLE-3 heads need target features, which llama.cpp does not give: there the
+    n-gram drafter stands in for them.
+    """
     entry = REGISTRY.get(model_name)
     if entry is None or not entry.default_drafter:
-        return "none"
+        return "ngram" if backend == "llamacpp" else "none"
     spec = entry.default_drafter
+    if backend == "llamacpp" and spec.startswith("builtin:"):
+        return "ngram"
     if spec.startswith("builtin:") and not (builtin_drafter_dir(spec.split(":", 1)[1]) / "config.json").is_file():
         return "none"
     return spec
 
 
-def load_drafter(spec: str, target: LoadedModel, device: str = "cpu", dtype: str | torch.dtype = "float32") -> Drafter:
+def load_drafter(
+    spec: str,
+    target: LoadedModel | None,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    target_backend: Backend | None = None,
+    threads: int | None = None,
+) -> Drafter:
     """Build a drafter from a spec.
 
-    ``none``; ``self`` (the target drafting for itself); ``builtin:NAME`` (a head shipped
-    in the package); a directory holding an EAGLE-3 head (config.json with
-    ``LlamaForCausalLMEagle3``); or any model argument accepted by :func:`load_model`
-    (an independent small LM with the same tokenizer).
+    ``none``; ``ngram`` or ``ngram:N`` (continuations found in the text so far);
+    ``hybrid:ngram[:N]+SPEC`` (n-gram and another drafter merged in one tree); ``self``
+    (the target drafting for itself); ``builtin:NAME`` (a head shipped in the package); a
+    directory holding an EAGLE-3 head (config.json with ``LlamaForCausalLMEagle3``); or
+    any model argument accepted by :func:`load_model` (an independent small LM with the
+    same tokenizer). On a llama.cpp target (``target_backend``), model drafters run on
+    llama.cpp too, with ``threads``.
     """
     from ltd.drafting.eagle3 import Eagle3Drafter, Eagle3Head, check_head_matches_target
     from ltd.drafting.lm import LMDrafter
 
     if spec in ("", "none"):
         return NullDrafter()
+    if spec == "ngram" or spec.startswith("ngram:"):
+        from ltd.drafting.ngram import parse_ngram_spec
+
+        return parse_ngram_spec(spec)
+    if spec.startswith("hybrid:"):
+        from ltd.drafting.hybrid import HybridDrafter, split_hybrid_spec
+
+        ngram_spec, model_spec = split_hybrid_spec(spec)
+        model_drafter = load_drafter(model_spec, target, device, dtype, target_backend, threads)
+        return HybridDrafter(load_drafter(ngram_spec, target), model_drafter)
+    if target is None:
+        raise LtdError(f"drafter {spec!r} needs a target model")
+    if _is_llamacpp(target_backend):
+        return _load_llamacpp_drafter(spec, target, target_backend, threads)
     if spec == "self":
         return LMDrafter(HFBackend(target.model))
     head_dir: Path | None = None
@@ -141,6 +182,52 @@ def load_drafter(spec: str, target: LoadedModel, device: str = "cpu", dtype: str
             "choose a drafter from the same model family"
         )
     return LMDrafter(HFBackend(drafter_model.model))
+
+
+def _is_llamacpp(backend: Backend | None) -> bool:
+    return backend is not None and type(backend).__name__ == "LlamaCppBackend"
+
+
+def _load_llamacpp_drafter(spec: str, target: LoadedModel, target_backend: Backend, threads: int | None) -> Drafter:
+    """A model drafter on llama.cpp: the target's own weights (``self``) or a small GGUF LM."""
+    from ltd.backends.llamacpp import LlamaCppBackend, LlamaCppModel
+    from ltd.drafting.lm import LMDrafter
+    from ltd.models import load_tokenizer_only, resolve_gguf
+
+    if spec.startswith("builtin:") or (Path(spec).is_dir() and _is_eagle3_dir(Path(spec))):
+        raise LtdError(
+            f"drafter {spec!r} is an EAGLE-3 head, which needs target features the llamacpp backend does not give; "
+            "use --drafter with a small model or ngram, or --backend hf"
+        )
+    if spec == "self":
+        return LMDrafter(LlamaCppBackend(target_backend.model, threads=threads, max_context=target_backend.max_context))
+    gguf = resolve_gguf(spec)
+    tok, _ = load_tokenizer_only(spec, gguf)
+    if tok.get_vocab() != target.tokenizer.get_vocab():
+        raise LtdError(
+            f"drafter {spec!r} uses a different tokenizer (vocabulary {len(tok)}) from the target "
+            f"(vocabulary {len(target.tokenizer)}); choose a drafter from the same model family"
+        )
+    backend = LlamaCppBackend(LlamaCppModel(gguf), threads=threads, max_context=target_backend.max_context)
+    if backend.vocab_size != target_backend.vocab_size:
+        raise LtdError(
+            f"drafter {spec!r} scores {backend.vocab_size} tokens but the target {target_backend.vocab_size}; "
+            "choose a drafter from the same model family"
+        )
+    return LMDrafter(backend)
+
+
+def load_llamacpp_target(model: str, threads: int | None = None, fetch: bool = False) -> tuple[LoadedModel, Backend]:
+    """A GGUF target on llama.cpp with the HF tokenizer (no dense weights are loaded)."""
+    from ltd.backends.llamacpp import LlamaCppBackend, LlamaCppModel, check_tokenizer
+    from ltd.models import load_tokenizer_only, resolve_gguf
+
+    gguf = resolve_gguf(model, fetch=fetch)
+    lmodel = LlamaCppModel(gguf)
+    tok, eos = load_tokenizer_only(model, gguf)
+    check_tokenizer(lmodel, tok, model)
+    target = LoadedModel(name=model, model=None, tokenizer=tok, source_dir=gguf.parent, generation_eos=eos)
+    return target, LlamaCppBackend(lmodel, threads=threads)
 
 
 def default_policy_dir(model_name: str) -> Path:
@@ -176,12 +263,18 @@ def _is_eagle3_dir(path: Path) -> bool:
 class Engine:
     """A target model with its backend and drafter, ready to generate."""
 
-    def __init__(self, target: LoadedModel, drafter: Drafter | None = None) -> None:
+    def __init__(self, target: LoadedModel, drafter: Drafter | None = None, backend: Backend | None = None) -> None:
         self.target = target
-        self.backend = HFBackend(target.model)
+        self.backend = backend if backend is not None else HFBackend(target.model)
+        self.backend_name = "llamacpp" if _is_llamacpp(self.backend) else "hf"
         self.drafter = drafter or NullDrafter()
         self.online = None  # an OnlineLearner when online adaptation is on
         self._policies: dict[str, tuple] = {}  # loaded once per directory, not inside each timed request
+
+    @property
+    def reference_method(self) -> str:
+        """The library's own plain decoding on this backend (``hf`` or ``llama.cpp``)."""
+        return REFERENCE_METHOD[self.backend_name]
 
     def enable_online(self, variant: str, state_dir: str | None = None, **overrides) -> "object":
         """Adapt the EAGLE-3 head online from verification feedback (``--online VARIANT``)."""
@@ -194,10 +287,23 @@ class Engine:
         return learner
 
     @staticmethod
-    def load(model: str, drafter: str | None = None, device: str = "cpu", dtype: str = "float32") -> "Engine":
+    def load(
+        model: str,
+        drafter: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        backend: str = "hf",
+        threads: int | None = None,
+    ) -> "Engine":
+        """Load a target and drafter. ``backend`` is ``hf`` (transformers, ``device`` and
+        ``dtype`` apply) or ``llamacpp`` (the GGUF as stored, on ``threads`` CPU threads)."""
+        check_backend(backend)
+        spec = default_drafter_spec(model, backend) if drafter is None else drafter
+        log.info("target %s on %s, drafter %s", model, backend, spec)
+        if backend == "llamacpp":
+            target, target_backend = load_llamacpp_target(model, threads=threads)
+            return Engine(target, load_drafter(spec, target, target_backend=target_backend, threads=threads), target_backend)
         target = load_model(model, device=device, dtype=dtype)
-        spec = default_drafter_spec(model) if drafter is None else drafter
-        log.info("target %s, drafter %s", model, spec)
         return Engine(target, load_drafter(spec, target, device=device, dtype=dtype))
 
     def encode(self, text: str, chat: bool = True) -> list[int]:
@@ -224,7 +330,7 @@ class Engine:
     def stream(self, prompt: list[int], cfg: GenerateConfig, controller: Controller | None = None) -> Iterator[CycleResult]:
         """Cycle results of a speculative generation (methods ar/static or a custom controller)."""
         cfg.validate()
-        if cfg.method not in ("hf", "ar") and controller is None and isinstance(self.drafter, NullDrafter):
+        if cfg.method not in ("hf", "llama.cpp", "ar") and controller is None and isinstance(self.drafter, NullDrafter):
             raise LtdError(f"method {cfg.method} needs a drafter; pass --drafter (e.g. self, a model, or an EAGLE-3 head)")
         ctrl = controller or self.controller_for(cfg)
         topk = getattr(ctrl, "topk", None) or cfg.topk
@@ -250,8 +356,11 @@ class Engine:
         on_cycle: Callable[[CycleResult], None] | None = None,
     ) -> GenerateResult:
         cfg.validate()
+        self._check_method(cfg.method)
         if cfg.method == "hf" and controller is None:
             return self._generate_hf(prompt, cfg)
+        if cfg.method == "llama.cpp" and controller is None:
+            return self._generate_llamacpp(prompt, cfg)
         t0 = time.perf_counter()
         tokens: list[int] = []
         log_: list[CycleResult] = []
@@ -264,6 +373,28 @@ class Engine:
         cycles = len(log_) - 1
         added = sum(r.num_accepted + 1 for r in log_[1:])
         return self._result(cfg.method, tokens, seconds, cycles, added / cycles if cycles else 1.0, log_)
+
+    def _check_method(self, method: str) -> None:
+        """``hf`` needs transformers weights, ``llama.cpp`` the llama.cpp backend."""
+        if method == "hf" and self.backend_name != "hf":
+            raise LtdError("method hf is transformers' generate; on --backend llamacpp use method llama.cpp (or ar)")
+        if method == "llama.cpp" and self.backend_name != "llamacpp":
+            raise LtdError("method llama.cpp needs --backend llamacpp; on the hf backend use method hf (or ar)")
+
+    def _generate_llamacpp(self, prompt: list[int], cfg: GenerateConfig) -> GenerateResult:
+        if not cfg.sampling.greedy:
+            raise LtdError("method llama.cpp decodes greedily only; use --method ar (or static) with --temperature")
+        if not prompt:
+            raise LtdError("the prompt is empty; give some text with --prompt")
+        if len(prompt) + cfg.max_new_tokens > self.backend.max_context:
+            raise LtdError(
+                f"prompt ({len(prompt)} tokens) + max-new-tokens ({cfg.max_new_tokens}) exceeds the model's context "
+                f"of {self.backend.max_context}; shorten the prompt or lower --max-new-tokens"
+            )
+        t0 = time.perf_counter()
+        tokens = self.backend.greedy_generate(prompt, cfg.max_new_tokens, self.target.eos_token_ids)
+        seconds = time.perf_counter() - t0
+        return self._result("llama.cpp", tokens, seconds, len(tokens), 1.0)
 
     def _result(self, method, tokens, seconds, cycles, mean_accepted, log_=None) -> GenerateResult:
         text = self.target.tokenizer.decode(tokens, skip_special_tokens=True)

@@ -42,15 +42,16 @@ class LoadedModel:
     """A causal LM with its tokenizer."""
 
     name: str
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None when another backend (llama.cpp) runs the weights
     tokenizer: object
     source_dir: Path | None = None
+    generation_eos: list[int] | None = None  # the generation config's eos when there is no model
 
     @property
     def eos_token_ids(self) -> list[int]:
         ids: list[int] = []
         gen = getattr(self.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else self.generation_eos
         for value in (eos, getattr(self.tokenizer, "eos_token_id", None)):
             if value is None:
                 continue
@@ -151,6 +152,58 @@ def load_model(name: str, device: str = "cpu", dtype: str | torch.dtype = "float
     model.to(device)
     model.eval()
     return LoadedModel(name=name, model=model, tokenizer=tok, source_dir=Path(where) if Path(where).exists() else None)
+
+
+def resolve_gguf(name: str, fetch: bool = False) -> Path:
+    """The GGUF file behind a model argument (registry name or ``.gguf`` path), for llama.cpp."""
+    if name in REGISTRY:
+        return registry_gguf(REGISTRY[name], fetch=fetch)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LtdError(f"GGUF file {path} does not exist; check the path")
+        return path
+    raise LtdError(
+        f"model {name!r} is not a GGUF model; --backend llamacpp takes a registry name ({', '.join(sorted(REGISTRY))}) "
+        "or a .gguf file (use --backend hf for Hugging Face models)"
+    )
+
+
+def tokenizer_dir(name: str) -> Path:
+    return cache_root() / "models" / name / "tokenizer"
+
+
+def load_tokenizer_only(name: str, gguf: Path) -> tuple[object, list[int] | None]:
+    """The model's HF tokenizer without its dense weights, and its generation eos ids.
+
+    Both backends must see identical token ids, so llama.cpp runs use the same HF
+    tokenizer as transformers runs. It comes from the converted model directory when
+    there is one, else from the GGUF (slow once: cached as a tokenizer directory).
+    """
+    import json
+
+    from transformers import AutoTokenizer
+
+    candidates = [converted_dir(REGISTRY[name])] if name in REGISTRY else []
+    cached = tokenizer_dir(name if name in REGISTRY else gguf.stem)
+    candidates.append(cached)
+    for d in candidates:
+        if (d / "tokenizer_config.json").is_file():
+            tok = AutoTokenizer.from_pretrained(str(d))
+            eos = None
+            gen = d / "generation_config.json"
+            if gen.is_file():
+                value = json.loads(gen.read_text()).get("eos_token_id")
+                eos = None if value is None else (list(value) if isinstance(value, list) else [value])
+            return tok, eos
+    log.info("reading the tokenizer of %s (once)", gguf.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LtdError(f"cannot read the tokenizer from {gguf} ({first}); re-download the model") from None
+    atomic_dir(cached, lambda tmp: tok.save_pretrained(str(tmp)))
+    return tok, None
 
 
 def encode_prompt(tokenizer, text: str, chat: bool = True) -> list[int]:

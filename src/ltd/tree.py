@@ -99,10 +99,13 @@ def select(tree: Tree, size: int) -> Selection:
     index. A child's cumulative score never exceeds its parent's (log-probabilities are
     <= 0), so with this tie-break every parent ranks before its children and the top-V
     set is closed under "parent of a selected node is selected".
+
+    Nodes scored ``-inf`` are padding from a drafter that had fewer than k candidates
+    (e.g. the n-gram drafter): they are never selected, so they cost no verification.
     """
     if size < 0:
         raise ValueError(f"verification size must be >= 0, got {size}")
-    size = min(size, tree.num_drafted)
+    size = min(size, int(torch.isfinite(tree.scores[1:]).sum()))
     if size == 0:
         chosen = torch.zeros(1, dtype=torch.long)
     else:

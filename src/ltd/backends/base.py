@@ -52,6 +52,7 @@ class Backend(Protocol):
         tokens: Sequence[int] | torch.Tensor,
         parents: Sequence[int] | torch.Tensor,
         feature_layers: Sequence[int] | None = None,
+        last_only: bool = False,
     ) -> TreeOutput:
         """Append nodes as speculative entries and return their logits.
 
@@ -60,6 +61,9 @@ class Backend(Protocol):
         committed context directly. A node sees the committed context, its ancestors and
         itself, at position committed_length + depth. ``feature_layers`` asks for the
         hidden states entering those layers (index into the model's hidden-state list).
+        ``last_only`` returns the last node's logits alone (shape [1, vocab]): a prefill
+        or catch-up chain needs only those, and skipping the LM head on the other rows
+        matters for large vocabularies (152k for Qwen) and long prompts.
         """
 
     def commit(self, keep: Sequence[int] | torch.Tensor) -> None:

@@ -61,6 +61,7 @@ class HFBackend:
         tokens: Sequence[int] | torch.Tensor,
         parents: Sequence[int] | torch.Tensor,
         feature_layers: Sequence[int] | None = None,
+        last_only: bool = False,
     ) -> TreeOutput:
         tokens_t = _as_long(tokens)
         parents_t = _as_long(parents)
@@ -95,6 +96,7 @@ class HFBackend:
             cache=self.cache,
             use_cache=True,
             output_hidden_states=feature_layers is not None,
+            logits_to_keep=1 if last_only else 0,
         )
         self._spec_parents.extend(parents_t.tolist())
         self._spec_depths.extend(new_depths.tolist())

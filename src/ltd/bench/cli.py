@@ -25,7 +25,7 @@ from ltd.registry import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
-DEFAULT_METHODS = "hf,ar,static:5x8x32"
+DEFAULT_METHODS = "ar,static:5x8x32"  # after the backend's baseline (hf or llama.cpp)
 DEFAULT_GRID_SUITE = "alpaca"
 DEFAULT_GRID_DEPTHS = "2,3,4,5,6"
 DEFAULT_GRID_SIZES = "4,8,16,32,48"
@@ -41,7 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="benchmark generation methods side by side (speedup vs transformers generate)",
         description=(
             "Run methods interleaved per prompt on SpecBench-style suites and write results.json, "
-            "report.md and plots. Speedups are pairwise ratios to 'hf' (transformers generate)."
+            "report.md and plots. Speedups are pairwise ratios to the backend's plain decoding: 'hf' "
+            "(transformers generate) or, with --backend llamacpp, 'llama.cpp'."
         ),
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"target model: registry name, HF id or path (default {DEFAULT_MODEL})")
@@ -53,8 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default: ../shared/data/bench from here or the repo root)")
     p.add_argument("--from-hub", action="store_true", help="build the suites from their Hugging Face datasets (needs internet and `datasets`)")
     p.add_argument("--multi-turn", action="store_true", help="run every turn (later turns follow hf's replies); default: first turn only")
-    p.add_argument("--methods", default=None, help=f"comma-separated: hf, ar, static:DxKxV, hf-assisted, prompt-lookup, llama.cpp-spec:TYPE[:N] "
-                        f"(default {DEFAULT_METHODS}; with --grid: hf)")
+    p.add_argument("--methods", default=None, help=f"comma-separated: hf, llama.cpp, ar, static:DxKxV, hf-assisted, prompt-lookup, "
+                        f"llama.cpp-spec:TYPE[:N] (default: the baseline,{DEFAULT_METHODS}; with --grid: the baseline)")
+    p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help="hf (transformers) or llamacpp (the GGUF on llama.cpp; baseline llama.cpp) (default hf)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each suite")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each method per prompt; min/median/max are reported (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -80,7 +82,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of repeat 0 (repeat r uses seed + r)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, also llama.cpp peers' threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch, llama.cpp and llama.cpp peers (default: the library's choice)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each method")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -127,14 +129,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             peer_types = [t.strip() for t in args.grid_peer_types.split(",") if t.strip()]
             peer_lengths = parse_int_list(args.grid_peer_lengths, "--grid-peer-lengths")
             grid_specs += grid_peer_methods(peer_types, peer_lengths)
-        user = parse_methods(args.methods) if args.methods else []
+        user = parse_methods(args.methods, args.backend) if args.methods else []
         user_labels = {m.label for m in user}
-        methods = with_baseline(user + [g for g in grid_specs if g.label not in user_labels])
+        methods = with_baseline(user + [g for g in grid_specs if g.label not in user_labels], args.backend)
         grid = GridSpec(args.grid_suite, depths, sizes, args.topk, peer_types, peer_lengths)
     else:
         if args.grid_peers:
             raise LtdError("--grid-peers extends --grid; add --grid")
-        methods = parse_methods(args.methods or DEFAULT_METHODS)
+        methods = parse_methods(args.methods or DEFAULT_METHODS, args.backend)
     if args.prompt_lookup_tokens < 1:
         raise LtdError(f"--prompt-lookup-tokens must be at least 1, got {args.prompt_lookup_tokens}")
     questions, source = _questions(args)
@@ -157,6 +159,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         prompt_lookup_tokens=args.prompt_lookup_tokens,
         grid=grid,
         source={**source, "limit": args.limit},
+        backend=args.backend,
         threads=args.threads,
     )
     config.validate()

@@ -25,8 +25,10 @@ from ltd.peers.llamacpp_spec import PeerSpec, parse_peer_arg
 log = logging.getLogger(__name__)
 
 BASELINE = "hf"
-OURS = ("hf", "ar", "static", "ltd")
+BASELINES = {"hf": "hf", "llamacpp": "llama.cpp"}  # the library's own plain decoding per backend
+OURS = ("hf", "llama.cpp", "ar", "static", "ltd")
 PEERS = ("hf-assisted", "prompt-lookup")
+HF_ONLY = ("hf", "hf-assisted", "prompt-lookup")  # transformers' generate: needs the hf backend
 PLANNED = ("oracle",)
 KINDS = OURS + PEERS + PLANNED
 DEFAULT_STATIC = (5, 8, 32)
@@ -114,28 +116,40 @@ def parse_method(text: str) -> MethodSpec:
 
 
 def _method_help() -> list[str]:
-    return ["hf", "ar", "static:DxKxV", "hf-assisted", "prompt-lookup", "ltd[:POLICY_DIR]", "oracle", f"{LLAMACPP_SPEC}:TYPE[:N]"]
+    return ["hf", "llama.cpp", "ar", "static:DxKxV", "hf-assisted", "prompt-lookup", "ltd[:POLICY_DIR]", "oracle", f"{LLAMACPP_SPEC}:TYPE[:N]"]
 
 
-def parse_methods(text: str) -> list[MethodSpec]:
-    """Parse a comma-separated list; the ``hf`` baseline is added first when missing."""
+def baseline_for(backend: str) -> str:
+    """The reference method of a backend: ``hf`` (transformers) or ``llama.cpp``."""
+    return BASELINES[backend]
+
+
+def parse_methods(text: str, backend: str = "hf") -> list[MethodSpec]:
+    """Parse a comma-separated list; the backend's baseline is added first when missing."""
     specs = [parse_method(part) for part in text.split(",") if part.strip()]
     if not specs:
         raise LtdError(f"--methods is empty; choose from {', '.join(_method_help())}")
-    return with_baseline(specs)
+    return with_baseline(specs, backend)
 
 
-def with_baseline(specs: Sequence[MethodSpec]) -> list[MethodSpec]:
-    """Deduplicate-check and put ``hf`` first: every ratio is measured against it."""
+def with_baseline(specs: Sequence[MethodSpec], backend: str = "hf") -> list[MethodSpec]:
+    """Deduplicate-check, check each method runs on ``backend``, and put the backend's
+    baseline first: every ratio is measured against it."""
     labels = [s.label for s in specs]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise LtdError(f"--methods lists {', '.join(dupes)} more than once; list each method once")
-    base = [s for s in specs if s.kind == BASELINE]
+    baseline = baseline_for(backend)
+    for s in specs:
+        if backend != "hf" and s.kind in HF_ONLY:
+            raise LtdError(f"method {s.label} is transformers' generate and needs --backend hf; on llamacpp use llama.cpp, ar, static or ltd")
+        if backend == "hf" and s.kind == "llama.cpp":
+            raise LtdError("method llama.cpp needs --backend llamacpp; drop it or add --backend llamacpp")
+    base = [s for s in specs if s.kind == baseline]
     if not base:
-        log.info("adding the hf baseline: speedups are ratios to it")
-        base = [MethodSpec(BASELINE)]
-    return base + [s for s in specs if s.kind != BASELINE]
+        log.info("adding the %s baseline: speedups are ratios to it", baseline)
+        base = [MethodSpec(baseline)]
+    return base + [s for s in specs if s.kind != baseline]
 
 
 def check_available(specs: Sequence[MethodSpec]) -> None:

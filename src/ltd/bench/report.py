@@ -65,6 +65,7 @@ def _range(s: dict, key: str, digits: int = 2, suffix: str = "") -> str:
 def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
     """A human-readable report: setup, overall table, per-suite speedups, mismatches."""
     cfg, mach, methods = results.get("config", {}), results.get("machine", {}), results.get("methods", {})
+    base = results.get("baseline", "hf")
     lines = [f"# ltd bench: {cfg.get('model', '?')}", ""]
     if results.get("interrupted"):
         lines += ["**Interrupted**: partial results (prompts every method finished).", ""]
@@ -73,6 +74,7 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
         f"- machine: {mach.get('cpu_model', '?')}; {mach.get('torch_threads', '?')} torch threads "
         f"({mach.get('usable_cpus', '?')} usable CPUs); torch {mach.get('torch', '?')}, "
         f"transformers {mach.get('transformers', '?')}; {mach.get('device', '?')} {mach.get('dtype', '?')}",
+        f"- backend: {cfg.get('backend', 'hf')}" + (f", {cfg['threads']} threads" if cfg.get("threads") else ""),
         f"- drafter: {cfg.get('drafter') or 'default'}"
         + (f"; assistant: {cfg['assistant']}" if cfg.get("assistant") else ""),
         f"- suites: {', '.join(cfg.get('suites', []))} ({cfg.get('questions', '?')} questions"
@@ -82,8 +84,8 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
         "",
         "## Overall",
         "",
-        "| method | tokens/s (median over repeats [min-max]) | speedup vs hf (median over prompts [min-max]) "
-        "| mean accepted | new tokens | outputs match hf |",
+        f"| method | tokens/s (median over repeats [min-max]) | speedup vs {base} (median over prompts [min-max]) "
+        f"| mean accepted | new tokens | outputs match {base} |",
         "|---|---|---|---|---|---|",
     ]
     for label, s in methods.items():
@@ -96,7 +98,7 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
     suites = results.get("suites", {})
     if suites:
         names = list(suites)
-        lines += ["", "## Speedup vs hf per suite (median over prompts)", "",
+        lines += ["", f"## Speedup vs {base} per suite (median over prompts)", "",
                   "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for label in methods:
             cells = [_fmt(suites[n].get(label, {}).get("speedup")) for n in names]
@@ -123,11 +125,12 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
         lines += ["", "## Skipped methods", ""] + [f"- {line}" for line in results["skipped"]]
     rows = [(label, m) for label, s in methods.items() for m in s.get("mismatches", [])]
     if rows:
-        lines += ["", "## Greedy outputs that differ from their reference", "",
-                  "A top-2 margin (of hf's logits) below 1e-4 is a numerical tie; a larger one points at a bug, "
-                  "except across engines (llama.cpp's quantized kernels against transformers' dense weights).", "",
+        lines += ["", f"## Greedy outputs that differ from their reference", "",
+                  f"A top-2 margin (of the reference's logits) below the backend's tie margin (1e-4 on transformers) is a "
+                  "numerical tie; a larger one points at a bug, except across engines (llama.cpp's quantized kernels "
+                  "against transformers' dense weights).", "",
                   "| method | reference | prompt | first differing token | reference token | method token "
-                  "| hf top-2 logit margin | tie |",
+                  "| reference top-2 logit margin | tie |",
                   "|---|---|---|---|---|---|---|---|"]
         for label, m in rows:
             tie = m.get("numerical_tie")
@@ -149,10 +152,11 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
         "for each prompt and repeat, every method runs back to back (A B C A B C ...).",
         "- tokens/s: total new tokens / total seconds over the prompts of one repeat (prefill included); "
         "median over repeats.",
-        "- speedup: tokens/s over hf's tokens/s on the same prompt and repeat; median over repeats, "
+        f"- speedup: tokens/s over {base}'s tokens/s on the same prompt and repeat; median over repeats, "
         "then median over prompts.",
-        "- mean accepted: tokens added per target verification (hf: 1).",
-        "- outputs match: share of prompts whose greedy output equals hf's token for token.",
+        f"- mean accepted: tokens added per target verification ({base}: 1).",
+        f"- outputs match: share of prompts whose greedy output equals its reference's ({base}'s, or llama.cpp's "
+        "for llama.cpp's own speculation) token for token.",
         "- llama.cpp-spec:TYPE[:N]: llama.cpp's own speculative loop (llama-speculative-simple, greedy) on the "
         "target's GGUF; its time is the tool's own prompt + decode time (model load excluded); its tokens are "
         "its output text re-tokenized.",
@@ -203,7 +207,7 @@ def plot_speedup_by_suite(results: dict, path: Path) -> bool:
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names)
-    ax.set_ylabel("speedup vs hf (median over prompts)")
+    ax.set_ylabel(f"speedup vs {results.get('baseline', 'hf')} (median over prompts)")
     ax.set_title(f"{results.get('config', {}).get('model', '')} on {results.get('machine', {}).get('cpu_model', '')}", fontsize=9)
     ax.legend(fontsize=8)
     _save_figure(fig, path)
@@ -237,7 +241,7 @@ def plot_static_grid(results: dict, path: Path) -> bool:
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=f"D={d}, K={k}")
     base = methods.get(results.get("baseline", "hf"), {}).get("tokens_per_second")
     if base:
-        ax.axhline(base, color="black", linewidth=0.8, linestyle="--", label="hf")
+        ax.axhline(base, color="black", linewidth=0.8, linestyle="--", label=results.get("baseline", "hf"))
     ar = methods.get("ar", {}).get("tokens_per_second")
     if ar:
         ax.axhline(ar, color="gray", linewidth=0.8, linestyle=":", label="ar")

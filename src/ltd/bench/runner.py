@@ -20,7 +20,7 @@ import torch
 
 from ltd.bench import metrics
 from ltd.bench.machine import machine_info, utc_now
-from ltd.bench.methods import BASELINE, MethodRunner, MethodSpec, Sampling, check_available, resolve_assistant
+from ltd.bench.methods import BASELINE, BASELINES, MethodRunner, MethodSpec, Sampling, check_available, resolve_assistant
 from ltd.bench.suites import Question
 from ltd.engine import Engine, GenerateResult
 from ltd.errors import LtdError
@@ -73,8 +73,14 @@ class BenchConfig:
     prompt_lookup_tokens: int = 10
     grid: GridSpec | None = None
     source: dict = field(default_factory=dict)
-    threads: int | None = None  # llama.cpp peers' threads (default: torch's thread count)
+    backend: str = "hf"
+    threads: int | None = None  # torch / llama.cpp threads, also llama.cpp peers' (default: the library's choice)
     skipped: list[str] = field(default_factory=list)  # one line per method dropped before running
+
+    @property
+    def baseline(self) -> str:
+        """``hf`` on transformers, ``llama.cpp`` on llama.cpp: what every ratio is against."""
+        return BASELINES[self.backend]
 
     def validate(self) -> None:
         if self.repeats < 1:
@@ -85,8 +91,10 @@ class BenchConfig:
             raise LtdError(f"--temperature must be >= 0, got {self.temperature}")
         if not self.questions:
             raise LtdError("no questions to run; check --suites/--questions and --limit")
-        if not self.methods or self.methods[0].kind != BASELINE:
-            raise LtdError("the method list must start with the hf baseline (parse it with parse_methods)")
+        if self.backend not in BASELINES:
+            raise LtdError(f"unknown backend {self.backend!r}; choose one of {', '.join(BASELINES)}")
+        if not self.methods or self.methods[0].kind != self.baseline:
+            raise LtdError(f"the method list must start with the {self.baseline} baseline (parse it with parse_methods)")
         check_available(self.methods)
         peers = [m.label for m in self.methods if m.is_llamacpp_spec]
         if peers and self.temperature != 0.0:
@@ -123,6 +131,8 @@ class BenchConfig:
             "seed": self.seed,
             "device": self.device,
             "dtype": self.dtype,
+            "backend": self.backend,
+            "threads": self.threads,
             "multi_turn": self.multi_turn,
             "warmup": self.warmup,
             "prompt_lookup_tokens": self.prompt_lookup_tokens,
@@ -176,15 +186,18 @@ def encode_turns(engine: Engine, turns: Sequence[str], replies: Sequence[str]) -
 
 
 @torch.inference_mode()
-def reference_margin(model: torch.nn.Module, prompt: Sequence[int], reference: Sequence[int], position: int, other: int | None) -> dict:
+def reference_margin(backend, prompt: Sequence[int], reference: Sequence[int], position: int, other: int | None) -> dict:
     """Top-2 logit margin of the target after prompt + reference[:position].
 
-    One plain forward (no cache, no tree mask): a margin below ~1e-4 means the two
-    outputs differ at a numerical tie; anything larger points at a bug.
+    One plain causal pass through the backend (no tree): a margin below ~1e-4 means the
+    two outputs differ at a numerical tie; anything larger points at a bug.
     """
-    device = next(model.parameters()).device
-    ids = torch.tensor([list(prompt) + list(reference[:position])], dtype=torch.long, device=device)
-    logits = model(input_ids=ids).logits[0, -1].float()
+    ids = list(prompt) + list(reference[:position])
+    backend.reset()
+    try:
+        logits = backend.score(ids, list(range(-1, len(ids) - 1)), last_only=True).logits[-1].float()
+    finally:
+        backend.reset()
     top = torch.topk(logits, 2)
     out = {
         "reference_top2_margin": float(top.values[0] - top.values[1]),
@@ -297,7 +310,7 @@ class _Loop:
             rank = {ref: i for i, ref in enumerate(REFERENCES)}
             for label, res in sorted(done, key=lambda item: rank.get(item[0], len(rank))):
                 self._record(q, key, rep, label, prompt, res)
-                if label == BASELINE and rep == 0:
+                if label == self.config.baseline and rep == 0:
                     reply = res.text
         return reply
 
@@ -307,7 +320,7 @@ class _Loop:
             for ref in (LLAMACPP_SPEC_REFERENCE, LLAMACPP_REFERENCE):
                 if ref in labels:
                     return ref
-        return BASELINE
+        return self.config.baseline
 
     def _record(self, q: Question, key: str, rep: int, label: str, prompt: list[int], res: GenerateResult) -> None:
         mean_acc = None if res.mean_accepted != res.mean_accepted else float(res.mean_accepted)  # NaN -> None
@@ -316,7 +329,7 @@ class _Loop:
             return
         if label in REFERENCES:
             self.references.setdefault(label, {}).setdefault(key, list(res.tokens))
-            if label == BASELINE:
+            if label == self.config.baseline:
                 return
         ref_label = self._reference_for(label)
         ref = self.references.get(ref_label, {}).get(key)
@@ -331,7 +344,6 @@ class _Loop:
     # -- results ---------------------------------------------------------------------
     def mismatch_report(self, with_margins: bool) -> dict[str, list[dict]]:
         out: dict[str, list[dict]] = {}
-        model = self.engine.target.model
         for label, per in self.mismatches.items():
             rows = []
             for mm in per.values():
@@ -346,18 +358,21 @@ class _Loop:
                     "output_length": len(mm.output),
                     "reference": mm.reference_label,
                 }
-                cross_engine = label.startswith("llama.cpp") and mm.reference_label == BASELINE
+                # llama.cpp's own tools against transformers' dense weights: another engine, not a tie test
+                cross_engine = label.startswith("llama.cpp-spec") and mm.reference_label == BASELINE and self.config.baseline == BASELINE
                 if cross_engine:
-                    # quantized llama.cpp kernels against dense transformers: not a tie test
                     row["cross_engine"] = True
-                if with_margins and mm.reference_label == BASELINE:
-                    row.update(reference_margin(model, mm.prompt, mm.reference, pos, row["output_token"]))
+                if with_margins and mm.reference_label == self.config.baseline:
+                    row.update(reference_margin(self.engine.backend, mm.prompt, mm.reference, pos, row["output_token"]))
                     margin = row["reference_top2_margin"]
-                    row["numerical_tie"] = margin < TIE_MARGIN
+                    # llama.cpp's stock kernels move logits with the batch size: a wider tie
+                    tie = getattr(self.engine.backend, "tie_margin", TIE_MARGIN)
+                    row["numerical_tie"] = margin < tie
+                    row["tie_margin"] = tie
                     if cross_engine:
                         log.info("%s differs from hf on %s at token %d (llama.cpp vs transformers numerics)", label, mm.prompt_key, pos)
                     elif not row["numerical_tie"]:
-                        log.warning("%s differs from hf on %s at token %d with margin %.3g: likely a bug", label, mm.prompt_key, pos, margin)
+                        log.warning("%s differs from %s on %s at token %d with margin %.3g: likely a bug", label, self.config.baseline, mm.prompt_key, pos, margin)
                 rows.append(row)
             out[label] = rows
         return out
@@ -378,7 +393,7 @@ class _Loop:
         cfg = self.config
         labels = [m.label for m in cfg.methods]
         runs = self.complete_runs()
-        overall, per_suite = metrics.summarize_all(runs, labels, BASELINE, self.matches if self.sampling.greedy else None)
+        overall, per_suite = metrics.summarize_all(runs, labels, cfg.baseline, self.matches if self.sampling.greedy else None)
         mismatches = self.mismatch_report(with_margins)
         for label, summary in overall.items():
             summary["mismatches"] = mismatches.get(label, [])
@@ -395,7 +410,7 @@ class _Loop:
                 "speedup": overall[best]["speedup"],
                 "tokens_per_second": overall[best]["tokens_per_second"],
                 "selected_on": sorted(per_suite),
-                "criterion": "median pairwise speedup over hf",
+                "criterion": f"median pairwise speedup over {cfg.baseline}",
             }
         peers = [m.label for m in cfg.methods if m.is_llamacpp_spec and m.label != LLAMACPP_SPEC_REFERENCE]
         best_peer = metrics.best_method(overall, peers)
@@ -409,14 +424,14 @@ class _Loop:
                 "speedup": overall[best_peer]["speedup"],
                 "tokens_per_second": overall[best_peer]["tokens_per_second"],
                 "selected_on": sorted(per_suite),
-                "criterion": "median pairwise speedup over hf",
+                "criterion": f"median pairwise speedup over {cfg.baseline}",
             }
         return {
             "schema_version": SCHEMA_VERSION,
             "date": utc_now(),
             "started": self.started,
             "interrupted": self.interrupted,
-            "baseline": BASELINE,
+            "baseline": cfg.baseline,
             "config": cfg.to_json(),
             "machine": machine_info(cfg.dtype, cfg.device),
             "warmup_seconds": round(self.warmup_seconds, 3),
@@ -449,7 +464,10 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, engine: En
         out.mkdir(parents=True, exist_ok=True)
     if engine is None:
         t0 = time.perf_counter()
-        engine = Engine.load(config.model, drafter=config.drafter, device=config.device, dtype=config.dtype)
+        engine = Engine.load(
+            config.model, drafter=config.drafter, device=config.device, dtype=config.dtype,
+            backend=config.backend, threads=config.threads,
+        )
         log.info("models loaded in %.1f s", time.perf_counter() - t0)
     loop = _Loop(config, engine, out)
     loop.run()

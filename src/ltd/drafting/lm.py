@@ -41,7 +41,7 @@ class LMDrafter:
             self._truncate(done - 1)
             done -= 1
         new = self._tokens[done:]
-        out = self.backend.score(new, list(range(-1, len(new) - 1)))
+        out = self.backend.score(new, list(range(-1, len(new) - 1)), last_only=True)
         self.backend.commit(list(range(len(new))))
         self._node_entry = {}
         logp = torch.log_softmax(out.logits[-1], dim=-1)
@@ -53,7 +53,7 @@ class LMDrafter:
         self.backend.reset()
         if length > 0:
             prefix = self._tokens[:length]
-            self.backend.score(prefix, list(range(-1, length - 1)))
+            self.backend.score(prefix, list(range(-1, length - 1)), last_only=True)
             self.backend.commit(list(range(length)))
 
     def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

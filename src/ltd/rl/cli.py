@@ -29,10 +29,11 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     from ltd.registry import DEFAULT_MODEL
 
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: registry name, HF id or local dir (default {DEFAULT_MODEL})")
-    p.add_argument("--drafter", default=None, help="self | builtin:NAME | EAGLE-3 head dir | a small LM (default: the model's shipped drafter)")
+    p.add_argument("--drafter", default=None, help="self | ngram[:N] | builtin:NAME | EAGLE-3 head dir | a small LM (default: the model's shipped drafter; ngram on llamacpp)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
+    p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help="hf (transformers) or llamacpp (the GGUF on llama.cpp) (default hf)")
 
 
 def _need_rl(command: str) -> None:
@@ -63,10 +64,12 @@ def _threads(args) -> None:
 def _load_engine(args):
     from ltd.engine import Engine, default_drafter_spec
 
-    spec = args.drafter if args.drafter is not None else default_drafter_spec(args.model)
+    backend = getattr(args, "backend", "hf")
+    spec = args.drafter if args.drafter is not None else default_drafter_spec(args.model, backend)
     if spec == "none":
-        raise LtdError(f"model {args.model} has no default drafter; pass --drafter (self, a small LM or an EAGLE-3 head)")
-    return Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype), spec
+        raise LtdError(f"model {args.model} has no default drafter; pass --drafter (self, ngram, a small LM or an EAGLE-3 head)")
+    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=backend, threads=getattr(args, "threads", None))
+    return engine, spec
 
 
 def _prompt_args(p: argparse.ArgumentParser, default_suite: str | None) -> None:
@@ -144,7 +147,7 @@ def run_record(args) -> int:
     engine, spec = _load_engine(args)
     prompts = [engine.encode(q.turns[0], chat=not args.raw) for q in questions]
     keys = [q.key for q in questions]
-    meta = {"model": args.model, "drafter": spec, "chat": not args.raw, **source}
+    meta = {"model": args.model, "drafter": spec, "backend": getattr(args, "backend", "hf"), "chat": not args.raw, **source}
     path = record(engine, prompts, max_depth=args.max_depth, topk=args.topk, max_new_tokens=args.max_new_tokens,
                   out_dir=args.out, max_size=args.max_size, keys=keys, meta=meta, progress=not args.no_progress)
     man = json.loads(Path(path).read_text())

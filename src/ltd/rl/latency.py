@@ -193,7 +193,7 @@ def _measure_verify(target, feature_layers, tokens: Sequence[int], contexts: Seq
     for ctx in contexts:
         target.reset()
         prefix = rng.integers(0, target.vocab_size, size=ctx).tolist()
-        target.score(prefix, list(range(-1, ctx - 1)))
+        target.score(prefix, list(range(-1, ctx - 1)), last_only=True)
         target.commit(list(range(ctx)))
         row = []
         for n in tokens:

@@ -32,10 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--online", default=None, choices=VARIANTS, help="adapt the EAGLE-3 head while serving")
     p.add_argument("--online-state", default=None, help="directory to restore (at start) and save (at exit) online state")
     p.add_argument("--drafter", default=None,
-                   help="none | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter)")
-    p.add_argument("--method", default=None, choices=["hf", "ar", "static"],
+                   help="none | ngram[:N] | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter; ngram on llamacpp)")
+    p.add_argument("--method", default=None, choices=["hf", "llama.cpp", "ar", "static"],
                    help="static (tree speculation) when a drafter is available, else ar (plain decoding); "
-                        "hf = transformers generate, answered in one piece")
+                        "hf = transformers generate, llama.cpp = llama.cpp's plain greedy loop (--backend llamacpp), "
+                        "both answered in one piece")
+    p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"],
+                   help="hf (transformers) or llamacpp (the GGUF on llama.cpp) (default hf)")
     p.add_argument("--depth", type=int, default=d.depth, help=f"draft depth D (default {d.depth})")
     p.add_argument("--topk", type=int, default=d.topk, help=f"branching K per draft step (default {d.topk})")
     p.add_argument("--size", type=int, default=d.size, help=f"verified nodes V (default {d.size})")
@@ -51,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"max_tokens when a request gives none (default {d.default_max_tokens})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
     p.add_argument("--no-warmup", action="store_true", help="skip the short generation that runs before serving")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
 
@@ -69,15 +72,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def resolve_method(model: str, drafter: str | None, method: str | None) -> tuple[str, str]:
+def resolve_method(model: str, drafter: str | None, method: str | None, backend: str = "hf") -> tuple[str, str]:
     """(method, drafter spec): static when a drafter is there, else ar; no drafter is
     loaded for methods that do not use one."""
     from ltd.engine import default_drafter_spec
 
-    spec = drafter if drafter is not None else default_drafter_spec(model)
+    spec = drafter if drafter is not None else default_drafter_spec(model, backend)
     if method is None:
         method = "static" if spec != "none" else "ar"
-    if method in ("hf", "ar"):
+    if method == "hf" and backend != "hf":
+        raise LtdError("--method hf is transformers' generate; with --backend llamacpp use --method llama.cpp")
+    if method == "llama.cpp" and backend != "llamacpp":
+        raise LtdError("--method llama.cpp needs --backend llamacpp")
+    if method in ("hf", "llama.cpp", "ar"):
         if drafter not in (None, "none"):
             log.warning("--method %s does not use the drafter %r; it is not loaded", method, drafter)
         spec = "none"
@@ -128,11 +135,12 @@ def run(args: argparse.Namespace) -> int:
 
     apply_threads(args.threads)
     check_device(args.device)
-    method, spec = resolve_method(args.model, args.drafter, args.method)
+    backend = getattr(args, "backend", "hf")
+    method, spec = resolve_method(args.model, args.drafter, args.method, backend)
     settings = settings_from_args(args, method)
     _check_bind(args.host, args.port)
 
-    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=backend, threads=args.threads)
     if args.online:
         engine.enable_online(args.online, state_dir=args.online_state)
     if not args.no_warmup:

@@ -11,7 +11,7 @@ from ltd.errors import LtdError
 if TYPE_CHECKING:  # ltd.engine imports torch; `ltd --help` should not wait for it
     from ltd.engine import GenerateConfig
 
-METHODS = ("hf", "ar", "static")  # ltd.engine.METHODS (checked again by GenerateConfig.validate)
+METHODS = ("hf", "llama.cpp", "ar", "static")  # ltd.engine.METHODS (checked again by GenerateConfig.validate)
 
 # OpenAI's default temperature; greedy (0) must be asked for. Documented in the README.
 DEFAULT_TEMPERATURE = 1.0

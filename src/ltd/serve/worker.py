@@ -303,12 +303,12 @@ class Worker:
         job.emit(Finished(finish_reason, len(job.prompt), progress.generated))
 
     def _results(self, job: Job) -> Iterator[CycleResult]:
-        if job.config.method == "hf":
+        if job.config.method in ("hf", "llama.cpp"):
             return self._hf_results(job)
         return self.engine.stream(job.prompt, job.config)
 
     def _hf_results(self, job: Job) -> Iterator[CycleResult]:
-        """transformers' generate cannot stream: its whole output arrives as one result."""
+        """transformers' generate (and the llama.cpp reference loop) do not stream: the whole output is one result."""
         res = self.engine.generate(job.prompt, job.config)
         yield CycleResult(new_tokens=list(res.tokens), cycle=0, total_seconds=res.seconds)
 

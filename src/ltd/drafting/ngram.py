@@ -1,0 +1,165 @@
+"""N-gram drafter: a tree of continuations found in the prompt and the text so far.
+
+Code, summaries and multi-turn chat repeat spans of their context. At each cycle the
+drafter looks for earlier occurrences of the longest suffix of the sequence (n tokens,
+n from ``max_n`` down to 1), takes the ``max_len`` tokens that followed *every*
+occurrence and merges them into a trie. A trie child's log-probability is its share of
+the matches through its parent, ``log(count(child) / (count(parent) + 1))``: agreeing
+occurrences make a branch confident, a single occurrence halves the probability per
+token, so the shared tree selection prefers the continuations seen most often.
+
+It needs no model and no target features, so it works on every backend. Where the trie
+has fewer than k children, the remaining candidates are padding with score ``-inf``
+which :func:`ltd.tree.select` never verifies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ltd.errors import LtdError
+from ltd.tree import Tree
+
+DEFAULT_MAX_N = 3
+DEFAULT_MAX_LEN = 16
+DEFAULT_MAX_MATCHES = 64  # most recent occurrences kept: bounds the trie's cost per cycle
+PAD_TOKEN = 0
+
+
+@dataclass
+class TrieNode:
+    """Continuations that pass through one token; ``count`` occurrences reach it."""
+
+    count: int = 0
+    children: dict[int, "TrieNode"] = field(default_factory=dict)
+
+    def ranked(self) -> list[tuple[int, "TrieNode"]]:
+        """Children by count (most frequent first); insertion order breaks ties (most recent first)."""
+        return sorted(self.children.items(), key=lambda kv: -kv[1].count)
+
+
+def find_matches(tokens: Sequence[int] | np.ndarray, max_n: int, max_matches: int = DEFAULT_MAX_MATCHES) -> tuple[int, list[int]]:
+    """End positions of earlier occurrences of the longest matching suffix.
+
+    Returns (n, ends): ``n`` is the suffix length that matched (0 when none did) and
+    ``ends`` the indices j < len-1 with ``tokens[j-n+1 : j+1] == tokens[-n:]``, most
+    recent first, at most ``max_matches``.
+    """
+    arr = np.asarray(tokens, dtype=np.int64)
+    length = int(arr.size)
+    if length < 2:
+        return 0, []
+    # candidates: earlier positions holding the last token (the last position itself excluded)
+    ends = np.nonzero(arr[:-1] == arr[-1])[0]
+    if ends.size == 0:
+        return 0, []
+    best_n, best = 1, ends
+    for offset in range(1, min(max_n, length - 1)):
+        ends = ends[ends - offset >= 0]
+        ends = ends[arr[ends - offset] == arr[length - 1 - offset]]
+        if ends.size == 0:
+            break
+        best_n, best = offset + 1, ends
+    return best_n, [int(j) for j in best[::-1][:max_matches]]
+
+
+def build_trie(tokens: Sequence[int] | np.ndarray, ends: Sequence[int], max_len: int) -> TrieNode:
+    """Merge the continuations after each end position (up to ``max_len`` tokens) into a trie."""
+    arr = np.asarray(tokens, dtype=np.int64)
+    root = TrieNode()
+    for j in ends:
+        cont = arr[j + 1 : j + 1 + max_len].tolist()
+        if not cont:
+            continue
+        root.count += 1
+        node = root
+        for tok in cont:
+            child = node.children.get(tok)
+            if child is None:
+                child = node.children[tok] = TrieNode()
+            child.count += 1
+            node = child
+    return root
+
+
+def top_children(node: TrieNode | None, k: int) -> tuple[list[int], list[float]]:
+    """The k best children of a trie node as (tokens, log-probs), padded to k with (PAD_TOKEN, -inf)."""
+    toks: list[int] = []
+    logps: list[float] = []
+    if node is not None:
+        for tok, child in node.ranked()[:k]:
+            toks.append(tok)
+            logps.append(math.log(child.count / (node.count + 1)))
+    pad = k - len(toks)
+    return toks + [PAD_TOKEN] * pad, logps + [-math.inf] * pad
+
+
+class NgramDrafter:
+    """Drafts a scored tree of continuations seen earlier in the sequence."""
+
+    feature_layers = None
+
+    def __init__(self, max_n: int = DEFAULT_MAX_N, max_len: int = DEFAULT_MAX_LEN, max_matches: int = DEFAULT_MAX_MATCHES) -> None:
+        if max_n < 1:
+            raise LtdError(f"ngram:N needs N >= 1, got {max_n}")
+        self.max_n = max_n
+        self.max_len = max_len
+        self.max_matches = max_matches
+        self.reset()
+
+    def reset(self) -> None:
+        self._tokens: list[int] = []
+        self._trie: TrieNode | None = None
+        self._memo: dict[int, TrieNode | None] = {}
+        self.last_match_length = 0
+
+    def sync(self, tokens: Sequence[int], features: torch.Tensor | None) -> None:
+        self._tokens = list(tokens)
+
+    def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, ends = find_matches(self._tokens, self.max_n, self.max_matches)
+        self.last_match_length = n
+        self._trie = build_trie(self._tokens, ends, self.max_len) if ends else None
+        self._memo = {0: self._trie}
+        toks, logps = top_children(self._trie, k)
+        return torch.tensor(toks, dtype=torch.long), torch.tensor(logps, dtype=torch.float32)
+
+    def trie_node(self, tree: Tree, node: int) -> TrieNode | None:
+        """The trie node of a tree node, found by its tokens (None when the trie lacks the path).
+
+        Looking nodes up by their path, not by where they sit in the tree, keeps this
+        correct for trees built from several drafters' candidates.
+        """
+        if node in self._memo:
+            return self._memo[node]
+        parent = self.trie_node(tree, int(tree.parents[node]))
+        found = parent.children.get(int(tree.tokens[node])) if parent is not None else None
+        self._memo[node] = found
+        return found
+
+    def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = [top_children(self.trie_node(tree, int(node)), k) for node in nodes.tolist()]
+        toks = torch.tensor([r[0] for r in rows], dtype=torch.long).reshape(len(rows), k)
+        logps = torch.tensor([r[1] for r in rows], dtype=torch.float32).reshape(len(rows), k)
+        return toks, logps
+
+    def end(self) -> None:
+        self._trie = None
+        self._memo = {}
+
+
+def parse_ngram_spec(spec: str) -> NgramDrafter:
+    """``ngram`` or ``ngram:N`` (longest suffix n-gram tried, default 3)."""
+    _, _, arg = spec.partition(":")
+    if not arg:
+        return NgramDrafter()
+    try:
+        n = int(arg)
+    except ValueError:
+        raise LtdError(f"bad drafter {spec!r}: write ngram or ngram:N with N a positive integer, e.g. ngram:3") from None
+    return NgramDrafter(max_n=n)
