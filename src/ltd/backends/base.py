@@ -28,6 +28,23 @@ class TreeOutput:
     features: torch.Tensor | None = None
 
 
+class SpeculativeCounters:
+    """``committed_length`` and ``speculative_length`` for backends that keep ``_committed``
+    (tokens in the committed cache) and ``_spec_parents`` (one entry per speculative node),
+    as both of ours do."""
+
+    _committed: int
+    _spec_parents: list[int]
+
+    @property
+    def committed_length(self) -> int:
+        return self._committed
+
+    @property
+    def speculative_length(self) -> int:
+        return len(self._spec_parents)
+
+
 class Backend(Protocol):
     """One model with a committed KV cache and speculative entries after it."""
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from ltd import cache_ops
-from ltd.backends.base import TreeOutput
+from ltd.backends.base import SpeculativeCounters, TreeOutput
 from ltd.errors import LtdError
 from ltd.tree import ancestor_mask, depths_from_parents
 
@@ -24,7 +24,7 @@ def _as_long(x: Sequence[int] | torch.Tensor) -> torch.Tensor:
     return x.to(torch.long).reshape(-1) if isinstance(x, torch.Tensor) else torch.tensor(list(x), dtype=torch.long)
 
 
-class HFBackend:
+class HFBackend(SpeculativeCounters):
     """A transformers causal LM with a committed cache and speculative entries."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -45,14 +45,6 @@ class HFBackend:
         self._committed = 0
         self._spec_parents: list[int] = []
         self._spec_depths: list[int] = []
-
-    @property
-    def committed_length(self) -> int:
-        return self._committed
-
-    @property
-    def speculative_length(self) -> int:
-        return len(self._spec_parents)
 
     # -- scoring -----------------------------------------------------------------------
     @torch.inference_mode()

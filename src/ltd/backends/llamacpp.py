@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ltd.backends.base import TreeOutput
+from ltd.backends.base import SpeculativeCounters, TreeOutput
 from ltd.errors import LtdError
 from ltd.tree import depths_from_parents
 
@@ -197,7 +197,7 @@ def check_tokenizer(model: LlamaCppModel, tokenizer, name: str) -> None:
             )
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(SpeculativeCounters):
     """A llama.cpp model with a committed KV cache and speculative tree entries."""
 
     dtype = "gguf"  # weights stay quantized as stored in the GGUF
@@ -270,14 +270,6 @@ class LlamaCppBackend:
         self._spec_seq: list[int] = []  # the path sequence holding each entry
         self._tip: dict[int, int] = {}  # sequence -> entry at its end (a child may extend it)
         self._free = list(range(self.n_seq - 1, 0, -1))  # sequence 0 is the committed context
-
-    @property
-    def committed_length(self) -> int:
-        return self._committed
-
-    @property
-    def speculative_length(self) -> int:
-        return len(self._spec_parents)
 
     # -- scoring -----------------------------------------------------------------------
     def _ensure_batch(self, n: int) -> None:
