@@ -67,7 +67,7 @@ def agreement(learner: OnlineLearner, seq: dict) -> tuple[float, float]:
 def simulate(engine: Engine, stream: list[dict], cfg: OnlineConfig | None, chunk: int = 2) -> dict:
     drafter = Eagle3Drafter(copy.deepcopy(engine.drafter.head), engine.drafter.embed)
     learner = OnlineLearner(drafter, cfg or OnlineConfig(variant="plain", lr=0.0))
-    rows, t_update = [], 0.0
+    rows = []
     for item in stream:
         seq = seq_dict(item, learner)
         rows.append((item["suite"], *agreement(learner, seq)))
@@ -79,8 +79,7 @@ def simulate(engine: Engine, stream: list[dict], cfg: OnlineConfig | None, chunk
             e = min(s + chunk, n)
             learner.on_commit(item["tokens"][s:e], item["logits"][s:e], item["features"][s:e])
         learner.buf.clear()  # a new request starts a new context
-    t_update = learner.stats.update_seconds
-    out = {"updates": learner.stats.updates, "update_seconds": round(t_update, 2)}
+    out = {"updates": learner.stats.updates, "update_seconds": round(learner.stats.update_seconds, 2)}
     for suite in dict.fromkeys(r[0] for r in rows):
         sr = [r for r in rows if r[0] == suite]
         half = sr[len(sr) // 2 :]

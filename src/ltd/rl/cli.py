@@ -228,8 +228,9 @@ def _parse_static(text: str, topk: int) -> dict:
 
 def _add_live(args, traces, latency, controllers: dict, report: dict) -> dict:
     """Re-run ar and every controller with the real models on the traces' prompts."""
+    from ltd.control import StaticController
     from ltd.rl.oracle import add_live
-    from ltd.rl.sources import LiveSource
+    from ltd.rl.sources import LiveSource, run_controller
 
     man = traces.manifest
     args.model = args.model or man.get("model")
@@ -237,15 +238,13 @@ def _add_live(args, traces, latency, controllers: dict, report: dict) -> dict:
         raise LtdError("the traces do not name their model; pass --model")
     if args.drafter is None:
         args.drafter = man.get("drafter")
+    args.backend = man.get("backend", "hf")  # re-run on the backend that recorded the traces
     _threads(args)
     engine, _ = _load_engine(args)
     prompts = [s.prompt.tolist() for s in traces.sequences if s.num_positions]
     max_new = int(man.get("max_new_tokens") or max(int(s.output.size) for s in traces.sequences))
     source = LiveSource(engine.backend, engine.drafter, prompts, latency, topk=traces.topk, max_depth=traces.max_depth,
                         max_new_tokens=max_new, eos_token_ids=engine.target.eos_token_ids)
-    from ltd.control import StaticController
-    from ltd.rl.sources import run_controller
-
     run_controller(source, StaticController(depth=1, topk=traces.topk, size=1), 0, max_cycles=8)  # warm-up
     return add_live(report, source, controllers)
 

@@ -105,10 +105,8 @@ class ObsSpec:
         return 2 if self.kind == "depth" else len(self.sizes)
 
     def bounds(self) -> tuple[np.ndarray, np.ndarray]:
-        low = np.zeros(self.dim, dtype=np.float32)
-        high = np.ones(self.dim, dtype=np.float32)
-        first = self.fields()[0][1]
-        return low, high
+        """Every field lies in [0, 1] (scores as probabilities, fractions, normalised counts)."""
+        return np.zeros(self.dim, dtype=np.float32), np.ones(self.dim, dtype=np.float32)
 
     def observation_space(self):
         from gymnasium import spaces

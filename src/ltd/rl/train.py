@@ -267,7 +267,7 @@ def train_policies(
         entry["status"] = "done"
         entry["timesteps"] = int(model.num_timesteps)
         if eval_traces is not None:
-            report = compare(eval_traces, latency, {"ltd": controller(),
+            report = compare(eval_traces, latency, {"ltd": controller,
                                                     "static": StaticController(depth=fixed_depth, topk=probe.topk, size=fixed_size)}, sizes)
             entry["eval"] = {r["name"]: {"tokens_per_second": r["tokens_per_second"], "fraction_of_oracle": r["fraction_of_oracle"]}
                              for r in report["results"]}
@@ -277,7 +277,7 @@ def train_policies(
             ckpt.unlink()
     evaluation = None
     if eval_traces is not None:
-        evaluation = compare(eval_traces, latency, {"ltd": controller(),
+        evaluation = compare(eval_traces, latency, {"ltd": controller,
                                                     "static": StaticController(depth=fixed_depth, topk=probe.topk, size=fixed_size)}, sizes)
     result = TrainResult(out_dir, out_dir / "depth" if "depth" in latest else None, out_dir / "size" if "size" in latest else None,
                          state["phases"], evaluation)
