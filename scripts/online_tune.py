@@ -7,7 +7,7 @@ setting, scoring each prompt with the head *before* it learns from that prompt
 (prequential). Agreement is a proxy for accepted length; the decision that matters is
 then checked live with ``ltd bench ... +online=VARIANT``.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/online_tune.py --suites humaneval,gsm8k --limit 16
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/online_tune.py --grid 1   # then --grid 2
 """
 
 from __future__ import annotations
@@ -88,13 +88,25 @@ def simulate(engine: Engine, stream: list[dict], cfg: OnlineConfig | None, chunk
     return out
 
 
+# Grid 1 (2026-11-27): midlayer beat lm_head and all, lr 3e-4 beat 1e-3, window 32 / unroll 1
+# matched window 96 / unroll 2 at a third of the cost. Grid 2 checked the neighbours of the winner.
+GRIDS = {
+    1: [("plain", "midlayer", 3e-4, 16, 96, 2), ("plain", "midlayer", 3e-4, 16, 32, 1), ("plain", "midlayer", 1e-3, 16, 32, 1),
+        ("plain", "midlayer", 1e-3, 8, 32, 1), ("plain", "lm_head", 1e-3, 16, 32, 1), ("plain", "all", 1e-3, 16, 32, 1),
+        ("optimistic", "midlayer", 1e-3, 16, 32, 1), ("hedge", "midlayer", 1e-3, 16, 32, 1)],
+    2: [("plain", "midlayer", 1e-4, 16, 32, 1), ("plain", "midlayer", 3e-4, 32, 32, 1), ("plain", "midlayer", 3e-4, 16, 16, 1),
+        ("optimistic", "midlayer", 3e-4, 16, 32, 1), ("hedge", "midlayer", 3e-4, 16, 32, 1)],
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--suites", default="humaneval,gsm8k")
     ap.add_argument("--limit", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--cache", default="runs/online_stream.pt")
-    ap.add_argument("--out", default="runs/online_tune2.json")
+    ap.add_argument("--grid", type=int, default=1, choices=sorted(GRIDS), help="which settings to compare (see GRIDS)")
+    ap.add_argument("--out", default=None, help="report JSON (default runs/online_tune_gridN.json)")
     args = ap.parse_args()
     engine = Engine.load("smollm2-135m")
     cache = Path(args.cache)
@@ -107,10 +119,7 @@ def main() -> None:
         torch.save(stream, cache)
         print(f"recorded {len(stream)} sequences in {time.perf_counter() - t0:.0f} s")
     settings = {"frozen": None}
-    # first grid (runs/online_tune.json of 2026-11-27): midlayer beat lm_head and all, lr 3e-4 beat 1e-3,
-    # window 32 / unroll 1 matched window 96 / unroll 2 at a third of the cost
-    grid = [("plain", "midlayer", 1e-4, 16, 32, 1), ("plain", "midlayer", 3e-4, 32, 32, 1), ("plain", "midlayer", 3e-4, 16, 16, 1),
-            ("optimistic", "midlayer", 3e-4, 16, 32, 1), ("hedge", "midlayer", 3e-4, 16, 32, 1)]
+    grid = GRIDS[args.grid]
     for variant, params, lr, every, window, unroll in grid:
         name = f"{variant}/{params}/lr{lr:g}/every{every}/window{window}/unroll{unroll}"
         settings[name] = OnlineConfig(variant=variant, params=params, lr=lr, update_every=every, window=window, unroll=unroll)
@@ -118,7 +127,7 @@ def main() -> None:
     for name, cfg in settings.items():
         report[name] = simulate(engine, stream, cfg)
         print(name, json.dumps(report[name]), flush=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    Path(args.out or f"runs/online_tune_grid{args.grid}.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
