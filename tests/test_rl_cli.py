@@ -94,6 +94,8 @@ def test_profile_record_train_oracle(tmp_path, models, questions, capsys):
     rows = {r["name"]: r for r in json.loads(report.read_text())["results"]}
     for name in ("ar", "ltd", "heuristic", "static:2x3x4"):
         assert rows[name]["live_tokens_per_second"] > 0 and rows[name]["live_over_replay"] > 0
+        # greedy: the same decisions accept the same tokens live as in replay
+        assert rows[name]["live_tokens_per_cycle"] == rows[name]["tokens_per_cycle"], name
     assert "live_tokens_per_second" not in rows["oracle"]  # hindsight cannot run live
     assert rows["ar"]["live_speedup_vs_ar"] == 1.0
 

@@ -328,8 +328,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--size", type=int, default=32, help="verification size of the measured cycles (default 32)")
     p.add_argument("--sizes", default=None, help="verification sizes V to measure (default 1,2,4,8,16,24,32,48,64; 0 is always added)")
     p.add_argument("--contexts", default="128,512,1024", help="committed context lengths (default 128,512,1024)")
-    p.add_argument("--repeats", type=int, default=7, help="timed runs per grid point; medians are kept (default 7)")
-    p.add_argument("--cycles", type=int, default=10, help="real cycles timed for draft steps and overhead (default 10)")
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds over the verify grid; medians are kept (default 15)")
+    p.add_argument("--cycles", type=int, default=20, help="real cycles timed for draft steps and overhead (default 20)")
     p.set_defaults(func=run_profile)
 
     p = subparsers.add_parser("record", help="record max-depth draft trees along greedy outputs (replay traces)")

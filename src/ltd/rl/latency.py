@@ -189,27 +189,32 @@ def _bushy_parents(n: int, k: int) -> list[int]:
 
 
 def _measure_verify(target, feature_layers, tokens: Sequence[int], contexts: Sequence[int], topk: int, repeats: int, rng) -> list[list[float]]:
-    grid = []
-    for ctx in contexts:
-        target.reset()
-        prefix = rng.integers(0, target.vocab_size, size=ctx).tolist()
-        target.score(prefix, list(range(-1, ctx - 1)), last_only=True)
-        target.commit(list(range(ctx)))
-        row = []
-        for n in tokens:
-            ids = rng.integers(0, target.vocab_size, size=n).tolist()
-            parents = _bushy_parents(n, topk)
-            times = []
-            for r in range(repeats + 1):
+    """Median forward cost on the (context, tokens) grid.
+
+    Measured in rounds: each round visits every grid point once, in a shuffled order, so
+    a slow spell of a shared machine spreads over all points instead of inflating a few
+    of them (measuring one point ``repeats`` times in a row made neighbouring points
+    disagree by 50% and more here). Round 0 is a warm-up.
+    """
+    times: dict[tuple[int, int], list[float]] = {(c, n): [] for c in contexts for n in tokens}
+    prefixes = {c: rng.integers(0, target.vocab_size, size=c).tolist() for c in contexts}
+    drafts = {n: (rng.integers(0, target.vocab_size, size=n).tolist(), _bushy_parents(n, topk)) for n in tokens}
+    for r in range(repeats + 1):
+        for ctx in rng.permutation(list(contexts)).tolist():
+            target.reset()
+            target.score(prefixes[ctx], list(range(-1, ctx - 1)), last_only=True)
+            target.commit(list(range(ctx)))
+            for n in rng.permutation(list(tokens)).tolist():
+                ids, parents = drafts[n]
                 t0 = time.perf_counter()
                 target.score(ids, parents, feature_layers)
                 dt = time.perf_counter() - t0
                 target.rollback()
-                if r:  # the first run is a warm-up
-                    times.append(dt)
-            row.append(_median(times))
-        grid.append(row)
-        log.info("verify at context %d: %s ms", ctx, ", ".join(f"{1e3 * t:.1f}" for t in row))
+                if r:  # round 0 is a warm-up
+                    times[(ctx, n)].append(dt)
+    grid = [[_median(times[(c, n)]) for n in tokens] for c in contexts]
+    for c, row in zip(contexts, grid):
+        log.info("verify at context %d: %s ms", c, ", ".join(f"{1e3 * t:.1f}" for t in row))
     target.reset()
     return grid
 
@@ -271,8 +276,8 @@ def profile(
     size: int = 32,
     verify_tokens: Sequence[int] = DEFAULT_VERIFY_TOKENS,
     contexts: Sequence[int] = DEFAULT_CONTEXTS,
-    repeats: int = 7,
-    cycles: int = 10,
+    repeats: int = 15,
+    cycles: int = 20,
     policy_sizes: Sequence[int] | None = None,
     model_name: str = "",
     drafter_name: str = "",
@@ -283,7 +288,7 @@ def profile(
 ) -> LatencyModel:
     """Measure a :class:`LatencyModel` with the real backend and drafter.
 
-    Every number is the median of ``repeats`` runs (verification) or ``cycles`` real
+    Every number is the median of ``repeats`` rounds over the verify grid or ``cycles`` real
     cycles (draft steps and overhead), after a warm-up. Contexts that do not fit the
     model are dropped. With ``policy_sizes`` the per-call cost of an LTD controller with
     untrained policies of the matching shape is measured too (needs stable-baselines3).

@@ -132,18 +132,20 @@ def source_throughput(source, controller: Controller | Callable[[], Controller],
     ``controller`` may be a factory, called once per sequence, for controllers with
     state across cycles (the heuristic).
     """
-    schedules = []
-    for i in range(source.num_sequences if sequences is None else min(sequences, source.num_sequences)):
-        is_instance = hasattr(controller, "continue_drafting") and not isinstance(controller, type)
-        ctrl = controller if is_instance else controller()
-        outcomes = run_controller(source, ctrl, i)
-        schedules.append(Schedule(
-            getattr(source, "sequence_key", "") or str(i),
-            sum(o.tokens for o in outcomes),
-            sum(o.seconds for o in outcomes),
-            [{"position": o.position, "depth": o.depth, "size": o.size, "accepted": o.accepted} for o in outcomes],
-        ))
-    return Throughput(name or type(controller).__name__, schedules)
+    n = source.num_sequences if sequences is None else min(sequences, source.num_sequences)
+    return Throughput(name or type(controller).__name__, [_run_schedule(source, controller, i) for i in range(n)])
+
+
+def _run_schedule(source, controller: Controller | Callable[[], Controller], index: int) -> Schedule:
+    """Sequence ``index`` decoded by ``controller`` (a fresh one if a factory is given)."""
+    is_instance = hasattr(controller, "continue_drafting") and not isinstance(controller, type)
+    outcomes = run_controller(source, controller if is_instance else controller(), index)
+    return Schedule(
+        getattr(source, "sequence_key", "") or str(index),
+        sum(o.tokens for o in outcomes),
+        sum(o.seconds for o in outcomes),
+        [{"position": o.position, "depth": o.depth, "size": o.size, "accepted": o.accepted} for o in outcomes],
+    )
 
 
 def replay_controller(traces: TraceSet, latency: LatencyModel, controller: Controller | Callable[[], Controller], name: str = "") -> Throughput:
@@ -181,11 +183,17 @@ def add_live(report: dict, source, controllers: dict[str, Controller | Callable[
     from ltd.control import StaticController
 
     runs = {"ar": StaticController(depth=0, topk=1, size=0), **controllers}
+    names = [row["name"] for row in report["results"] if row["name"] in runs]
+    # Interleaved by prompt (every method on prompt i, then on prompt i + 1), as ltd bench
+    # does: a slow spell of a shared machine then hits every method alike.
+    schedules: dict[str, list[Schedule]] = {n: [] for n in names}
+    for i in range(source.num_sequences):
+        for name in names:
+            schedules[name].append(_run_schedule(source, runs[name], i))
     for row in report["results"]:
-        ctrl = runs.get(row["name"])
-        if ctrl is None:
+        if row["name"] not in schedules:
             continue
-        t = source_throughput(source, ctrl, row["name"])
+        t = Throughput(row["name"], schedules[row["name"]])
         row["live_tokens_per_second"] = round(t.tokens_per_second, 3)
         row["live_tokens_per_cycle"] = round(t.tokens_per_cycle, 3)
         row["live_over_replay"] = round(t.tokens_per_second / row["tokens_per_second"], 4) if row["tokens_per_second"] else 0.0
