@@ -197,6 +197,25 @@ def check_tokenizer(model: LlamaCppModel, tokenizer, name: str) -> None:
             )
 
 
+def _chain_first(parents: Sequence[int], base: int) -> list[int]:
+    """Batch order of a score() call's nodes: the first-child chain from its first node,
+    then the others in their order (parents still come before children).
+
+    The first child of every node is the drafter's best guess, so the chain is the path
+    most likely to be accepted; decoded first, it takes the cells right after the
+    context, exactly where sequential decoding puts those tokens.
+    """
+    n = len(parents)
+    first_child: dict[int, int] = {}
+    for i in range(n - 1, -1, -1):
+        first_child[parents[i] - base] = i
+    chain = [0]
+    while chain[-1] in first_child:
+        chain.append(first_child[chain[-1]])
+    on_chain = set(chain)
+    return chain + [i for i in range(n) if i not in on_chain]
+
+
 class LlamaCppBackend(SpeculativeCounters):
     """A llama.cpp model with a committed KV cache and speculative tree entries."""
 
@@ -251,6 +270,8 @@ class LlamaCppBackend(SpeculativeCounters):
         # commit no longer matched sequential decoding. Without it they are bit-identical.
         params.flash_attn_type = FLASH_ATTN_DISABLED
         self.n_ctx = n_ctx
+        # batch-size-independent kernels: logits in sequential decoding's cell layout are bit-exact
+        self._exact_kernels = exact_kernels() and not batch_dependent_kernels(lc)
         _LAST_ERRORS.clear()
         ctx = lc.llama_init_from_model(model.ptr, params)
         if not ctx:
@@ -268,8 +289,10 @@ class LlamaCppBackend(SpeculativeCounters):
         self._spec_parents: list[int] = []
         self._spec_depths: list[int] = []
         self._spec_seq: list[int] = []  # the path sequence holding each entry
+        self._spec_cell: list[int] = []  # each entry's KV cell, counted from the committed context's end
         self._tip: dict[int, int] = {}  # sequence -> entry at its end (a child may extend it)
         self._free = list(range(self.n_seq - 1, 0, -1))  # sequence 0 is the committed context
+        self._context_exact = True  # every committed cell was computed in sequential decoding's layout
 
     # -- scoring -----------------------------------------------------------------------
     def _ensure_batch(self, n: int) -> None:
@@ -355,17 +378,18 @@ class LlamaCppBackend(SpeculativeCounters):
         for src, dst, end in copies:
             self.lc.llama_memory_seq_cp(self.mem, src, dst, -1, end)
 
+        order = _chain_first(pars, spec)
         self._ensure_batch(n)
         b = self._batch
-        for i in range(n):
-            b.token[i] = toks[i]
-            b.pos[i] = self._committed + new_depths[i]
+        for slot, i in enumerate(order):
+            b.token[slot] = toks[i]
+            b.pos[slot] = self._committed + new_depths[i]
             seqs = seq_lists[i]
-            b.n_seq_id[i] = len(seqs)
-            row = b.seq_id[i]
+            b.n_seq_id[slot] = len(seqs)
+            row = b.seq_id[slot]
             for j, s in enumerate(seqs):
                 row[j] = s
-            b.logits[i] = 1 if (not last_only or i == n - 1) else 0
+            b.logits[slot] = 1 if (not last_only or i == n - 1) else 0
         b.n_tokens = n
         rc = self.lc.llama_decode(self.ctx, b)
         if rc != 0:
@@ -373,10 +397,22 @@ class LlamaCppBackend(SpeculativeCounters):
             raise LtdError(f"llama.cpp decode failed (code {rc}: {_last_error()}); use a smaller draft tree or context")
         self._spec_parents.extend(pars)
         self._spec_depths.extend(new_depths)
+        cells = [0] * n
+        for slot, i in enumerate(order):
+            cells[i] = spec + slot  # the free cells after the context, taken in batch order
+        self._spec_cell.extend(cells)
         rows = 1 if last_only else n
         ptr = self.lc.llama_get_logits(self.ctx)
-        logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size)).copy())
-        return TreeOutput(logits=logits, features=None)
+        out = np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size))
+        if rows > 1:
+            out = out[np.argsort(order)]  # batch order back to entry order
+        logits = torch.from_numpy(out.copy())
+        exact = None
+        if self._exact_kernels and self._context_exact:
+            # a node's path sits in the cells sequential decoding would use iff its cell is its depth
+            flags = [cells[i] == new_depths[i] for i in range(n)]
+            exact = torch.tensor(flags[-1:] if last_only else flags, dtype=torch.bool)
+        return TreeOutput(logits=logits, features=None, exact=exact)
 
     def _undo(self, spec: int, tip_before: dict[int, int], free_before: list[int]) -> None:
         """Forget the entries of a failed score() call and the sequences it opened."""
@@ -393,6 +429,7 @@ class LlamaCppBackend(SpeculativeCounters):
         self._spec_parents = []
         self._spec_depths = []
         self._spec_seq = []
+        self._spec_cell = []
         self._tip = {}
 
     def commit(self, keep: Sequence[int] | torch.Tensor) -> None:
@@ -405,14 +442,47 @@ class LlamaCppBackend(SpeculativeCounters):
             if self._spec_parents[k] != prev:
                 raise ValueError("committed entries must form a path from the context")
             prev = k
+        n, k = self._committed, len(keep_l)
+        j = 0  # accepted entries already in the cells sequential decoding would use
+        while j < k and self._spec_cell[keep_l[j]] == j:
+            j += 1
+        moved = None
+        if j < k:
+            self._context_exact = False  # these cells were computed next to rejected ones
         if keep_l:
             s = self._spec_seq[keep_l[-1]]
-            self.lc.llama_memory_seq_cp(self.mem, s, 0, self._committed, self._committed + len(keep_l))
+            self.lc.llama_memory_seq_cp(self.mem, s, 0, n, n + j)
+            if j < k:
+                # the rest sits after rejected entries: save it alone, free every speculative cell,
+                # and restore it into the first free cells (n + j on): sequential decoding's layout
+                self.lc.llama_memory_seq_rm(self.mem, s, 0, n + j)
+                self.lc.llama_memory_seq_rm(self.mem, s, n + k, -1)
+                moved = self._save_seq(s)
         self._drop_speculative()
-        self._committed += len(keep_l)
+        if moved is not None:
+            self._restore_into_context(moved, n + j, n + k)
+        self._committed += k
 
     def rollback(self) -> None:
         self._drop_speculative()
+
+    def _save_seq(self, seq: int) -> bytes:
+        lc = self.lc
+        size = lc.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        got = lc.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        if got != size:
+            raise LtdError(f"llama.cpp could not save KV cells ({_last_error()})")
+        return buf
+
+    def _restore_into_context(self, buf, lo: int, hi: int) -> None:
+        lc = self.lc
+        scratch = self._free[-1]
+        got = lc.llama_state_seq_set_data(self.ctx, buf, len(buf), scratch)
+        if got != len(buf):
+            raise LtdError(f"llama.cpp could not restore KV cells ({_last_error()})")
+        lc.llama_memory_seq_cp(self.mem, scratch, 0, lo, hi)
+        lc.llama_memory_seq_rm(self.mem, scratch, -1, -1)
 
     # -- plain decoding ----------------------------------------------------------------
     def greedy_generate(self, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:
