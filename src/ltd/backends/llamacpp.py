@@ -10,8 +10,37 @@ A node reuses its parent's sequence when it is the parent's first child (the seq
 simply grows); otherwise it opens a new sequence that shares the cells of its path: the
 part already in the cache through ``llama_memory_seq_cp`` (which shares cells, it copies
 no data), the part in the same batch by listing the new sequence id on those tokens.
-Commit copies the accepted path's cells into sequence 0 and drops every speculative
-sequence; rollback only drops them.
+Rollback drops every speculative sequence; commit first gives the accepted path's cells
+to sequence 0.
+
+Cell layout. llama.cpp's attention sums over KV cells in cell order (softmax in blocks of
+8 cells, the V product in SIMD lanes by cell index), and masked cells add exact zeros, so
+a token's logits depend on *which cells* hold its context, not only on the positions: the
+same context spread over other cells rounds differently (0.4-1.0 logits on SmolLM2 Q4_1).
+The backend therefore keeps sequential decoding's layout, position p in cell p:
+
+- After a commit sequence 0 holds positions 0..n-1 in cells 0..n-1 and every other cell
+  is free, so a batch takes the cells right after the context, in batch order.
+- A batch decodes its *first-child chain* first (the first child of a node is the
+  drafter's best candidate, so the chain is the likeliest accepted path): chain nodes sit
+  exactly where sequential decoding puts them. Other nodes follow, after the chain.
+- A commit whose path leaves the chain (its entries sit after rejected ones) is
+  *compacted*: the entries after the last in-place one are saved alone
+  (``llama_state_seq_get_data`` of a scratch sequence holding just them), every
+  speculative cell is freed, and ``llama_state_seq_set_data`` restores them into the
+  first free cells, n+j onwards (llama.cpp's single-sequence restore takes free cells from
+  its search head, in the saved cell order). No model forward; about 1-2 ms at 300
+  tokens of context on SmolLM2 with 1 thread (``scripts/llamacpp_exactness.py``).
+
+With batch-size-independent kernels (:func:`exact_kernels`) a node's logits are then
+bit-identical to plain one-token decoding whenever its path is in sequential cells:
+the chain. :meth:`LlamaCppBackend.score` marks those nodes in ``TreeOutput.exact``, and
+greedy acceptance stops before the first unmarked node (its token, the argmax of its
+exact parent, becomes the bonus), so greedy output equals plain decoding token for token.
+Nodes off the chain attend over holes and may round differently (0.47-0.64 logits in the
+cases measured), which is why they are not trusted; entries committed from them are compacted
+but the context is then no longer marked exact (only sampling or ``mark_exact = False``
+commit them).
 """
 
 from __future__ import annotations
@@ -19,6 +48,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -68,6 +98,8 @@ def exact_kernels() -> bool:
     ones (repacked weights, tiled matmul); with llama-cpp-python built with
     ``CMAKE_ARGS=-DGGML_LLAMAFILE=OFF`` logits are then bit-identical for every batch
     size (measured on SmolLM2 Q4_1 and Qwen2.5-Coder Q4_K_M) but batches get slower.
+    Together with sequential decoding's KV cell layout (module docstring) greedy tree
+    decoding then equals plain decoding token for token.
     """
     return os.environ.get("LTD_LLAMACPP_EXACT", "0") not in ("", "0")
 
@@ -226,12 +258,13 @@ class LlamaCppBackend(SpeculativeCounters):
         """Top-2 margin below which a greedy difference from plain decoding is numerics.
 
         With stock kernels a token's logits move by up to ~0.7 with its batch size
-        (README, "Batch-size numerics"); with batch-size-independent kernels, deep trees
-        still differ at margins up to ~0.08 (probably attention sums over KV cells in another
-        order once rejected branches leave holes), so the bound is measured, not 1e-4.
+        (README, "Batch-size numerics"). With batch-size-independent kernels greedy tree
+        decoding equals plain decoding exactly (the cell layout is sequential decoding's
+        and acceptance uses only bit-exact logits, module docstring), so any difference
+        is a bug, as on the hf backend.
         """
         exact = exact_kernels() and not batch_dependent_kernels(self.lc)
-        return 0.1 if exact else 1.0
+        return 1e-4 if exact else 1.0
 
     def __init__(
         self,
@@ -272,6 +305,9 @@ class LlamaCppBackend(SpeculativeCounters):
         self.n_ctx = n_ctx
         # batch-size-independent kernels: logits in sequential decoding's cell layout are bit-exact
         self._exact_kernels = exact_kernels() and not batch_dependent_kernels(lc)
+        self.mark_exact = True  # False: no per-node exactness, greedy acceptance uses every node
+        self.compactions = 0  # commits that moved accepted cells, and the seconds they took
+        self.compaction_seconds = 0.0
         _LAST_ERRORS.clear()
         ctx = lc.llama_init_from_model(model.ptr, params)
         if not ctx:
@@ -408,7 +444,7 @@ class LlamaCppBackend(SpeculativeCounters):
             out = out[np.argsort(order)]  # batch order back to entry order
         logits = torch.from_numpy(out.copy())
         exact = None
-        if self._exact_kernels and self._context_exact:
+        if self._exact_kernels and self._context_exact and self.mark_exact:
             # a node's path sits in the cells sequential decoding would use iff its cell is its depth
             flags = [cells[i] == new_depths[i] for i in range(n)]
             exact = torch.tensor(flags[-1:] if last_only else flags, dtype=torch.bool)
@@ -447,6 +483,7 @@ class LlamaCppBackend(SpeculativeCounters):
         while j < k and self._spec_cell[keep_l[j]] == j:
             j += 1
         moved = None
+        t0 = time.perf_counter()
         if j < k:
             self._context_exact = False  # these cells were computed next to rejected ones
         if keep_l:
@@ -461,6 +498,8 @@ class LlamaCppBackend(SpeculativeCounters):
         self._drop_speculative()
         if moved is not None:
             self._restore_into_context(moved, n + j, n + k)
+            self.compactions += 1
+            self.compaction_seconds += time.perf_counter() - t0
         self._committed += k
 
     def rollback(self) -> None:
