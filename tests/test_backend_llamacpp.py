@@ -188,9 +188,9 @@ def _greedy_reference(backend, prompt, n):
 def _tie_margin(lmodel) -> float:
     """Margin below which a greedy difference is numerics, not a bug.
 
-    A token's logits depend on its batch size with stock kernels (up to ~0.7 on SmolLM2)
-    and on the KV cell order otherwise (README "Batch-size numerics"), so a tree run may
-    leave the one-token loop at a near-tie: the backend's measured ``tie_margin``.
+    A token's logits depend on its batch size with stock kernels (up to ~0.7 on SmolLM2,
+    README "Batch-size numerics"), so a tree run may leave the one-token loop at a
+    near-tie: the backend's measured ``tie_margin``. With exact kernels there is none.
     """
     from ltd.backends.llamacpp import LlamaCppBackend
 

@@ -197,3 +197,31 @@ def test_near_greedy_sampling_equals_greedy(tree: Tree, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     sampled = accept(tree, logits, SamplingConfig(temperature=1e-3), generator=g)
     assert sampled.path == greedy.path and sampled.bonus == greedy.bonus
+
+
+@given(tree=trees(), seed=st.integers(0, 2**31 - 1), bias=st.sampled_from([0.5, 1.0]))
+def test_greedy_accept_stops_before_inexact_logits(tree: Tree, seed: int, bias: float) -> None:
+    """With per-node exactness from the backend, greedy acceptance is the unrestricted path
+    cut before its first inexact node, whose token (its exact parent's argmax) is the bonus."""
+    from types import SimpleNamespace
+
+    from ltd.cycle import Verified, accept as cycle_accept
+    from ltd.tree import Selection
+
+    logits = _random_logits(tree, seed, bias, SMALL_VOCAB)
+    g = torch.Generator().manual_seed(seed)
+    exact = torch.rand(len(tree), generator=g) < 0.7
+    exact[0] = True
+    state = SimpleNamespace(sampling=SamplingConfig(temperature=0.0), generator=None)
+    sel = Selection(tree=tree, source_index=torch.arange(len(tree)))
+    full = accept(tree, logits, SamplingConfig(temperature=0.0))
+    got = cycle_accept(state, Verified(selection=sel, logits=logits, features=None, exact=exact))
+    cut = next((t for t in range(1, len(full.path)) if not exact[full.path[t]]), None)
+    if cut is None:
+        assert (got.path, got.bonus) == (full.path, full.bonus)
+    else:
+        assert got.path == full.path[:cut]
+        assert got.bonus == int(tree.tokens[full.path[cut]]) == int(torch.argmax(logits[full.path[cut - 1]]))
+    assert all(bool(exact[i]) for i in got.path)
+    same = cycle_accept(state, Verified(selection=sel, logits=logits, features=None))
+    assert (same.path, same.bonus) == (full.path, full.bonus)

@@ -66,6 +66,7 @@ class Verified:
     selection: Selection
     logits: torch.Tensor  # [n, vocab]
     features: torch.Tensor | None  # [n, F]
+    exact: torch.Tensor | None = None  # [n] bool, see TreeOutput.exact
 
 
 @dataclass
@@ -203,12 +204,24 @@ def verify(state: DecodeState, selection: Selection) -> Verified:
         raise RuntimeError("target has uncommitted speculative entries")
     sub = selection.tree
     out = state.target.score(sub.tokens, sub.parents, state.drafter.feature_layers)
-    return Verified(selection=selection, logits=out.logits, features=out.features)
+    return Verified(selection=selection, logits=out.logits, features=out.features, exact=out.exact)
 
 
 def accept(state: DecodeState, verified: Verified) -> Accepted:
-    """The longest root path the target agrees with, plus its bonus token."""
-    return accept_tree(verified.selection.tree, verified.logits, state.sampling, state.generator)
+    """The longest root path the target agrees with, plus its bonus token.
+
+    Greedy, on a backend that marks which logits equal plain decoding's bit for bit
+    (``Verified.exact``), the path stops before the first node that is not exact: that
+    node's token is still the argmax of its (exact) parent's logits, so it becomes the
+    bonus, and every emitted token is the one plain greedy decoding would choose.
+    """
+    acc = accept_tree(verified.selection.tree, verified.logits, state.sampling, state.generator)
+    if verified.exact is not None and state.sampling.greedy:
+        exact = verified.exact.tolist()
+        for t in range(1, len(acc.path)):
+            if not exact[acc.path[t]]:
+                return Accepted(path=acc.path[:t], bonus=int(verified.selection.tree.tokens[acc.path[t]]))
+    return acc
 
 
 def commit(state: DecodeState, verified: Verified, accepted: Accepted) -> list[int]:

@@ -22,10 +22,16 @@ class TreeOutput:
         logits: next-token logits at each scored node, float32, shape [n, vocab].
         features: hidden features at each node (concatenated feature layers), shape
             [n, F], or None when not requested or not available from the backend.
+        exact: bool per node, shape [n]: True where the logits are bit-identical to
+            plain one-token decoding of the node's path. None (the default) when the
+            backend makes no such promise per node (its tree logits agree with plain
+            decoding to rounding everywhere). Greedy acceptance stops before the first
+            node that is not exact, so greedy output equals plain decoding token for token.
     """
 
     logits: torch.Tensor
     features: torch.Tensor | None = None
+    exact: torch.Tensor | None = None
 
 
 class SpeculativeCounters:

@@ -10,8 +10,37 @@ A node reuses its parent's sequence when it is the parent's first child (the seq
 simply grows); otherwise it opens a new sequence that shares the cells of its path: the
 part already in the cache through ``llama_memory_seq_cp`` (which shares cells, it copies
 no data), the part in the same batch by listing the new sequence id on those tokens.
-Commit copies the accepted path's cells into sequence 0 and drops every speculative
-sequence; rollback only drops them.
+Rollback drops every speculative sequence; commit first gives the accepted path's cells
+to sequence 0.
+
+Cell layout. llama.cpp's attention sums over KV cells in cell order (softmax in blocks of
+8 cells, the V product in SIMD lanes by cell index), and masked cells add exact zeros, so
+a token's logits depend on *which cells* hold its context, not only on the positions: the
+same context spread over other cells rounds differently (0.4-1.0 logits on SmolLM2 Q4_1).
+The backend therefore keeps sequential decoding's layout, position p in cell p:
+
+- After a commit sequence 0 holds positions 0..n-1 in cells 0..n-1 and every other cell
+  is free, so a batch takes the cells right after the context, in batch order.
+- A batch decodes its *first-child chain* first (the first child of a node is the
+  drafter's best candidate, so the chain is the likeliest accepted path): chain nodes sit
+  exactly where sequential decoding puts them. Other nodes follow, after the chain.
+- A commit whose path leaves the chain (its entries sit after rejected ones) is
+  *compacted*: the entries after the last in-place one are saved alone
+  (``llama_state_seq_get_data`` of a scratch sequence holding just them), every
+  speculative cell is freed, and ``llama_state_seq_set_data`` restores them into the
+  first free cells, n+j onwards (llama.cpp's single-sequence restore takes free cells from
+  its search head, in the saved cell order). No model forward; 0.9-1.4 ms at 300
+  tokens of context on SmolLM2 with 1 thread (``scripts/llamacpp_exactness.py``).
+
+With batch-size-independent kernels (:func:`exact_kernels`) a node's logits are then
+bit-identical to plain one-token decoding whenever its path is in sequential cells:
+the chain. :meth:`LlamaCppBackend.score` marks those nodes in ``TreeOutput.exact``, and
+greedy acceptance stops before the first unmarked node (its token, the argmax of its
+exact parent, becomes the bonus), so greedy output equals plain decoding token for token.
+Nodes off the chain attend over holes and may round differently (0.47-0.64 logits in the
+cases measured), which is why they are not trusted; entries committed from them are compacted
+but the context is then no longer marked exact (only sampling or ``mark_exact = False``
+commit them).
 """
 
 from __future__ import annotations
@@ -19,6 +48,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -68,6 +98,8 @@ def exact_kernels() -> bool:
     ones (repacked weights, tiled matmul); with llama-cpp-python built with
     ``CMAKE_ARGS=-DGGML_LLAMAFILE=OFF`` logits are then bit-identical for every batch
     size (measured on SmolLM2 Q4_1 and Qwen2.5-Coder Q4_K_M) but batches get slower.
+    Together with sequential decoding's KV cell layout (module docstring) greedy tree
+    decoding then equals plain decoding token for token.
     """
     return os.environ.get("LTD_LLAMACPP_EXACT", "0") not in ("", "0")
 
@@ -197,6 +229,25 @@ def check_tokenizer(model: LlamaCppModel, tokenizer, name: str) -> None:
             )
 
 
+def _chain_first(parents: Sequence[int], base: int) -> list[int]:
+    """Batch order of a score() call's nodes: the first-child chain from its first node,
+    then the others in their order (parents still come before children).
+
+    The first child of every node is the drafter's best guess, so the chain is the path
+    most likely to be accepted; decoded first, it takes the cells right after the
+    context, exactly where sequential decoding puts those tokens.
+    """
+    n = len(parents)
+    first_child: dict[int, int] = {}
+    for i in range(n - 1, -1, -1):
+        first_child[parents[i] - base] = i
+    chain = [0]
+    while chain[-1] in first_child:
+        chain.append(first_child[chain[-1]])
+    on_chain = set(chain)
+    return chain + [i for i in range(n) if i not in on_chain]
+
+
 class LlamaCppBackend(SpeculativeCounters):
     """A llama.cpp model with a committed KV cache and speculative tree entries."""
 
@@ -207,12 +258,13 @@ class LlamaCppBackend(SpeculativeCounters):
         """Top-2 margin below which a greedy difference from plain decoding is numerics.
 
         With stock kernels a token's logits move by up to ~0.7 with its batch size
-        (README, "Batch-size numerics"); with batch-size-independent kernels, deep trees
-        still differ at margins up to ~0.08 (probably attention sums over KV cells in another
-        order once rejected branches leave holes), so the bound is measured, not 1e-4.
+        (README, "Batch-size numerics"). With batch-size-independent kernels greedy tree
+        decoding equals plain decoding exactly (the cell layout is sequential decoding's
+        and acceptance uses only bit-exact logits, module docstring), so any difference
+        is a bug, as on the hf backend.
         """
         exact = exact_kernels() and not batch_dependent_kernels(self.lc)
-        return 0.1 if exact else 1.0
+        return 1e-4 if exact else 1.0
 
     def __init__(
         self,
@@ -251,6 +303,11 @@ class LlamaCppBackend(SpeculativeCounters):
         # commit no longer matched sequential decoding. Without it they are bit-identical.
         params.flash_attn_type = FLASH_ATTN_DISABLED
         self.n_ctx = n_ctx
+        # batch-size-independent kernels: logits in sequential decoding's cell layout are bit-exact
+        self._exact_kernels = exact_kernels() and not batch_dependent_kernels(lc)
+        self.mark_exact = True  # False: no per-node exactness, greedy acceptance uses every node
+        self.compactions = 0  # commits that moved accepted cells, and the seconds they took
+        self.compaction_seconds = 0.0
         _LAST_ERRORS.clear()
         ctx = lc.llama_init_from_model(model.ptr, params)
         if not ctx:
@@ -268,8 +325,10 @@ class LlamaCppBackend(SpeculativeCounters):
         self._spec_parents: list[int] = []
         self._spec_depths: list[int] = []
         self._spec_seq: list[int] = []  # the path sequence holding each entry
+        self._spec_cell: list[int] = []  # each entry's KV cell, counted from the committed context's end
         self._tip: dict[int, int] = {}  # sequence -> entry at its end (a child may extend it)
         self._free = list(range(self.n_seq - 1, 0, -1))  # sequence 0 is the committed context
+        self._context_exact = True  # every committed cell was computed in sequential decoding's layout
 
     # -- scoring -----------------------------------------------------------------------
     def _ensure_batch(self, n: int) -> None:
@@ -355,17 +414,18 @@ class LlamaCppBackend(SpeculativeCounters):
         for src, dst, end in copies:
             self.lc.llama_memory_seq_cp(self.mem, src, dst, -1, end)
 
+        order = _chain_first(pars, spec)
         self._ensure_batch(n)
         b = self._batch
-        for i in range(n):
-            b.token[i] = toks[i]
-            b.pos[i] = self._committed + new_depths[i]
+        for slot, i in enumerate(order):
+            b.token[slot] = toks[i]
+            b.pos[slot] = self._committed + new_depths[i]
             seqs = seq_lists[i]
-            b.n_seq_id[i] = len(seqs)
-            row = b.seq_id[i]
+            b.n_seq_id[slot] = len(seqs)
+            row = b.seq_id[slot]
             for j, s in enumerate(seqs):
                 row[j] = s
-            b.logits[i] = 1 if (not last_only or i == n - 1) else 0
+            b.logits[slot] = 1 if (not last_only or i == n - 1) else 0
         b.n_tokens = n
         rc = self.lc.llama_decode(self.ctx, b)
         if rc != 0:
@@ -373,10 +433,22 @@ class LlamaCppBackend(SpeculativeCounters):
             raise LtdError(f"llama.cpp decode failed (code {rc}: {_last_error()}); use a smaller draft tree or context")
         self._spec_parents.extend(pars)
         self._spec_depths.extend(new_depths)
+        cells = [0] * n
+        for slot, i in enumerate(order):
+            cells[i] = spec + slot  # the free cells after the context, taken in batch order
+        self._spec_cell.extend(cells)
         rows = 1 if last_only else n
         ptr = self.lc.llama_get_logits(self.ctx)
-        logits = torch.from_numpy(np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size)).copy())
-        return TreeOutput(logits=logits, features=None)
+        out = np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size))
+        if rows > 1:
+            out = out[np.argsort(order)]  # batch order back to entry order
+        logits = torch.from_numpy(out.copy())
+        exact = None
+        if self._exact_kernels and self._context_exact and self.mark_exact:
+            # a node's path sits in the cells sequential decoding would use iff its cell is its depth
+            flags = [cells[i] == new_depths[i] for i in range(n)]
+            exact = torch.tensor(flags[-1:] if last_only else flags, dtype=torch.bool)
+        return TreeOutput(logits=logits, features=None, exact=exact)
 
     def _undo(self, spec: int, tip_before: dict[int, int], free_before: list[int]) -> None:
         """Forget the entries of a failed score() call and the sequences it opened."""
@@ -393,6 +465,7 @@ class LlamaCppBackend(SpeculativeCounters):
         self._spec_parents = []
         self._spec_depths = []
         self._spec_seq = []
+        self._spec_cell = []
         self._tip = {}
 
     def commit(self, keep: Sequence[int] | torch.Tensor) -> None:
@@ -405,14 +478,50 @@ class LlamaCppBackend(SpeculativeCounters):
             if self._spec_parents[k] != prev:
                 raise ValueError("committed entries must form a path from the context")
             prev = k
+        n, k = self._committed, len(keep_l)
+        j = 0  # accepted entries already in the cells sequential decoding would use
+        while j < k and self._spec_cell[keep_l[j]] == j:
+            j += 1
+        moved = None
+        t0 = time.perf_counter()
+        if j < k:
+            self._context_exact = False  # these cells were computed next to rejected ones
         if keep_l:
             s = self._spec_seq[keep_l[-1]]
-            self.lc.llama_memory_seq_cp(self.mem, s, 0, self._committed, self._committed + len(keep_l))
+            self.lc.llama_memory_seq_cp(self.mem, s, 0, n, n + j)
+            if j < k:
+                # the rest sits after rejected entries: save it alone, free every speculative cell,
+                # and restore it into the first free cells (n + j on): sequential decoding's layout
+                self.lc.llama_memory_seq_rm(self.mem, s, 0, n + j)
+                self.lc.llama_memory_seq_rm(self.mem, s, n + k, -1)
+                moved = self._save_seq(s)
         self._drop_speculative()
-        self._committed += len(keep_l)
+        if moved is not None:
+            self._restore_into_context(moved, n + j, n + k)
+            self.compactions += 1
+            self.compaction_seconds += time.perf_counter() - t0
+        self._committed += k
 
     def rollback(self) -> None:
         self._drop_speculative()
+
+    def _save_seq(self, seq: int) -> bytes:
+        lc = self.lc
+        size = lc.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        got = lc.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        if got != size:
+            raise LtdError(f"llama.cpp could not save KV cells ({_last_error()})")
+        return buf
+
+    def _restore_into_context(self, buf, lo: int, hi: int) -> None:
+        lc = self.lc
+        scratch = self._free[-1]
+        got = lc.llama_state_seq_set_data(self.ctx, buf, len(buf), scratch)
+        if got != len(buf):
+            raise LtdError(f"llama.cpp could not restore KV cells ({_last_error()})")
+        lc.llama_memory_seq_cp(self.mem, scratch, 0, lo, hi)
+        lc.llama_memory_seq_rm(self.mem, scratch, -1, -1)
 
     # -- plain decoding ----------------------------------------------------------------
     def greedy_generate(self, prompt: Sequence[int], max_new_tokens: int, eos_ids: Sequence[int] = ()) -> list[int]:
