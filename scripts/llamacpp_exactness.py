@@ -32,6 +32,7 @@ os.environ.setdefault("LTD_LLAMACPP_EXACT", "1")
 import torch  # noqa: E402
 
 import ltd.cycle  # noqa: E402
+from ltd.drafting.base import ReversedDrafter  # noqa: E402
 from ltd.backends.llamacpp import LlamaCppBackend, LlamaCppModel, batch_dependent_kernels, exact_kernels  # noqa: E402
 from ltd.control import StaticController  # noqa: E402
 from ltd.drafting.lm import LMDrafter  # noqa: E402
@@ -72,32 +73,6 @@ def tokenize(model: LlamaCppModel, text: str) -> list[int]:
     buf = (lc.llama_token * (len(raw) + 16))()
     n = lc.llama_tokenize(model.vocab, raw, len(raw), buf, len(buf), True, True)
     return list(buf[:n])
-
-
-class ReversedDrafter:
-    """Candidates listed worst first: the first-child chain is rarely the accepted path."""
-
-    feature_layers = None
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def reset(self):
-        self.inner.reset()
-
-    def sync(self, tokens, features):
-        self.inner.sync(tokens, features)
-
-    def end(self):
-        self.inner.end()
-
-    def root(self, tree, k):
-        tokens, logp = self.inner.root(tree, k)
-        return tokens.flip(-1), logp.flip(-1)
-
-    def expand(self, tree, nodes, k):
-        tokens, logp = self.inner.expand(tree, nodes, k)
-        return tokens.flip(-1), logp.flip(-1)
 
 
 def prompts_for(model: LlamaCppModel, which: str, context: int) -> dict[str, list[int]]:

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from conftest import first_difference, run_decode
+from ltd.drafting.base import ReversedDrafter
 from ltd.control import StaticController
 from ltd.drafting.lm import LMDrafter
 from ltd.drafting.ngram import NgramDrafter
@@ -224,33 +225,6 @@ def test_next_tokens_after_an_off_chain_commit_equal_sequential_decoding(backend
             diff = float((nxt - want[2:]).abs().max())
             assert diff == 0.0, f"context {ctx_len}, {gap} rejected siblings: next tokens differ by {diff}"
     assert checked >= 1
-
-
-class ReversedDrafter:
-    """A drafter listing each node's candidates worst first, so the first-child chain is
-    rarely the accepted path: most accepted paths leave it and must stop there."""
-
-    feature_layers = None
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def reset(self):
-        self.inner.reset()
-
-    def sync(self, tokens, features):
-        self.inner.sync(tokens, features)
-
-    def end(self):
-        self.inner.end()
-
-    def root(self, tree, k):
-        tokens, logp = self.inner.root(tree, k)
-        return tokens.flip(-1), logp.flip(-1)
-
-    def expand(self, tree, nodes, k):
-        tokens, logp = self.inner.expand(tree, nodes, k)
-        return tokens.flip(-1), logp.flip(-1)
 
 
 @pytest.mark.parametrize("shape", [(4, 4, 8), (6, 4, 16)])

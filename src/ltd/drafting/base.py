@@ -64,3 +64,33 @@ class NullDrafter:
 
     def end(self) -> None:
         pass
+
+
+class ReversedDrafter:
+    """Wraps a drafter and lists each node's candidates worst first.
+
+    A stress test for backends that place the first-child chain specially (llama.cpp's
+    exact cell layout): with the order reversed, the accepted path rarely is that chain.
+    Used by tests and ``scripts/llamacpp_exactness.py``; never a good drafter.
+    """
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner = inner
+        self.feature_layers = getattr(inner, "feature_layers", None)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def sync(self, tokens: Sequence[int], features: torch.Tensor | None) -> None:
+        self.inner.sync(tokens, features)
+
+    def end(self) -> None:
+        self.inner.end()
+
+    def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, logp = self.inner.root(tree, k)
+        return tokens.flip(-1), logp.flip(-1)
+
+    def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, logp = self.inner.expand(tree, nodes, k)
+        return tokens.flip(-1), logp.flip(-1)
