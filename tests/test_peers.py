@@ -95,6 +95,8 @@ def test_spec_command_is_greedy_and_passes_draft_model(tmp_path):
                        draft_gguf=tmp_path / "d.gguf")
     assert cmd[cmd.index("--temp") + 1] == "0"
     assert cmd[cmd.index("-p") + 1] == PROMPT  # not -f: the tool strips a file's trailing newline
+    # the tool would otherwise unescape a literal "\\n" (humaneval docstrings) and answer another prompt
+    assert "--no-escape" in cmd
     assert cmd[cmd.index("-md") + 1] == str(tmp_path / "d.gguf")
     assert cmd[cmd.index("-t") + 1] == "2" and cmd[cmd.index("-n") + 1] == "32"
     with pytest.raises(LtdError, match="needs a draft model"):

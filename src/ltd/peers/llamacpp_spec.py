@@ -169,7 +169,9 @@ def spec_command(
     if spec.type in MODEL_DRAFT_TYPES and draft_gguf is None:
         raise LtdError(f"{spec.label} needs a draft model GGUF")
     cmd = [
-        str(binary), "-m", str(target_gguf), "-p", prompt_text, "-n", str(max_new_tokens),
+        # --no-escape: the prompt is passed as is (the tool would turn a literal "\\n" in
+        # code prompts into a newline, and generate from another prompt than ours)
+        str(binary), "-m", str(target_gguf), "-p", prompt_text, "--no-escape", "-n", str(max_new_tokens),
         "-c", str(context), "-b", str(max(context, 512)), "-ub", "512",
         "-t", str(threads), "-tb", str(threads), "--temp", "0", "--seed", str(seed), *spec.type_args(),
     ]
