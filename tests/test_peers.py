@@ -115,6 +115,11 @@ def test_parse_spec_run():
     assert run.n_prompt == 12
 
 
+def test_unexpected_echo_is_one_line():
+    with pytest.raises(LtdError, match="did not echo the prompt"):
+        parse_spec_run("\n\n" + PROMPT.replace("Hi", "Ho") + "Hello\n\n\n\n", STDERR, PROMPT)
+
+
 def test_parse_spec_run_failure_is_one_line():
     with pytest.raises(LtdError) as err:
         parse_spec_run("", "llama_model_load: error loading model\nmain: failed to load\n", PROMPT)

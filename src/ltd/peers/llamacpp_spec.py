@@ -132,7 +132,8 @@ def split_output(stdout: str, prompt_text: str) -> str:
     else:
         at = body.find(prompt_text)
         if at < 0:
-            raise RuntimeError("llama.cpp did not echo the prompt as expected; cannot separate its output")
+            raise LtdError("llama.cpp's tool did not echo the prompt as given, so its output cannot be separated; "
+                           "rebuild the peers (ltd peers build llama.cpp) or drop llama.cpp-spec from --methods")
         body = body[at + len(prompt_text):]
     return body[:-4] if body.endswith("\n\n\n\n") else body.rstrip("\n")
 
