@@ -11,13 +11,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REGEN=${REGEN:?set REGEN to a jsonl written by ltd regenerate}
-STEPS_EPOCHS_R=${EPOCHS_R:-2}
+EPOCHS_R=${EPOCHS_R:-2}
 HEAD=src/ltd/assets/drafters/smollm2-135m-eagle3
 COMMON=(--target smollm2-135m --unroll 3 --batch-tokens 2048 --eval-every 20 --threads 1 --lr 3e-4 --init "$HEAD")
 mkdir -p runs/cmp
 # Arm R: the target's regenerated answers (all of the file).
 OMP_NUM_THREADS=1 .venv/bin/ltd -v train-drafter "${COMMON[@]}" --data "$REGEN" --max-tokens 100000000 \
-    --epochs "$STEPS_EPOCHS_R" --out runs/cmp/regen > runs/cmp/regen.log 2>&1 &
+    --epochs "$EPOCHS_R" --out runs/cmp/regen > runs/cmp/regen.log 2>&1 &
 R=$!
 # Arm O: original ShareGPT answers with the target's soft labels (the cached features of the
 # shipped head's recipe), for the same number of steps: epochs scaled by the token ratio.
@@ -25,7 +25,7 @@ wait_for_manifest() { while [ ! -f runs/cmp/regen/train_config.json ]; do sleep 
 wait_for_manifest
 RTOK=$(python3 -c "import json;print(json.load(open('runs/cmp/regen/features/manifest.json'))['tokens'])")
 OTOK=$(python3 -c "import json;print(json.load(open('runs/smollm2-eagle3/features/manifest.json'))['tokens'])")
-EPOCHS_O=$(python3 -c "print(round($STEPS_EPOCHS_R * $RTOK / $OTOK, 4))")
+EPOCHS_O=$(python3 -c "print(round($EPOCHS_R * $RTOK / $OTOK, 4))")
 OMP_NUM_THREADS=1 .venv/bin/ltd -v train-drafter "${COMMON[@]}" --data sharegpt --max-tokens "$OTOK" \
     --features runs/smollm2-eagle3/features --epochs "$EPOCHS_O" --out runs/cmp/original > runs/cmp/original.log 2>&1 &
 O=$!

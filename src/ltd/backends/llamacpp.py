@@ -505,7 +505,8 @@ class LlamaCppBackend(SpeculativeCounters):
     def rollback(self) -> None:
         self._drop_speculative()
 
-    def _save_seq(self, seq: int) -> bytes:
+    def _save_seq(self, seq: int) -> ctypes.Array:
+        """Sequence ``seq``'s KV cells, serialised by llama.cpp."""
         lc = self.lc
         size = lc.llama_state_seq_get_size(self.ctx, seq)
         buf = (ctypes.c_uint8 * size)()
@@ -514,7 +515,8 @@ class LlamaCppBackend(SpeculativeCounters):
             raise LtdError(f"llama.cpp could not save KV cells ({_last_error()})")
         return buf
 
-    def _restore_into_context(self, buf, lo: int, hi: int) -> None:
+    def _restore_into_context(self, buf: ctypes.Array, lo: int, hi: int) -> None:
+        """Restore saved cells into free cells through a scratch sequence, then give positions [lo, hi) to sequence 0."""
         lc = self.lc
         scratch = self._free[-1]
         got = lc.llama_state_seq_set_data(self.ctx, buf, len(buf), scratch)
