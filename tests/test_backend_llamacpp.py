@@ -239,6 +239,25 @@ def test_engine_on_llamacpp_matches_its_reference():
         Engine.load("smollm2-135m", drafter="builtin:smollm2-135m-eagle3", backend="llamacpp", threads=1)
 
 
+def test_llamacpp_engine_tokenizes_prompts_like_llama_cpp(lmodel):
+    """On llama.cpp prompts are tokenized by llama.cpp, as its own tools do: HF's tokenizer
+    splits a newline, four spaces and a digit (humaneval/6) into other tokens."""
+    from ltd.engine import Engine
+    from ltd.models import encode_prompt
+
+    engine = Engine.load("smollm2-135m", drafter="ngram", backend="llamacpp", threads=1)
+    text = "def f(x):\n    5 + x"
+    tok = engine.target.tokenizer
+    rendered = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    ids = engine.encode(text)
+    assert ids == lmodel.tokenize(rendered)
+    hf_ids = encode_prompt(tok, text)
+    assert hf_ids != ids  # the case this exists for: the two tokenizers disagree here
+    assert tok.decode(ids) == tok.decode(hf_ids) == rendered
+    assert engine.encode(text, chat=False) == lmodel.tokenize(text)
+    assert engine.encode_messages([{"role": "user", "content": text}]) == ids
+
+
 def test_missing_bindings_are_a_one_line_error(monkeypatch):
     from ltd.backends import llamacpp
 

@@ -296,12 +296,10 @@ def test_drafter_returns_documented_shapes(tiny_backend, tiny_model, other_model
 @pytest.mark.e2e
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 8, 4), (4, 8, 16)])
 def test_smollm_shipped_head_is_lossless(smollm, smollm_refs, shape):
-    """The shipped EAGLE-3 head (the default drafter) keeps greedy output unchanged."""
-    from ltd.engine import GenerateConfig, default_drafter_spec, load_drafter
+    """The shipped EAGLE-3 head alone keeps greedy output unchanged (1x1x1 included)."""
+    from ltd.engine import GenerateConfig, load_drafter
 
-    spec = default_drafter_spec("smollm2-135m")
-    assert spec == "builtin:smollm2-135m-eagle3"
-    drafter = load_drafter(spec, smollm.target)
+    drafter = load_drafter("builtin:smollm2-135m-eagle3", smollm.target)
     d, k, v = shape
     saved = smollm.drafter
     smollm.drafter = drafter
@@ -316,8 +314,41 @@ def test_smollm_shipped_head_is_lossless(smollm, smollm_refs, shape):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("shape", [(1, 8, 4), (4, 8, 16)])
+def test_smollm_default_hybrid_drafter_is_lossless(smollm, smollm_refs, shape):
+    """The default drafter (the shipped head and n-grams in one tree) keeps greedy output."""
+    from ltd.drafting.hybrid import HybridDrafter
+    from ltd.engine import GenerateConfig, default_drafter_spec, load_drafter
+
+    drafter = load_drafter(default_drafter_spec("smollm2-135m"), smollm.target)
+    assert isinstance(drafter, HybridDrafter)
+    d, k, v = shape
+    saved = smollm.drafter
+    smollm.drafter = drafter
+    try:
+        for text in E2E_PROMPTS:
+            prompt, ref = smollm_refs[text]
+            got = smollm.generate(prompt, GenerateConfig(method="static", max_new_tokens=E2E_NEW, depth=d, topk=k, size=v))
+            assert_same_tokens(got.tokens, ref, smollm.target.model, prompt, f"default drafter {shape} on {text!r}")
+    finally:
+        smollm.drafter = saved
+
+
+def test_default_drafter_spec_falls_back_per_backend(monkeypatch, tmp_path):
+    """The hybrid default keeps its n-gram half where the head cannot run or is missing."""
+    from ltd import engine
+
+    assert engine.default_drafter_spec("smollm2-135m") == "hybrid:ngram+builtin:smollm2-135m-eagle3"
+    assert engine.default_drafter_spec("smollm2-135m", "llamacpp") == "ngram"
+    assert engine.default_drafter_spec("qwen2.5-coder-1.5b") == "qwen2.5-coder-0.5b"
+    assert engine.default_drafter_spec("not-in-registry") == "none"
+    monkeypatch.setattr(engine, "builtin_drafter_dir", lambda name: tmp_path / name)
+    assert engine.default_drafter_spec("smollm2-135m") == "ngram"
+
+
+@pytest.mark.e2e
 def test_smollm_shipped_ltd_policies_are_lossless(smollm, smollm_refs):
-    """The shipped LTD policies (the README's main job) with the shipped head keep greedy output."""
+    """The shipped LTD policies (the README's main job) with the default drafter keep greedy output."""
     from ltd.engine import GenerateConfig, default_drafter_spec, default_policy_dir, load_drafter
 
     assert (default_policy_dir("smollm2-135m") / "depth" / "policy.json").is_file()

@@ -80,3 +80,23 @@ def test_unknown_variant_is_refused(tiny_model):
     head = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=3)
     with pytest.raises(LtdError, match="variant"):
         OnlineLearner(Eagle3Drafter(head, tiny_model.get_input_embeddings()), OnlineConfig(variant="magic"))
+
+
+def test_hybrid_drafter_adapts_its_head(tiny_model):
+    """With the hybrid default (n-grams + head) online learning adapts the head inside it."""
+    from ltd.drafting.base import NullDrafter
+    from ltd.drafting.hybrid import HybridDrafter
+    from ltd.drafting.ngram import NgramDrafter
+
+    head_drafter, _ = _learner(tiny_model)
+    hybrid = HybridDrafter(NgramDrafter(), head_drafter)
+    learner = OnlineLearner(hybrid, OnlineConfig(variant="plain", update_every=2, window=24, lr=1e-2))
+    assert learner.drafter is head_drafter
+    before = {n: p.detach().clone() for n, p in head_drafter.head.named_parameters()}
+    ref = hf_greedy(tiny_model, PROMPT, 30)
+    got, _ = run_decode(HFBackend(tiny_model), hybrid, StaticController(3, 3, 6), PROMPT, 30, listeners=[learner])
+    assert got == ref
+    assert learner.stats.updates >= 3
+    assert any(not torch.equal(before[n], p) for n, p in head_drafter.head.named_parameters())
+    with pytest.raises(LtdError, match="EAGLE-3 head"):
+        OnlineLearner(HybridDrafter(NgramDrafter(), NullDrafter()))

@@ -97,6 +97,10 @@ def test_spec_command_is_greedy_and_passes_draft_model(tmp_path):
     assert cmd[cmd.index("-p") + 1] == PROMPT  # not -f: the tool strips a file's trailing newline
     # the tool would otherwise unescape a literal "\\n" (humaneval docstrings) and answer another prompt
     assert "--no-escape" in cmd
+    # flash attention rounds differently from the backend's contexts (off there too)
+    assert cmd[cmd.index("-fa") + 1] == "off" and "--no-repack" not in cmd
+    assert "--no-repack" in spec_command(tmp_path / "bin", PeerSpec("ngram-simple"), tmp_path / "t.gguf", PROMPT, 32,
+                                         200, 2, exact=True)
     assert cmd[cmd.index("-md") + 1] == str(tmp_path / "d.gguf")
     assert cmd[cmd.index("-t") + 1] == "2" and cmd[cmd.index("-n") + 1] == "32"
     with pytest.raises(LtdError, match="needs a draft model"):
@@ -162,7 +166,7 @@ def test_second_build_is_instant(no_build, monkeypatch):
     for t in TARGETS:
         b.binary(t).parent.mkdir(parents=True, exist_ok=True)
         b.binary(t).write_text("")
-    b.info_path.write_text(json.dumps({"build_seconds": 480.0}))
+    b.info_path.write_text(json.dumps({"build_seconds": 480.0, "cmake_flags": list(llamacpp_build.CMAKE_FLAGS)}))
 
     def boom(*a, **k):
         raise AssertionError("a finished build must not run anything")
@@ -172,6 +176,19 @@ def test_second_build_is_instant(no_build, monkeypatch):
     build, built_now = build_llamacpp(jobs=2)
     assert built_now is False and build.root == no_build
     assert llamacpp_build.find_build() is not None
+
+
+def test_build_with_other_flags_is_not_complete(no_build):
+    """A cache built with older cmake flags (e.g. with llamafile kernels) is rebuilt, not used."""
+    b = LlamaCppBuild(no_build)
+    for t in TARGETS:
+        b.binary(t).parent.mkdir(parents=True, exist_ok=True)
+        b.binary(t).write_text("")
+    old = [f for f in llamacpp_build.CMAKE_FLAGS if "LLAMAFILE" not in f]
+    b.info_path.write_text(json.dumps({"build_seconds": 480.0, "cmake_flags": old}))
+    assert not b.is_complete() and llamacpp_build.find_build() is None
+    b.info_path.write_text(json.dumps({"build_seconds": 480.0, "cmake_flags": list(llamacpp_build.CMAKE_FLAGS)}))
+    assert b.is_complete()
 
 
 def test_peers_cli_status_and_unknown_jobs(no_build, capsys):

@@ -110,16 +110,25 @@ def default_drafter_spec(model_name: str, backend: str = "hf") -> str:
     """The drafter used when none is given: the registry's choice when it is available.
 
     EAGLE-3 heads need target features, which llama.cpp does not give: there the
-    n-gram drafter stands in for them.
+    n-gram drafter stands in for them (also in a hybrid's place). A shipped head that
+    is missing from this install leaves a hybrid's n-gram half, or no drafter.
     """
     entry = REGISTRY.get(model_name)
     if entry is None or not entry.default_drafter:
         return "ngram" if backend == "llamacpp" else "none"
     spec = entry.default_drafter
-    if backend == "llamacpp" and spec.startswith("builtin:"):
-        return "ngram"
-    if spec.startswith("builtin:") and not (builtin_drafter_dir(spec.split(":", 1)[1]) / "config.json").is_file():
-        return "none"
+    ngram = ""
+    if spec.startswith("hybrid:"):
+        from ltd.drafting.hybrid import split_hybrid_spec
+
+        ngram, model_spec = split_hybrid_spec(spec)
+    else:
+        model_spec = spec
+    if model_spec.startswith("builtin:"):
+        if backend == "llamacpp":
+            return ngram or "ngram"
+        if not (builtin_drafter_dir(model_spec.split(":", 1)[1]) / "config.json").is_file():
+            return ngram or "none"
     return spec
 
 
@@ -309,7 +318,18 @@ class Engine:
     def encode(self, text: str, chat: bool = True) -> list[int]:
         from ltd.models import encode_prompt
 
-        return encode_prompt(self.target.tokenizer, text, chat=chat)
+        return encode_prompt(self.target.tokenizer, text, chat=chat, tokenize=self.prompt_tokenizer)
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """A whole conversation through the chat template (bench --multi-turn, the server)."""
+        from ltd.models import encode_messages
+
+        return encode_messages(self.target.tokenizer, messages, tokenize=self.prompt_tokenizer)
+
+    @property
+    def prompt_tokenizer(self):
+        """The backend's own text tokenizer when it has one (llama.cpp), else None (HF's)."""
+        return getattr(self.backend, "tokenize", None)
 
     def controller_for(self, cfg: GenerateConfig) -> Controller:
         if cfg.method == "ar":

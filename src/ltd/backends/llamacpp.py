@@ -71,17 +71,17 @@ FLASH_ATTN_DISABLED = 0  # llama_flash_attn_type: -1 auto, 0 disabled, 1 enabled
 def import_llama_cpp():
     """The ``llama_cpp`` module, or a one-line error saying how to install it.
 
-    With ``LTD_LLAMACPP_EXACT=1`` it also turns off ggml's tiled K-quant matmul
-    (``GGML_CPU_TILED_MM=0``, read once at the first matmul), which computes batches of 8+
-    rows on other kernels than smaller ones; see :func:`exact_kernels`.
+    In exact mode (:func:`exact_kernels`) it also turns off ggml's tiled K-quant matmul
+    (``GGML_CPU_TILED_MM=0``, read once at the first matmul, so before any model runs),
+    which computes batches of 8+ rows on other kernels than smaller ones.
     """
-    if exact_kernels():
-        os.environ.setdefault("GGML_CPU_TILED_MM", "0")
     try:
         import llama_cpp
     except ImportError:
         raise LtdError(f"--backend llamacpp needs llama-cpp-python: {INSTALL_HINT}") from None
     _route_native_logs(llama_cpp)
+    if exact_kernels(llama_cpp):
+        os.environ.setdefault("GGML_CPU_TILED_MM", "0")
     _warn_batch_dependent_kernels(llama_cpp)
     return llama_cpp
 
@@ -89,19 +89,27 @@ def import_llama_cpp():
 _WARNED = False
 
 
-def exact_kernels() -> bool:
-    """``LTD_LLAMACPP_EXACT=1``: make a token's logits independent of its batch size.
+def exact_kernels(llama_cpp=None) -> bool:
+    """Exact mode: a token's logits independent of its batch size, greedy trees exact.
 
     Stock llama.cpp computes one token, 2-3 tokens and 4+ tokens on different CPU kernels
     (llamafile sgemm, repacked K-quant weights, tiled matmul), so a verified tree can
     leave plain decoding's greedy text at a near-tie. Exact mode turns off the runtime
     ones (repacked weights, tiled matmul); with llama-cpp-python built with
-    ``CMAKE_ARGS=-DGGML_LLAMAFILE=OFF`` logits are then bit-identical for every batch
-    size (measured on SmolLM2 Q4_1 and Qwen2.5-Coder Q4_K_M) but batches get slower.
-    Together with sequential decoding's KV cell layout (module docstring) greedy tree
-    decoding then equals plain decoding token for token.
+    ``CMAKE_ARGS=-DGGML_LLAMAFILE=OFF`` (what ``scripts/setup.sh`` installs) logits are
+    then bit-identical for every batch size (measured on SmolLM2 Q4_1 and Qwen2.5-Coder
+    Q4_K_M). Together with sequential decoding's KV cell layout (module docstring) greedy
+    tree decoding then equals plain decoding token for token.
+
+    ``LTD_LLAMACPP_EXACT=1`` forces it on, ``=0`` off (faster repacked weights, outputs
+    may leave plain decoding at near-ties). Unset, it is on exactly when ``llama_cpp``
+    (given) was built without llamafile, the only build where it can hold; without the
+    module, unset means off.
     """
-    return os.environ.get("LTD_LLAMACPP_EXACT", "0") not in ("", "0")
+    env = os.environ.get("LTD_LLAMACPP_EXACT")
+    if env is not None and env != "":
+        return env != "0"
+    return llama_cpp is not None and not batch_dependent_kernels(llama_cpp)
 
 
 def batch_dependent_kernels(llama_cpp) -> bool:
@@ -169,7 +177,7 @@ class LlamaCppModel:
         lc = self.llama_cpp
         lc.llama_backend_init()
         params = lc.llama_model_default_params()
-        params.use_extra_bufts = not exact_kernels()  # repacked weights: another kernel for 4+ rows
+        params.use_extra_bufts = not exact_kernels(lc)  # repacked weights: another kernel for 4+ rows
         _LAST_ERRORS.clear()
         ptr = lc.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
@@ -188,6 +196,26 @@ class LlamaCppModel:
         """The vocabulary entry of a token (as stored in the GGUF: byte-level BPE text)."""
         raw = self.llama_cpp.llama_vocab_get_text(self.vocab, int(token))
         return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own tokenization of a prompt, as its tools do it: special tokens
+        parsed, the vocabulary's BOS added when it asks for one (not twice)."""
+        lc = self.llama_cpp
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (lc.llama_token * cap)()
+        n = lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, True, True)
+        if n < 0:  # buffer too small: -n is the size needed
+            cap = -n
+            buf = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, True, True)
+        if n < 0:
+            raise LtdError(f"llama.cpp could not tokenize a prompt of {len(raw)} bytes")
+        ids = [int(t) for t in buf[:n]]
+        bos = int(lc.llama_vocab_bos(self.vocab))
+        if len(ids) >= 2 and ids[0] == ids[1] == bos:
+            ids = ids[1:]
+        return ids
 
     def eos_ids(self) -> list[int]:
         lc = self.llama_cpp
@@ -263,8 +291,17 @@ class LlamaCppBackend(SpeculativeCounters):
         and acceptance uses only bit-exact logits, module docstring), so any difference
         is a bug, as on the hf backend.
         """
-        exact = exact_kernels() and not batch_dependent_kernels(self.lc)
+        exact = exact_kernels(self.lc) and not batch_dependent_kernels(self.lc)
         return 1e-4 if exact else 1.0
+
+    def tokenize(self, text: str) -> list[int]:
+        """Prompt ids as llama.cpp tokenizes them (see :meth:`LlamaCppModel.tokenize`)."""
+        return self.model.tokenize(text)
+
+    @property
+    def exact(self) -> bool:
+        """Exact mode is on and the kernels allow it: greedy trees equal plain decoding."""
+        return self._exact_kernels
 
     def __init__(
         self,
@@ -304,7 +341,7 @@ class LlamaCppBackend(SpeculativeCounters):
         params.flash_attn_type = FLASH_ATTN_DISABLED
         self.n_ctx = n_ctx
         # batch-size-independent kernels: logits in sequential decoding's cell layout are bit-exact
-        self._exact_kernels = exact_kernels() and not batch_dependent_kernels(lc)
+        self._exact_kernels = exact_kernels(lc) and not batch_dependent_kernels(lc)
         self.mark_exact = True  # False: no per-node exactness, greedy acceptance uses every node
         self.compactions = 0  # commits that moved accepted cells, and the seconds they took
         self.compaction_seconds = 0.0

@@ -310,11 +310,13 @@ def _private_online_drafter(engine: Engine, variant: str):
     import copy
 
     from ltd.drafting.eagle3 import Eagle3Drafter
+    from ltd.drafting.hybrid import HybridDrafter
     from ltd.online import OnlineConfig, OnlineLearner
+    from ltd.online.learner import adaptable_head
 
-    if not isinstance(engine.drafter, Eagle3Drafter):
-        raise LtdError("+online needs an EAGLE-3 head drafter; pass --drafter builtin:... or a head directory")
-    drafter = Eagle3Drafter(copy.deepcopy(engine.drafter.head), engine.drafter.embed)
+    shipped = adaptable_head(engine.drafter)
+    head = Eagle3Drafter(copy.deepcopy(shipped.head), shipped.embed)
+    drafter = HybridDrafter(copy.deepcopy(engine.drafter.ngram), head) if isinstance(engine.drafter, HybridDrafter) else head
     return drafter, OnlineLearner(drafter, OnlineConfig(variant=variant))
 
 

@@ -179,10 +179,7 @@ def encode_turns(engine: Engine, turns: Sequence[str], replies: Sequence[str]) -
     for user, reply in zip(turns, replies):
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
     messages.append({"role": "user", "content": turns[len(replies)]})
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return [int(i) for i in ids]
+    return engine.encode_messages(messages)
 
 
 @torch.inference_mode()

@@ -80,12 +80,23 @@ class OnlineStats:
     active_member: int = 0
 
 
-class OnlineLearner:
-    """Adapts an :class:`Eagle3Drafter`'s head while it serves."""
+def adaptable_head(drafter) -> Eagle3Drafter:
+    """The EAGLE-3 drafter that online learning adapts: the drafter itself, or the model
+    half of a hybrid (its n-gram half has nothing to learn)."""
+    from ltd.drafting.hybrid import HybridDrafter
 
-    def __init__(self, drafter: Eagle3Drafter, cfg: OnlineConfig | None = None) -> None:
-        if not isinstance(drafter, Eagle3Drafter):
-            raise LtdError("online adaptation needs an EAGLE-3 head drafter (--drafter builtin:... or a head dir)")
+    if isinstance(drafter, HybridDrafter):
+        drafter = drafter.model
+    if not isinstance(drafter, Eagle3Drafter):
+        raise LtdError("online adaptation needs an EAGLE-3 head drafter (--drafter builtin:... or a head dir, alone or in a hybrid:ngram+...)")
+    return drafter
+
+
+class OnlineLearner:
+    """Adapts an :class:`Eagle3Drafter`'s head while it serves (a hybrid's head too)."""
+
+    def __init__(self, drafter, cfg: OnlineConfig | None = None) -> None:
+        drafter = adaptable_head(drafter)
         self.cfg = cfg or OnlineConfig()
         self.cfg.validate()
         self.drafter = drafter

@@ -52,6 +52,9 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_EXAMPLES=ON",
     "-DLLAMA_OPENSSL=OFF",
     "-DGGML_NATIVE=ON",
+    # no llamafile sgemm: its logits depend on the batch size, so a speculative run could
+    # leave plain decoding's text at near-ties (the ltd bindings are built the same way)
+    "-DGGML_LLAMAFILE=OFF",
 )
 
 Progress = Callable[[str], None]
@@ -90,7 +93,12 @@ class LlamaCppBuild:
         return self.root / BUILD_INFO
 
     def is_complete(self) -> bool:
-        return self.info_path.is_file() and all(self.binary(t).is_file() for t in TARGETS)
+        """Every target built, with this version's cmake flags (older builds rebuild)."""
+        return (
+            self.info_path.is_file()
+            and all(self.binary(t).is_file() for t in TARGETS)
+            and self.info().get("cmake_flags") == list(CMAKE_FLAGS)
+        )
 
     def info(self) -> dict:
         try:

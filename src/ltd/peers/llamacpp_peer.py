@@ -121,7 +121,7 @@ class LlamaCppSpecPeer:
         context = len(prompt) + max_new_tokens + CONTEXT_MARGIN
         cmd = spec_command(
             self.build.binary(SPEC_BINARY), self.spec, self.target, prompt_text, max_new_tokens, context,
-            self.threads, self.draft, seed or 0,
+            self.threads, self.draft, seed or 0, exact=bool(getattr(self.engine.backend, "exact", False)),
         )
         out, err = run_tool(cmd)
         run = parse_spec_run(out, err, prompt_text)

@@ -165,8 +165,15 @@ def spec_command(
     threads: int,
     draft_gguf: Path | None = None,
     seed: int = 0,
+    exact: bool = False,
 ) -> list[str]:
-    """The full command line of one greedy speculative generation."""
+    """The full command line of one greedy speculative generation.
+
+    Flash attention is off, as in the ltd backend's contexts (its CPU kernel rounds
+    differently, so the tool would compute another text than plain decoding). ``exact``
+    (the ltd backend's exact mode) also turns off repacked weights, another kernel for
+    batches of 4+ rows; the caller's environment carries ``GGML_CPU_TILED_MM=0``.
+    """
     if spec.type in MODEL_DRAFT_TYPES and draft_gguf is None:
         raise LtdError(f"{spec.label} needs a draft model GGUF")
     cmd = [
@@ -174,8 +181,10 @@ def spec_command(
         # code prompts into a newline, and generate from another prompt than ours)
         str(binary), "-m", str(target_gguf), "-p", prompt_text, "--no-escape", "-n", str(max_new_tokens),
         "-c", str(context), "-b", str(max(context, 512)), "-ub", "512",
-        "-t", str(threads), "-tb", str(threads), "--temp", "0", "--seed", str(seed), *spec.type_args(),
+        "-t", str(threads), "-tb", str(threads), "--temp", "0", "--seed", str(seed), "-fa", "off", *spec.type_args(),
     ]
+    if exact:
+        cmd.append("--no-repack")
     if draft_gguf is not None:
         cmd += ["-md", str(draft_gguf), "-td", str(threads), "-tbd", str(threads)]
     return cmd

@@ -32,8 +32,9 @@ class TextCodec:
     measurable and rules the problem out.
     """
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer, tokenize: Callable[[str], list[int]] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.tokenize = tokenize  # the backend's own tokenizer (llama.cpp), as Engine.encode uses
         self._lock = threading.Lock()
 
     @property
@@ -50,20 +51,19 @@ class TextCodec:
             raise LtdError("this model has no chat template; use /v1/completions with a raw prompt")
         from jinja2.exceptions import TemplateError
 
+        from ltd.models import encode_messages
+
         try:
             with self._lock:
-                ids = self.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
-                )
+                return encode_messages(self.tokenizer, messages, self.tokenize)
         except (TemplateError, ValueError) as exc:
             raise LtdError(f"the model's chat template rejected the messages: {exc}") from None
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(i) for i in ids]
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of a raw prompt (no chat template), as ``ltd generate --raw`` encodes it."""
         with self._lock:
+            if self.tokenize is not None:
+                return self.tokenize(text)
             return [int(i) for i in self.tokenizer(text)["input_ids"]]
 
     def decode(self, ids: Sequence[int]) -> str:
