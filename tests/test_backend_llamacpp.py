@@ -230,7 +230,7 @@ def test_engine_on_llamacpp_matches_its_reference():
     assert engine.target.model is None  # no dense weights were loaded
     prompt = engine.encode("Repeat after me: one two three, one two three, one two three.")
     ref = engine.generate(prompt, GenerateConfig(method="llama.cpp", max_new_tokens=16))
-    for method in ("ar", "static"):
+    for method in ("ar", "static", "ltd"):  # ltd: the policies shipped for this backend
         res = engine.generate(prompt, GenerateConfig(method=method, max_new_tokens=16, depth=4, topk=2, size=4))
         assert res.tokens == ref.tokens, method
     with pytest.raises(LtdError, match="llama.cpp"):
@@ -256,6 +256,32 @@ def test_llamacpp_engine_tokenizes_prompts_like_llama_cpp(lmodel):
     assert tok.decode(ids) == tok.decode(hf_ids) == rendered
     assert engine.encode(text, chat=False) == lmodel.tokenize(text)
     assert engine.encode_messages([{"role": "user", "content": text}]) == ids
+
+
+def test_peer_output_text_is_tokenized_by_llama_cpp(lmodel):
+    """A peer tool prints text; its ids come from llama.cpp's tokenizer, which keeps the
+    newline pair that SmolLM2 generates as one token where HF's tokenizer makes two."""
+    from ltd.models import load_tokenizer_only
+    from ltd.peers.llamacpp_peer import output_tokens
+    from ltd.peers.llamacpp_spec import ToolRun
+
+    tok, _ = load_tokenizer_only("smollm2-135m", lmodel.path)
+    run = ToolRun(text="the product:\n\n1. Eco", n_predict=64, seconds=1.0)
+    ours = output_tokens(tok, run, 64, [2], lmodel.tokenize)
+    assert tok.convert_ids_to_tokens(ours[3:5]) == ["ĊĊ", "1"]
+    assert tok.decode(ours[:-1]) == run.text and ours[-1] == 2  # stopped early: the end token is put back
+    hf = output_tokens(tok, run, 64, [2])
+    assert hf != ours
+
+
+def test_each_backend_has_its_own_shipped_policies():
+    """Policies learn one backend's costs and drafter: llama.cpp's are not the hf backend's."""
+    from ltd.engine import default_policy_dir
+
+    hf, lcp = default_policy_dir("smollm2-135m"), default_policy_dir("smollm2-135m", "llamacpp")
+    assert hf != lcp
+    for d in (hf, lcp):
+        assert (d / "depth" / "policy.json").is_file() and (d / "size" / "policy.json").is_file()
 
 
 def test_missing_bindings_are_a_one_line_error(monkeypatch):

@@ -136,7 +136,7 @@ def cmd_demo(args) -> int:
     engine.generate(prompt, GenerateConfig(method="ar", max_new_tokens=4))
     results = {}
     methods = [ref, "static"]
-    if args.backend == "hf" and (default_policy_dir(args.model) / "depth").is_dir():
+    if (default_policy_dir(args.model, args.backend) / "depth").is_dir():
         methods.append("ltd")  # the shipped learned policies decide depth and size per cycle
     for method in methods:
         cfg = GenerateConfig(method=method, max_new_tokens=args.max_new_tokens, depth=args.depth, topk=args.topk, size=args.size)

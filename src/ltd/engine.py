@@ -239,9 +239,14 @@ def load_llamacpp_target(model: str, threads: int | None = None, fetch: bool = F
     return target, LlamaCppBackend(lmodel, threads=threads)
 
 
-def default_policy_dir(model_name: str) -> Path:
-    """Where the shipped LTD policies for a registry model live."""
-    return POLICY_ASSETS / model_name
+def default_policy_dir(model_name: str, backend: str = "hf") -> Path:
+    """Where the shipped LTD policies for a registry model and backend live.
+
+    Policies are trained on one backend's latency profile and drafter (the hf backend's
+    EAGLE-3 hybrid, llama.cpp's n-grams), so each backend has its own: ``NAME`` for hf,
+    ``NAME-llamacpp`` for llama.cpp.
+    """
+    return POLICY_ASSETS / (model_name if backend == "hf" else f"{model_name}-{backend}")
 
 
 def load_ltd_policies(policy_dir: str | Path) -> tuple:
@@ -337,7 +342,7 @@ class Engine:
         if cfg.method == "ltd":
             from ltd.control_ltd import LTDController
 
-            key = str(Path(cfg.policy or default_policy_dir(self.target.name)).resolve())
+            key = str(Path(cfg.policy or default_policy_dir(self.target.name, self.backend_name)).resolve())
             if key not in self._policies:
                 self._policies[key] = load_ltd_policies(key)
             return LTDController.from_policies(*self._policies[key])  # fresh history per request

@@ -197,18 +197,19 @@ class LlamaCppModel:
         raw = self.llama_cpp.llama_vocab_get_text(self.vocab, int(token))
         return raw.decode("utf-8", errors="replace") if raw else ""
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """llama.cpp's own tokenization of a prompt, as its tools do it: special tokens
-        parsed, the vocabulary's BOS added when it asks for one (not twice)."""
+        parsed, the vocabulary's BOS added when it asks for one (not twice; never with
+        ``add_special=False``, for generated text)."""
         lc = self.llama_cpp
         raw = text.encode("utf-8")
         cap = len(raw) + 8
         buf = (lc.llama_token * cap)()
-        n = lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, True, True)
+        n = lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, True)
         if n < 0:  # buffer too small: -n is the size needed
             cap = -n
             buf = (lc.llama_token * cap)()
-            n = lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, True, True)
+            n = lc.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, True)
         if n < 0:
             raise LtdError(f"llama.cpp could not tokenize a prompt of {len(raw)} bytes")
         ids = [int(t) for t in buf[:n]]
@@ -294,9 +295,9 @@ class LlamaCppBackend(SpeculativeCounters):
         exact = exact_kernels(self.lc) and not batch_dependent_kernels(self.lc)
         return 1e-4 if exact else 1.0
 
-    def tokenize(self, text: str) -> list[int]:
-        """Prompt ids as llama.cpp tokenizes them (see :meth:`LlamaCppModel.tokenize`)."""
-        return self.model.tokenize(text)
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Ids as llama.cpp tokenizes text (see :meth:`LlamaCppModel.tokenize`)."""
+        return self.model.tokenize(text, add_special)
 
     @property
     def exact(self) -> bool:

@@ -128,7 +128,8 @@ class LlamaCppSpecPeer:
         if run.n_prompt != len(prompt):
             log.warning("%s tokenized the prompt to %d tokens, ours has %d: outputs may differ", self.label, run.n_prompt, len(prompt))
         self.last_run = run
-        tokens = output_tokens(tok, run, max_new_tokens, self.engine.target.eos_token_ids)
+        tokens = output_tokens(tok, run, max_new_tokens, self.engine.target.eos_token_ids,
+                               getattr(self.engine.backend, "tokenize", None))
         rate = run.n_predict / run.seconds if run.seconds > 0 else 0.0
         # the tool may run past -n by part of a draft: time the tokens we keep at its own rate
         seconds = len(tokens) / rate if rate > 0 else run.seconds
@@ -145,13 +146,19 @@ class LlamaCppSpecPeer:
         )
 
 
-def output_tokens(tokenizer, run: ToolRun, max_new_tokens: int, eos_ids: list[int]) -> list[int]:
+def output_tokens(tokenizer, run: ToolRun, max_new_tokens: int, eos_ids: list[int], tokenize=None) -> list[int]:
     """Token ids of the tool's output text, with the end-of-generation token it consumed.
 
+    ``tokenize(text, add_special)`` is llama.cpp's tokenizer (the backend's): the text is
+    llama.cpp's, and HF's tokenizer splits some of it otherwise (":\n\n1" is one newline
+    token for llama.cpp, two for HF), so the ids would differ where the text does not.
     The tool stops at an end-of-generation token without printing it; when it stopped
     before ``max_new_tokens``, the token is put back so that the ids compare with ours.
     """
-    ids = [int(i) for i in tokenizer(run.text, add_special_tokens=False)["input_ids"]][:max_new_tokens]
+    if tokenize is not None:
+        ids = [int(i) for i in tokenize(run.text, False)][:max_new_tokens]
+    else:
+        ids = [int(i) for i in tokenizer(run.text, add_special_tokens=False)["input_ids"]][:max_new_tokens]
     if run.n_predict <= max_new_tokens and len(ids) < max_new_tokens and eos_ids:
         eos = getattr(tokenizer, "eos_token_id", None)
         ids.append(int(eos) if eos in eos_ids else int(eos_ids[0]))
