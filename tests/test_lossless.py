@@ -293,13 +293,10 @@ def test_drafter_returns_documented_shapes(tiny_backend, tiny_model, other_model
     drafter.end()
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 8, 4), (4, 8, 16)])
-def test_smollm_shipped_head_is_lossless(smollm, smollm_refs, shape):
-    """The shipped EAGLE-3 head alone keeps greedy output unchanged (1x1x1 included)."""
-    from ltd.engine import GenerateConfig, load_drafter
+def _static_is_lossless(smollm, smollm_refs, drafter, shape, label: str) -> None:
+    """Static trees of ``shape`` with ``drafter`` give the reference greedy tokens on every E2E prompt."""
+    from ltd.engine import GenerateConfig
 
-    drafter = load_drafter("builtin:smollm2-135m-eagle3", smollm.target)
     d, k, v = shape
     saved = smollm.drafter
     smollm.drafter = drafter
@@ -307,10 +304,19 @@ def test_smollm_shipped_head_is_lossless(smollm, smollm_refs, shape):
         for text in E2E_PROMPTS:
             prompt, ref = smollm_refs[text]
             got = smollm.generate(prompt, GenerateConfig(method="static", max_new_tokens=E2E_NEW, depth=d, topk=k, size=v))
-            assert_same_tokens(got.tokens, ref, smollm.target.model, prompt, f"shipped head {shape} on {text!r}")
+            assert_same_tokens(got.tokens, ref, smollm.target.model, prompt, f"{label} {shape} on {text!r}")
             assert got.mean_accepted >= 1.0
     finally:
         smollm.drafter = saved
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 8, 4), (4, 8, 16)])
+def test_smollm_shipped_head_is_lossless(smollm, smollm_refs, shape):
+    """The shipped EAGLE-3 head alone keeps greedy output unchanged (1x1x1 included)."""
+    from ltd.engine import load_drafter
+
+    _static_is_lossless(smollm, smollm_refs, load_drafter("builtin:smollm2-135m-eagle3", smollm.target), shape, "shipped head")
 
 
 @pytest.mark.e2e
@@ -318,20 +324,11 @@ def test_smollm_shipped_head_is_lossless(smollm, smollm_refs, shape):
 def test_smollm_default_hybrid_drafter_is_lossless(smollm, smollm_refs, shape):
     """The default drafter (the shipped head and n-grams in one tree) keeps greedy output."""
     from ltd.drafting.hybrid import HybridDrafter
-    from ltd.engine import GenerateConfig, default_drafter_spec, load_drafter
+    from ltd.engine import default_drafter_spec, load_drafter
 
     drafter = load_drafter(default_drafter_spec("smollm2-135m"), smollm.target)
     assert isinstance(drafter, HybridDrafter)
-    d, k, v = shape
-    saved = smollm.drafter
-    smollm.drafter = drafter
-    try:
-        for text in E2E_PROMPTS:
-            prompt, ref = smollm_refs[text]
-            got = smollm.generate(prompt, GenerateConfig(method="static", max_new_tokens=E2E_NEW, depth=d, topk=k, size=v))
-            assert_same_tokens(got.tokens, ref, smollm.target.model, prompt, f"default drafter {shape} on {text!r}")
-    finally:
-        smollm.drafter = saved
+    _static_is_lossless(smollm, smollm_refs, drafter, shape, "default drafter")
 
 
 def test_default_drafter_spec_falls_back_per_backend(monkeypatch, tmp_path):
