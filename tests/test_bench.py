@@ -344,3 +344,28 @@ def test_second_half_metrics_follow_stream_order():
     out = summarize(runs, runs)
     assert out["mean_accepted_second_half"] == pytest.approx(2.0)
     assert out["tokens_per_second_second_half"] == pytest.approx(10.0)
+
+
+def test_peer_outputs_compare_by_text():
+    """llama.cpp's tools print text: the same text read back in other ids is a match
+    (" An" + "a" generated, " Ana" read back), other text is not, and our own methods
+    still compare id for id."""
+    from types import SimpleNamespace
+
+    from ltd.bench.runner import _Loop
+    from ltd.models import load_tokenizer_only, registry_gguf
+    from ltd.registry import REGISTRY
+
+    try:
+        tok, _ = load_tokenizer_only("smollm2-135m", registry_gguf(REGISTRY["smollm2-135m"]))
+    except LtdError as exc:
+        pytest.skip(str(exc))
+    loop = SimpleNamespace(engine=SimpleNamespace(target=SimpleNamespace(tokenizer=tok)))
+    same = lambda label, ref, out: _Loop._same_output(loop, label, ref, out)  # noqa: E731
+    ref = tok("The word is", add_special_tokens=False)["input_ids"] + tok.convert_tokens_to_ids(["ĠAn", "a"])
+    merged = tok("The word is Ana", add_special_tokens=False)["input_ids"]
+    assert ref != merged and tok.decode(ref) == tok.decode(merged)
+    assert same("llama.cpp-spec:ngram-mod", ref, merged)
+    assert not same("static:1x4x2", ref, merged)
+    other = tok("The word is Anna", add_special_tokens=False)["input_ids"]
+    assert not same("llama.cpp-spec:ngram-mod", ref, other)
