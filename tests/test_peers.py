@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -266,10 +267,23 @@ def test_bench_runs_without_unbuilt_peer(tmp_path, no_build):
     assert results["best_llamacpp_spec"] is None
 
 
+def _bare_loop(methods, q):
+    """A bench loop with no models: enough state for _record; the tokenizer writes ids as text."""
+    from ltd.bench.methods import Sampling
+    from ltd.bench.runner import BenchConfig, _Loop
+
+    loop = _Loop.__new__(_Loop)
+    text = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: " ".join(map(str, ids)))
+    loop.engine = SimpleNamespace(target=SimpleNamespace(tokenizer=text))  # peers compare by text
+    loop.config = BenchConfig(model="x", methods=methods, questions=[q])
+    loop.sampling = Sampling(8)
+    loop.runs, loop.references, loop.matches, loop.mismatches = [], {}, {}, {}
+    return loop
+
+
 def test_llamacpp_spec_is_compared_with_llamacpp_plain_when_present():
     """Same engine, same kernels: llama.cpp's speculation must equal llama.cpp's plain greedy."""
-    from ltd.bench.methods import MethodSpec, Sampling, parse_methods
-    from ltd.bench.runner import BenchConfig, _Loop
+    from ltd.bench.methods import MethodSpec, parse_methods
     from ltd.bench.suites import Question
     from ltd.engine import GenerateResult
 
@@ -281,10 +295,7 @@ def test_llamacpp_spec_is_compared_with_llamacpp_plain_when_present():
         methods = parse_methods("hf,llama.cpp-spec:ngram-mod")
         if with_plain:
             methods.insert(1, MethodSpec("llama.cpp"))
-        loop = _Loop.__new__(_Loop)
-        loop.config = BenchConfig(model="x", methods=methods, questions=[q])
-        loop.sampling = Sampling(8)
-        loop.runs, loop.references, loop.matches, loop.mismatches = [], {}, {}, {}
+        loop = _bare_loop(methods, q)
         loop._record(q, "code/1", 0, "hf", [1], result([5, 6, 7]))
         if with_plain:
             loop._record(q, "code/1", 0, "llama.cpp", [1], result([5, 6, 9]))
@@ -316,8 +327,7 @@ def test_converter_failure_is_one_line_and_leaves_no_gguf(tmp_path):
 
 
 def test_llamacpp_spec_prefers_the_no_draft_reference():
-    from ltd.bench.methods import MethodSpec, Sampling, parse_methods
-    from ltd.bench.runner import BenchConfig, _Loop
+    from ltd.bench.methods import MethodSpec, parse_methods
     from ltd.bench.suites import Question
     from ltd.engine import GenerateResult
 
@@ -327,10 +337,7 @@ def test_llamacpp_spec_prefers_the_no_draft_reference():
     q = Question(suite="code", question_id="1", category="code", turns=("hi",))
     methods = parse_methods("hf,llama.cpp-spec:ngram-mod:4,llama.cpp-spec:none")
     methods.insert(1, MethodSpec("llama.cpp"))
-    loop = _Loop.__new__(_Loop)
-    loop.config = BenchConfig(model="x", methods=methods, questions=[q])
-    loop.sampling = Sampling(8)
-    loop.runs, loop.references, loop.matches, loop.mismatches = [], {}, {}, {}
+    loop = _bare_loop(methods, q)
     for label, toks in (("hf", [5, 6, 7]), ("llama.cpp", [5, 6, 8]), ("llama.cpp-spec:none", [5, 6, 9]),
                         ("llama.cpp-spec:ngram-mod:4", [5, 6, 9])):
         loop._record(q, "code/1", 0, label, [1], result(toks))
