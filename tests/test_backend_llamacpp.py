@@ -284,6 +284,26 @@ def test_each_backend_has_its_own_shipped_policies():
         assert (d / "depth" / "policy.json").is_file() and (d / "size" / "policy.json").is_file()
 
 
+@pytest.mark.parametrize("env, llamafile, expected", [
+    (None, False, True),   # the build setup.sh makes: exact by default
+    (None, True, False),   # pip's stock build: batch-size-dependent kernels, exactness impossible
+    ("0", False, False),   # opted out for faster batches
+    ("1", True, True),     # forced (the backend still reports inexact kernels, see tie_margin)
+    ("", False, True),
+])
+def test_exact_mode_follows_the_build_unless_the_environment_says(monkeypatch, env, llamafile, expected):
+    from ltd.backends.llamacpp import exact_kernels
+
+    if env is None:
+        monkeypatch.delenv("LTD_LLAMACPP_EXACT", raising=False)
+    else:
+        monkeypatch.setenv("LTD_LLAMACPP_EXACT", env)
+    info = b"CPU : AVX2 = 1 | " + (b"LLAMAFILE = 1 | " if llamafile else b"") + b"REPACK = 1 |"
+    fake = SimpleNamespace(llama_print_system_info=lambda: info)
+    assert exact_kernels(fake) is expected
+    assert exact_kernels() is (env not in (None, "", "0"))  # without the module only the environment counts
+
+
 def test_missing_bindings_are_a_one_line_error(monkeypatch):
     from ltd.backends import llamacpp
 
