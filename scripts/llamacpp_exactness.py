@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import ltd.cycle  # noqa: E402
 from ltd.drafting.base import ReversedDrafter  # noqa: E402
-from ltd.backends.llamacpp import LlamaCppBackend, LlamaCppModel, batch_dependent_kernels, exact_kernels  # noqa: E402
+from ltd.backends.llamacpp import LlamaCppBackend, LlamaCppModel, exact_decoding  # noqa: E402
 from ltd.control import StaticController  # noqa: E402
 from ltd.drafting.lm import LMDrafter  # noqa: E402
 from ltd.drafting.ngram import NgramDrafter  # noqa: E402
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     model = LlamaCppModel(registry_gguf(REGISTRY[args.target]))
-    exact = exact_kernels(model.llama_cpp) and not batch_dependent_kernels(model.llama_cpp)
+    exact = exact_decoding(model.llama_cpp)
     print(f"target {args.target}, exact kernels: {exact}, llama_cpp from {os.path.dirname(model.llama_cpp.__file__)}", flush=True)
     if args.compaction_cost:
         compaction_cost(model, args.compaction_cost, args.threads, args.repeats)

@@ -65,6 +65,7 @@ class FakeEngine:
         self.delay = delay
         self.target = SimpleNamespace(tokenizer=ByteTokenizer(), eos_token_ids=[EOS])
         self.backend = SimpleNamespace(max_context=max_context, vocab_size=EOS + 1)
+        self.prompt_tokenizer = None  # HF's tokenizer encodes, as on the hf backend
         self.cycles_run = 0
 
     def stream(self, prompt, cfg):

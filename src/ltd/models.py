@@ -230,8 +230,11 @@ def encode_prompt(tokenizer, text: str, chat: bool = True, tokenize: Callable[[s
         raise LtdError("the prompt is empty; give some text with --prompt")
     if chat and getattr(tokenizer, "chat_template", None):
         return encode_messages(tokenizer, [{"role": "user", "content": text}], tokenize)
+    return encode_raw(tokenizer, text, tokenize)
+
+
+def encode_raw(tokenizer, text: str, tokenize: Callable[[str], list[int]] | None = None) -> list[int]:
+    """Token ids of a raw prompt, no chat template (``tokenize``: see :func:`encode_messages`)."""
     if tokenize is not None:
         return tokenize(text)
     return [int(i) for i in tokenizer(text)["input_ids"]]
-
-

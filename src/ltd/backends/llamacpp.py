@@ -112,6 +112,12 @@ def exact_kernels(llama_cpp=None) -> bool:
     return llama_cpp is not None and not batch_dependent_kernels(llama_cpp)
 
 
+def exact_decoding(llama_cpp) -> bool:
+    """Exact mode is on and this build allows it (no llamafile): greedy trees then equal
+    plain decoding token for token. Forced on a llamafile build, it cannot hold."""
+    return exact_kernels(llama_cpp) and not batch_dependent_kernels(llama_cpp)
+
+
 def batch_dependent_kernels(llama_cpp) -> bool:
     """True when llama.cpp was built with llamafile's sgemm, which computes batches of 2+
     (or 4+) tokens on other kernels than one token: logits then depend on batch size."""
@@ -292,8 +298,7 @@ class LlamaCppBackend(SpeculativeCounters):
         and acceptance uses only bit-exact logits, module docstring), so any difference
         is a bug, as on the hf backend.
         """
-        exact = exact_kernels(self.lc) and not batch_dependent_kernels(self.lc)
-        return 1e-4 if exact else 1.0
+        return 1e-4 if self.exact else 1.0
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Ids as llama.cpp tokenizes text (see :meth:`LlamaCppModel.tokenize`)."""
@@ -342,7 +347,7 @@ class LlamaCppBackend(SpeculativeCounters):
         params.flash_attn_type = FLASH_ATTN_DISABLED
         self.n_ctx = n_ctx
         # batch-size-independent kernels: logits in sequential decoding's cell layout are bit-exact
-        self._exact_kernels = exact_kernels(lc) and not batch_dependent_kernels(lc)
+        self._exact_kernels = exact_decoding(lc)
         self.mark_exact = True  # False: no per-node exactness, greedy acceptance uses every node
         self.compactions = 0  # commits that moved accepted cells, and the seconds they took
         self.compaction_seconds = 0.0

@@ -128,8 +128,7 @@ class LlamaCppSpecPeer:
         if run.n_prompt != len(prompt):
             log.warning("%s tokenized the prompt to %d tokens, ours has %d: outputs may differ", self.label, run.n_prompt, len(prompt))
         self.last_run = run
-        tokens = output_tokens(tok, run, max_new_tokens, self.engine.target.eos_token_ids,
-                               getattr(self.engine.backend, "tokenize", None))
+        tokens = output_tokens(tok, run, max_new_tokens, self.engine.target.eos_token_ids, self.engine.prompt_tokenizer)
         rate = run.n_predict / run.seconds if run.seconds > 0 else 0.0
         # the tool may run past -n by part of a draft: time the tokens we keep at its own rate
         seconds = len(tokens) / rate if rate > 0 else run.seconds
@@ -155,10 +154,8 @@ def output_tokens(tokenizer, run: ToolRun, max_new_tokens: int, eos_ids: list[in
     The tool stops at an end-of-generation token without printing it; when it stopped
     before ``max_new_tokens``, the token is put back so that the ids compare with ours.
     """
-    if tokenize is not None:
-        ids = [int(i) for i in tokenize(run.text, False)][:max_new_tokens]
-    else:
-        ids = [int(i) for i in tokenizer(run.text, add_special_tokens=False)["input_ids"]][:max_new_tokens]
+    raw = tokenize(run.text, False) if tokenize is not None else tokenizer(run.text, add_special_tokens=False)["input_ids"]
+    ids = [int(i) for i in raw][:max_new_tokens]
     if run.n_predict <= max_new_tokens and len(ids) < max_new_tokens and eos_ids:
         eos = getattr(tokenizer, "eos_token_id", None)
         ids.append(int(eos) if eos in eos_ids else int(eos_ids[0]))

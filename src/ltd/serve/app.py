@@ -159,7 +159,7 @@ def create_app(engine, settings: ServeSettings, codec: TextCodec | None = None) 
     the app's lifespan.
     """
     settings.validate()
-    codec = codec or TextCodec(engine.target.tokenizer, getattr(engine, "prompt_tokenizer", None))
+    codec = codec or TextCodec(engine.target.tokenizer, engine.prompt_tokenizer)
     metrics = ServerMetrics()
     worker = Worker(engine, codec, engine.target.eos_token_ids, settings.queue_size, metrics)
     max_context = int(engine.backend.max_context)

@@ -61,10 +61,10 @@ class TextCodec:
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of a raw prompt (no chat template), as ``ltd generate --raw`` encodes it."""
+        from ltd.models import encode_raw
+
         with self._lock:
-            if self.tokenize is not None:
-                return self.tokenize(text)
-            return [int(i) for i in self.tokenizer(text)["input_ids"]]
+            return encode_raw(self.tokenizer, text, self.tokenize)
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of generated ids, special tokens dropped (as :class:`ltd.engine.Engine` does)."""
