@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from ltd.defaults import KERNEL_MODES, KERNELS_HELP
 from ltd.errors import LtdError
 
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
@@ -25,6 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
+    p.add_argument("--kernels", default="auto", choices=KERNEL_MODES, help=KERNELS_HELP)
     p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"],
                    help="hf (transformers; --device/--dtype apply) or llamacpp (the GGUF on llama.cpp) (default hf)")
 
@@ -98,7 +100,7 @@ def cmd_generate(args) -> int:
     drafter = args.drafter
     if args.method in ("hf", "llama.cpp", "ar") and drafter is None:
         drafter = "none"
-    engine = Engine.load(args.model, drafter=drafter, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads)
+    engine = Engine.load(args.model, drafter=drafter, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads, kernels=args.kernels)
     if args.online:
         engine.enable_online(args.online, state_dir=args.online_state)
     prompt = engine.encode(args.prompt, chat=not args.raw)
@@ -127,7 +129,7 @@ def cmd_demo(args) -> int:
     spec = args.drafter or default_drafter_spec(args.model, args.backend)
     if spec == "none":
         spec = "self"
-    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads)
+    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads, kernels=args.kernels)
     ref = engine.reference_method
     prompt = engine.encode(args.prompt)
     print(f"model {args.model}, drafter {spec}, device {args.device}, CPU {cpu_model()}")

@@ -7,3 +7,11 @@ CPU machines (benchmarks/smollm2-grid); other hardware and drafters should run t
 DEFAULT_DEPTH = 1
 DEFAULT_TOPK = 8
 DEFAULT_SIZE = 4
+
+# The hf backend's matmul plan (ltd.backends.hf_kernels), named here so parsers need no torch.
+KERNEL_MODES = ("auto", "stock", "retune")
+DEFAULT_KERNELS = "auto"
+KERNELS_HELP = (
+    "hf backend matmul kernels of verification: auto (measured once per machine and cached), "
+    "stock (F.linear), retune (measure again) (default auto)"
+)

@@ -308,9 +308,11 @@ class Engine:
         dtype: str = "float32",
         backend: str = "hf",
         threads: int | None = None,
+        kernels: str = "auto",
     ) -> "Engine":
         """Load a target and drafter. ``backend`` is ``hf`` (transformers, ``device`` and
-        ``dtype`` apply) or ``llamacpp`` (the GGUF as stored, on ``threads`` CPU threads)."""
+        ``dtype`` apply) or ``llamacpp`` (the GGUF as stored, on ``threads`` CPU threads).
+        ``kernels`` is the hf backend's matmul plan (:mod:`ltd.backends.hf_kernels`)."""
         check_backend(backend)
         spec = default_drafter_spec(model, backend) if drafter is None else drafter
         log.info("target %s on %s, drafter %s", model, backend, spec)
@@ -318,7 +320,8 @@ class Engine:
             target, target_backend = load_llamacpp_target(model, threads=threads)
             return Engine(target, load_drafter(spec, target, target_backend=target_backend, threads=threads), target_backend)
         target = load_model(model, device=device, dtype=dtype)
-        return Engine(target, load_drafter(spec, target, device=device, dtype=dtype))
+        target_backend = HFBackend(target.model, kernels=kernels)
+        return Engine(target, load_drafter(spec, target, device=device, dtype=dtype), target_backend)
 
     def encode(self, text: str, chat: bool = True) -> list[int]:
         from ltd.models import encode_prompt

@@ -7,6 +7,7 @@ node see the committed context, its ancestors and itself. No modeling files are 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Sequence
 
@@ -14,6 +15,7 @@ import torch
 
 from ltd import cache_ops
 from ltd.backends.base import SpeculativeCounters, TreeOutput
+from ltd.backends.hf_kernels import KernelPlan, KernelState, install, installed_state, resolve_plan
 from ltd.errors import LtdError
 from ltd.tree import ancestor_mask, depths_from_parents
 
@@ -27,7 +29,9 @@ def _as_long(x: Sequence[int] | torch.Tensor) -> torch.Tensor:
 class HFBackend(SpeculativeCounters):
     """A transformers causal LM with a committed cache and speculative entries."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, kernels: str | KernelPlan = "stock") -> None:
+        """``kernels``: ``stock`` (``F.linear`` everywhere), ``auto`` (this machine's measured
+        plan, see :mod:`ltd.backends.hf_kernels`), ``retune``, or a :class:`KernelPlan`."""
         self.model = model.eval()
         cfg = model.config
         self.config = cfg
@@ -37,6 +41,15 @@ class HFBackend(SpeculativeCounters):
         self.num_layers = int(cfg.num_hidden_layers)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self._kernel_state: KernelState | None = None
+        self.kernel_plan: KernelPlan | None = None  # None: stock F.linear everywhere
+        if isinstance(kernels, KernelPlan) or (kernels != "stock" and self.device.type == "cpu"):
+            state = installed_state(model)
+            if state is None:
+                state = KernelState()
+                install(model, state)
+            self._kernel_state = state
+            self.kernel_plan = kernels if isinstance(kernels, KernelPlan) else resolve_plan(self, kernels)
         self.reset()
 
     # -- state -------------------------------------------------------------------------
@@ -81,15 +94,17 @@ class HFBackend(SpeculativeCounters):
             allowed = torch.cat([torch.ones((n, self._committed), dtype=torch.bool), anc], dim=1)
             mask = torch.zeros((1, 1, n, total), dtype=self.dtype, device=self.device)
             mask.masked_fill_(~allowed.to(self.device).view(1, 1, n, total), torch.finfo(self.dtype).min)
-        out = self.model(
-            input_ids=tokens_t.unsqueeze(0).to(self.device),
-            position_ids=positions,
-            attention_mask=mask,
-            cache=self.cache,
-            use_cache=True,
-            output_hidden_states=feature_layers is not None,
-            logits_to_keep=1 if last_only else 0,
-        )
+        planned = self._kernel_state is not None and self.kernel_plan is not None
+        with self._kernel_state.use(self.kernel_plan) if planned else contextlib.nullcontext():
+            out = self.model(
+                input_ids=tokens_t.unsqueeze(0).to(self.device),
+                position_ids=positions,
+                attention_mask=mask,
+                cache=self.cache,
+                use_cache=True,
+                output_hidden_states=feature_layers is not None,
+                logits_to_keep=1 if last_only else 0,
+            )
         self._spec_parents.extend(parents_t.tolist())
         self._spec_depths.extend(new_depths.tolist())
         features = None

@@ -25,6 +25,31 @@ GRID_PNG = "static_grid.png"
 MAX_BARS = 8  # methods per suite in the bar plot; more is unreadable
 
 
+def _kernel_lines(results: dict) -> list[str]:
+    """Which row counts our hf forwards computed as (W @ x.T).T (the hf baseline keeps stock kernels)."""
+    k = results.get("kernels")
+    if not k:
+        return []
+    rows = k.get("wxt_rows") or []
+    return [f"- our hf forwards: (W @ x.T).T matmuls for {_ranges(rows)} rows, F.linear otherwise (measured plan, `--kernels`)"
+            if rows else "- our hf forwards: stock F.linear matmuls"]
+
+
+def _ranges(rows: list[int]) -> str:
+    out, start, prev = [], None, None
+    for r in rows:
+        if start is None:
+            start = prev = r
+        elif r == prev + 1:
+            prev = r
+        else:
+            out.append(f"{start}-{prev}" if prev != start else f"{start}")
+            start = prev = r
+    if start is not None:
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+    return ", ".join(out)
+
+
 def _clean(value: Any) -> Any:
     """JSON-safe copy: NaN/inf become null (strict JSON), floats rounded for reading."""
     if isinstance(value, float):
@@ -75,6 +100,7 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
         f"({mach.get('usable_cpus', '?')} usable CPUs); torch {mach.get('torch', '?')}, "
         f"transformers {mach.get('transformers', '?')}; {mach.get('device', '?')} {mach.get('dtype', '?')}",
         f"- backend: {cfg.get('backend', 'hf')}" + (f", {cfg['threads']} threads" if cfg.get("threads") else ""),
+        *_kernel_lines(results),
         f"- drafter: {cfg.get('drafter') or 'default'}"
         + (f"; assistant: {cfg['assistant']}" if cfg.get("assistant") else ""),
         f"- suites: {', '.join(cfg.get('suites', []))} ({cfg.get('questions', '?')} questions"

@@ -75,6 +75,7 @@ class BenchConfig:
     source: dict = field(default_factory=dict)
     backend: str = "hf"
     threads: int | None = None  # torch / llama.cpp threads, also llama.cpp peers' (default: the library's choice)
+    kernels: str = "auto"  # hf backend matmul plan (ltd.backends.hf_kernels); the hf baseline keeps stock kernels
     skipped: list[str] = field(default_factory=list)  # one line per method dropped before running
 
     @property
@@ -444,6 +445,7 @@ class _Loop:
             "baseline": cfg.baseline,
             "config": cfg.to_json(),
             "machine": machine_info(cfg.dtype, cfg.device),
+            "kernels": _kernel_summary(self.engine),
             "warmup_seconds": round(self.warmup_seconds, 3),
             "methods": overall,
             "suites": per_suite,
@@ -464,6 +466,14 @@ class _Loop:
             write_results_json(self.results(with_margins=False), self.out_dir)
 
 
+def _kernel_summary(engine: Engine) -> dict | None:
+    """The matmul plan of the engine's own forwards (hf backend), for the report header."""
+    plan = getattr(engine.backend, "kernel_plan", None)
+    if plan is None:
+        return None
+    return {"wxt_rows": sorted(plan.wxt_rows)}
+
+
 def run_bench(config: BenchConfig, out_dir: str | Path | None = None, engine: Engine | None = None) -> dict:
     """Run a bench and return its results; with ``out_dir``, also write results.json,
     report.md and the plots there (also after Ctrl-C, with what was measured)."""
@@ -476,7 +486,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, engine: En
         t0 = time.perf_counter()
         engine = Engine.load(
             config.model, drafter=config.drafter, device=config.device, dtype=config.dtype,
-            backend=config.backend, threads=config.threads,
+            backend=config.backend, threads=config.threads, kernels=config.kernels,
         )
         log.info("models loaded in %.1f s", time.perf_counter() - t0)
     loop = _Loop(config, engine, out)

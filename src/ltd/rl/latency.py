@@ -341,6 +341,9 @@ def profile(
         repeats=repeats,
         machine=machine_info(dtype, device),
     )
+    plan = getattr(target, "kernel_plan", None)
+    if plan is not None:  # the verify costs above were measured with this matmul plan
+        model.machine["kernel_wxt_rows"] = sorted(plan.wxt_rows)
     if out is not None:
         model.save(out)
         plot_latency(model, Path(out).with_suffix(".png"))

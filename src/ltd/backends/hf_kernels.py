@@ -1,0 +1,241 @@
+"""Matmul formulation per row count for the target's linear layers, measured per machine.
+
+Why: a verification pass multiplies every weight matrix by a handful of rows (the tree
+nodes), and on some CPUs the BLAS picks a poor kernel for exactly those shapes. On an
+AMD EPYC here (MKL, 2 threads, SmolLM2-135M fp32) ``F.linear`` with 2 or 3 rows read the
+weights once per row: the 576x49152 LM head cost 23 ms for 2 rows and 34 ms for 3
+against 11 ms for one, and a whole forward of 3 tree nodes cost 160 ms against 76 ms for
+one token. The same product written as ``(W @ x.T).T`` takes another BLAS path: 4-5 ms
+for the LM head at 2-4 rows, and whole forwards of 2-4 nodes ~80-100 ms. Which path wins
+depends on the CPU, the BLAS, the thread count and the shapes (DESIGN.md section 2: our
+machines differ), so nothing is assumed: :func:`measure_plan` times whole forwards of the
+real model both ways for each row count and keeps the faster, and the plan is cached per
+machine, model shape, dtype and thread count.
+
+Only the backend's own forwards use the plan (:meth:`KernelState.active`); the same
+model run by ``model.generate`` (the ``hf`` baseline of ``ltd bench``) keeps stock
+kernels. Both formulations compute the same products; like any change of batch shape
+they may differ in the last bits, which is the usual batched-versus-sequential rounding
+(a test checks greedy outputs stay identical with every row count on the other path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ltd.defaults import KERNEL_MODES
+from ltd.errors import LtdError
+
+log = logging.getLogger(__name__)
+
+PLAN_VERSION = 1
+MEASURED_ROWS = tuple(range(1, 18)) + (24, 32, 48, 64)
+MAX_PLANNED_ROWS = 64  # larger batches (prefill) always use F.linear
+MIN_GAIN = 0.03  # the other path must be at least 3% faster to be used
+
+
+@dataclass
+class KernelPlan:
+    """Row counts whose linears run as ``(W @ x.T).T``; every other count uses ``F.linear``."""
+
+    wxt_rows: frozenset[int] = frozenset()
+    measured: dict[str, dict[str, float]] = field(default_factory=dict)  # rows -> {"linear": s, "wxt": s}
+    key: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "version": PLAN_VERSION,
+            "wxt_rows": sorted(self.wxt_rows),
+            "measured": self.measured,
+            "key": self.key,
+        }
+
+    @staticmethod
+    def from_json(data: dict) -> "KernelPlan":
+        if data.get("version") != PLAN_VERSION or "wxt_rows" not in data:
+            raise ValueError("unknown kernel plan format")
+        return KernelPlan(frozenset(int(r) for r in data["wxt_rows"]), dict(data.get("measured", {})), dict(data.get("key", {})))
+
+
+class KernelState:
+    """The switch the planned layers of one model read: the plan of the forward now running.
+
+    Several backends may share one model (a ``self`` drafter runs the target's weights with
+    stock kernels), so the plan belongs to the backend and is set only around its forward.
+    """
+
+    def __init__(self) -> None:
+        self.plan: KernelPlan | None = None  # None outside a planned forward: stock F.linear
+        self.forced: str | None = None  # "linear" or "wxt" while measuring
+
+    @contextlib.contextmanager
+    def use(self, plan: KernelPlan) -> Iterator[None]:
+        prev = self.plan
+        self.plan = plan
+        try:
+            yield
+        finally:
+            self.plan = prev
+
+    def use_wxt(self, rows: int) -> bool:
+        if self.plan is None:
+            return False
+        if self.forced is not None:
+            return self.forced == "wxt" and rows <= MAX_PLANNED_ROWS
+        return rows in self.plan.wxt_rows
+
+
+class PlannedLinear(torch.nn.Linear):
+    """An ``nn.Linear`` sharing the original's parameters, computed as the plan says."""
+
+    def __init__(self, base: torch.nn.Linear, state: KernelState) -> None:
+        torch.nn.Module.__init__(self)
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight  # the same Parameter: tied weights stay tied, no copy
+        self.bias = base.bias
+        self._kernel_state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(1, x.shape[-1])
+        if not self._kernel_state.use_wxt(rows):
+            return F.linear(x, self.weight, self.bias)
+        y = torch.matmul(self.weight, x.reshape(rows, x.shape[-1]).t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def install(model: torch.nn.Module, state: KernelState) -> int:
+    """Swap every plain ``nn.Linear`` of ``model`` for a :class:`PlannedLinear`; returns how many."""
+    swaps = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.Linear:
+                swaps.append((parent, name, child))
+    for parent, name, child in swaps:
+        setattr(parent, name, PlannedLinear(child, state))
+    return len(swaps)
+
+
+def installed_state(model: torch.nn.Module) -> KernelState | None:
+    for m in model.modules():
+        if isinstance(m, PlannedLinear):
+            return m._kernel_state
+    return None
+
+
+def plan_key(model: torch.nn.Module) -> dict:
+    """What the measured plan depends on: machine, BLAS threads, library, dtype and shapes."""
+    from ltd.bench.machine import cpu_model
+
+    cfg = model.config
+    p = next(model.parameters())
+    return {
+        "cpu_model": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": str(p.dtype).replace("torch.", ""),
+        "device": p.device.type,
+        "architecture": type(model).__name__,
+        "shape": [int(getattr(cfg, k, 0) or 0) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")],
+        "rows": list(MEASURED_ROWS),
+        "version": PLAN_VERSION,
+    }
+
+
+def plan_path(key: dict) -> Path:
+    from ltd.fetch import default_cache_dir
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return default_cache_dir() / "kernels" / f"{key['architecture']}-{digest}.json"
+
+
+def decide(measured: dict[int, dict[str, float]], min_gain: float = MIN_GAIN) -> frozenset[int]:
+    """Row counts (up to MAX_PLANNED_ROWS) where ``wxt`` beat ``linear`` by ``min_gain``.
+
+    Unmeasured counts take the decision of the nearest measured count (the lower on a tie).
+    """
+    if not measured:
+        return frozenset()
+    wins = {r for r, t in measured.items() if t["wxt"] < (1.0 - min_gain) * t["linear"]}
+    keys = sorted(measured)
+    out = set()
+    for rows in range(1, MAX_PLANNED_ROWS + 1):
+        nearest = min(keys, key=lambda k: (abs(k - rows), k))
+        if nearest in wins:
+            out.add(rows)
+    return frozenset(out)
+
+
+def measure_plan(backend, rounds: int = 4, context: int = 128) -> KernelPlan:
+    """Time whole tree forwards of the backend's model with each formulation, per row count.
+
+    The two formulations alternate inside every round so that a slow moment of a shared
+    machine hits both; the median over rounds decides.
+    """
+    state = backend._kernel_state
+    if state is None:
+        raise ValueError("measure_plan needs a backend with planned layers (kernels other than 'stock')")
+    backend.kernel_plan = KernelPlan()  # planned forwards; ``forced`` picks the path
+    vocab = int(backend.vocab_size)
+    ctx = [(7 * i + 11) % vocab for i in range(context)]
+    times: dict[int, dict[str, list[float]]] = {r: {"linear": [], "wxt": []} for r in MEASURED_ROWS}
+    backend.reset()
+    try:
+        backend.score(ctx, list(range(-1, context - 1)), last_only=True)
+        backend.commit(list(range(context)))
+        for rnd in range(rounds + 1):  # round 0 warms up
+            for rows in MEASURED_ROWS:
+                toks = [(13 * j + 5) % vocab for j in range(rows)]
+                parents = [-1] + [0] * (rows - 1)
+                for mode in ("linear", "wxt") if rnd % 2 == 0 else ("wxt", "linear"):
+                    state.forced = mode
+                    t0 = time.perf_counter()
+                    backend.score(toks, parents)
+                    dt = time.perf_counter() - t0
+                    backend.rollback()
+                    if rnd:
+                        times[rows][mode].append(dt)
+    finally:
+        state.forced = None
+        backend.reset()
+    measured = {r: {m: statistics.median(v) for m, v in t.items()} for r, t in times.items()}
+    return KernelPlan(decide(measured), {str(r): t for r, t in measured.items()})
+
+
+def resolve_plan(backend, mode: str) -> KernelPlan:
+    """The plan for ``mode``: ``stock`` (none), ``auto`` (cached, else measured once), ``retune``."""
+    from ltd.fileio import atomic_write_json
+
+    if mode not in KERNEL_MODES:
+        raise LtdError(f"--kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+    if mode == "stock" or backend.device.type != "cpu":
+        return KernelPlan()
+    key = plan_key(backend.model)
+    path = plan_path(key)
+    if mode == "auto" and path.is_file():
+        try:
+            plan = KernelPlan.from_json(json.loads(path.read_text()))
+            if plan.key == key:
+                return plan
+        except (ValueError, json.JSONDecodeError):
+            log.warning("kernel plan %s is unreadable; measuring again", path)
+    log.info("measuring matmul kernels for this machine and model (once; cached in %s)", path)
+    t0 = time.perf_counter()
+    plan = measure_plan(backend)
+    plan.key = key
+    atomic_write_json(path, plan.to_json())
+    log.info("kernel plan: (W @ x.T).T for rows %s (%.0f s)", sorted(plan.wxt_rows) or "none", time.perf_counter() - t0)
+    return plan
