@@ -146,3 +146,58 @@ def test_hybrid_spec_errors():
     assert split_hybrid_spec("hybrid:ngram:4+self") == ("ngram:4", "self")
     with pytest.raises(LtdError):
         split_hybrid_spec("hybrid:self")
+
+
+class _CountingDrafter:
+    """Wraps a drafter and records the depth of every frontier it is asked to expand."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.feature_layers = inner.feature_layers
+        self.expanded_depths: list[int] = []
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def sync(self, tokens, features) -> None:
+        self.inner.sync(tokens, features)
+
+    def root(self, tree, k):
+        return self.inner.root(tree, k)
+
+    def expand(self, tree, nodes, k):
+        self.expanded_depths.extend(int(d) for d in tree.depths[nodes].tolist())
+        return self.inner.expand(tree, nodes, k)
+
+    def end(self) -> None:
+        self.inner.end()
+
+
+def test_hybrid_model_depth_drafts_deeper_levels_with_ngrams_only(tiny_model, other_model, tiny_backend):
+    from ltd.backends.hf import HFBackend
+    from ltd.drafting.hybrid import HybridDrafter
+    from ltd.drafting.lm import LMDrafter
+
+    prompt = [3, 17, 42, 8, 77, 5, 23, 3, 17, 42, 8, 61, 9, 3, 17]
+    ref = hf_greedy(tiny_model, prompt, 30)
+    model = _CountingDrafter(LMDrafter(HFBackend(other_model)))
+    drafter = HybridDrafter(NgramDrafter(), model, model_depth=1)
+    got, results = run_decode(tiny_backend, drafter, StaticController(depth=4, topk=3, size=6), prompt, 30)
+    assert_same_tokens(got, ref, tiny_model, prompt, "hybrid@1")
+    assert model.expanded_depths == []  # the model drafted the root level only
+    # below the root level only n-grams drafted, and their deeper nodes were accepted
+    assert max(r.num_accepted for r in results[1:]) >= 2
+
+    model2 = _CountingDrafter(LMDrafter(HFBackend(other_model)))
+    run_decode(tiny_backend, HybridDrafter(NgramDrafter(), model2, model_depth=2), StaticController(depth=4, topk=3, size=6), prompt, 12)
+    assert model2.expanded_depths and set(model2.expanded_depths) == {1}
+
+
+def test_hybrid_model_depth_spec():
+    from ltd.drafting.hybrid import split_model_depth
+
+    assert split_model_depth("builtin:smollm2-135m-eagle3@1") == ("builtin:smollm2-135m-eagle3", 1)
+    assert split_model_depth("self") == ("self", None)
+    for bad in ("self@0", "self@x", "@2"):
+        with pytest.raises(LtdError, match="DRAFTER@D"):
+            split_model_depth(bad)

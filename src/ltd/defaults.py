@@ -1,12 +1,12 @@
 """Default static tree shape, importable without torch (the CLI and server parsers use it).
 
 The best static tree of `ltd bench --grid` for the shipped smollm2 head on this project's
-CPU machines (benchmarks/smollm2-grid); other hardware and drafters should run the grid.
+CPU machines (benchmarks/smollm2-grid-kernels, with the measured kernel plan of ltd.backends.hf_kernels); other hardware and drafters should run the grid.
 """
 
 DEFAULT_DEPTH = 1
 DEFAULT_TOPK = 8
-DEFAULT_SIZE = 4
+DEFAULT_SIZE = 3
 
 # The hf backend's matmul plan (ltd.backends.hf_kernels), named here so parsers need no torch.
 KERNEL_MODES = ("auto", "stock", "retune")

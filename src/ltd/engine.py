@@ -119,9 +119,10 @@ def default_drafter_spec(model_name: str, backend: str = "hf") -> str:
     spec = entry.default_drafter
     ngram = ""
     if spec.startswith("hybrid:"):
-        from ltd.drafting.hybrid import split_hybrid_spec
+        from ltd.drafting.hybrid import split_hybrid_spec, split_model_depth
 
         ngram, model_spec = split_hybrid_spec(spec)
+        model_spec = split_model_depth(model_spec)[0]
     else:
         model_spec = spec
     if model_spec.startswith("builtin:"):
@@ -143,7 +144,8 @@ def load_drafter(
     """Build a drafter from a spec.
 
     ``none``; ``ngram`` or ``ngram:N`` (continuations found in the text so far);
-    ``hybrid:ngram[:N]+SPEC`` (n-gram and another drafter merged in one tree); ``self``
+    ``hybrid:ngram[:N]+SPEC[@D]`` (n-gram and another drafter merged in one tree, the
+    other drafting only the first D levels with ``@D``); ``self``
     (the target drafting for itself); ``builtin:NAME`` (a head shipped in the package); a
     directory holding an EAGLE-3 head (config.json with ``LlamaForCausalLMEagle3``); or
     any model argument accepted by :func:`load_model` (an independent small LM with the
@@ -160,11 +162,12 @@ def load_drafter(
 
         return parse_ngram_spec(spec)
     if spec.startswith("hybrid:"):
-        from ltd.drafting.hybrid import HybridDrafter, split_hybrid_spec
+        from ltd.drafting.hybrid import HybridDrafter, split_hybrid_spec, split_model_depth
 
         ngram_spec, model_spec = split_hybrid_spec(spec)
+        model_spec, model_depth = split_model_depth(model_spec)
         model_drafter = load_drafter(model_spec, target, device, dtype, target_backend, threads)
-        return HybridDrafter(load_drafter(ngram_spec, target), model_drafter)
+        return HybridDrafter(load_drafter(ngram_spec, target), model_drafter, model_depth=model_depth)
     if target is None:
         raise LtdError(f"drafter {spec!r} needs a target model")
     if _is_llamacpp(target_backend):

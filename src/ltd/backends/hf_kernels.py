@@ -189,6 +189,7 @@ def measure_plan(backend, rounds: int = 4, context: int = 128) -> KernelPlan:
     if state is None:
         raise ValueError("measure_plan needs a backend with planned layers (kernels other than 'stock')")
     backend.kernel_plan = KernelPlan()  # planned forwards; ``forced`` picks the path
+    context = max(1, min(context, int(backend.max_context) - max(MEASURED_ROWS) - 1))
     vocab = int(backend.vocab_size)
     ctx = [(7 * i + 11) % vocab for i in range(context)]
     times: dict[int, dict[str, list[float]]] = {r: {"linear": [], "wxt": []} for r in MEASURED_ROWS}
