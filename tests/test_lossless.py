@@ -335,7 +335,7 @@ def test_default_drafter_spec_falls_back_per_backend(monkeypatch, tmp_path):
     """The hybrid default keeps its n-gram half where the head cannot run or is missing."""
     from ltd import engine
 
-    assert engine.default_drafter_spec("smollm2-135m") == "hybrid:ngram+builtin:smollm2-135m-eagle3"
+    assert engine.default_drafter_spec("smollm2-135m") == "hybrid:ngram+builtin:smollm2-135m-eagle3@1"
     assert engine.default_drafter_spec("smollm2-135m", "llamacpp") == "ngram"
     assert engine.default_drafter_spec("qwen2.5-coder-1.5b") == "qwen2.5-coder-0.5b"
     assert engine.default_drafter_spec("not-in-registry") == "none"

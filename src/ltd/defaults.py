@@ -1,10 +1,11 @@
 """Default static tree shape, importable without torch (the CLI and server parsers use it).
 
-The best static tree of `ltd bench --grid` for the shipped smollm2 head on this project's
-CPU machines (benchmarks/smollm2-grid-kernels, with the measured kernel plan of ltd.backends.hf_kernels); other hardware and drafters should run the grid.
+The best static tree of `ltd bench --grid` for smollm2's default drafter (hybrid@1) on this
+project's CPU machine, with the measured kernel plan of ltd.backends.hf_kernels
+(benchmarks/smollm2-grid-at1); other hardware and drafters should run the grid.
 """
 
-DEFAULT_DEPTH = 1
+DEFAULT_DEPTH = 2
 DEFAULT_TOPK = 8
 DEFAULT_SIZE = 3
 
