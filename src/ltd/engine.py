@@ -140,6 +140,7 @@ def load_drafter(
     dtype: str | torch.dtype = "float32",
     target_backend: Backend | None = None,
     threads: int | None = None,
+    kernels: str = "stock",
 ) -> Drafter:
     """Build a drafter from a spec.
 
@@ -150,7 +151,8 @@ def load_drafter(
     directory holding an EAGLE-3 head (config.json with ``LlamaForCausalLMEagle3``); or
     any model argument accepted by :func:`load_model` (an independent small LM with the
     same tokenizer). On a llama.cpp target (``target_backend``), model drafters run on
-    llama.cpp too, with ``threads``.
+    llama.cpp too, with ``threads``. ``kernels`` is the matmul plan of an LM drafter's own
+    hf backend (:mod:`ltd.backends.hf_kernels`).
     """
     from ltd.drafting.eagle3 import Eagle3Drafter, Eagle3Head, check_head_matches_target
     from ltd.drafting.lm import LMDrafter
@@ -166,14 +168,14 @@ def load_drafter(
 
         ngram_spec, model_spec = split_hybrid_spec(spec)
         model_spec, model_depth = split_model_depth(model_spec)
-        model_drafter = load_drafter(model_spec, target, device, dtype, target_backend, threads)
+        model_drafter = load_drafter(model_spec, target, device, dtype, target_backend, threads, kernels)
         return HybridDrafter(load_drafter(ngram_spec, target), model_drafter, model_depth=model_depth)
     if target is None:
         raise LtdError(f"drafter {spec!r} needs a target model")
     if _is_llamacpp(target_backend):
         return _load_llamacpp_drafter(spec, target, target_backend, threads)
     if spec == "self":
-        return LMDrafter(HFBackend(target.model))
+        return LMDrafter(HFBackend(target.model, kernels=kernels))
     head_dir: Path | None = None
     if spec.startswith("builtin:"):
         head_dir = builtin_drafter_dir(spec.split(":", 1)[1])
@@ -193,7 +195,7 @@ def load_drafter(
             f"drafter {spec!r} uses a different tokenizer (vocabulary {dv}) from the target (vocabulary {tv}); "
             "choose a drafter from the same model family"
         )
-    return LMDrafter(HFBackend(drafter_model.model))
+    return LMDrafter(HFBackend(drafter_model.model, kernels=kernels))
 
 
 def _is_llamacpp(backend: Backend | None) -> bool:
@@ -324,7 +326,7 @@ class Engine:
             return Engine(target, load_drafter(spec, target, target_backend=target_backend, threads=threads), target_backend)
         target = load_model(model, device=device, dtype=dtype)
         target_backend = HFBackend(target.model, kernels=kernels)
-        return Engine(target, load_drafter(spec, target, device=device, dtype=dtype), target_backend)
+        return Engine(target, load_drafter(spec, target, device=device, dtype=dtype, kernels=kernels), target_backend)
 
     def encode(self, text: str, chat: bool = True) -> list[int]:
         from ltd.models import encode_prompt
