@@ -210,6 +210,7 @@ def test_hybrid_model_depth_spec():
 
     assert split_model_depth("builtin:smollm2-135m-eagle3@1") == ("builtin:smollm2-135m-eagle3", 1)
     assert split_model_depth("self") == ("self", None)
-    for bad in ("self@0", "self@x", "@2"):
+    assert split_model_depth("/data/runs@v2/head") == ("/data/runs@v2/head", None)  # a path, not a depth
+    for bad in ("self@0", "@2"):
         with pytest.raises(LtdError, match="DRAFTER@D"):
             split_model_depth(bad)

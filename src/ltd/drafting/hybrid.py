@@ -92,14 +92,12 @@ class HybridDrafter:
 
 
 def split_model_depth(model_spec: str) -> tuple[str, int | None]:
-    """``SPEC@D`` -> (SPEC, D); a spec without ``@`` -> (SPEC, None)."""
+    """``SPEC@D`` -> (SPEC, D); a spec without a numeric ``@D`` suffix -> (SPEC, None),
+    so a head directory whose path holds an ``@`` still loads."""
     base, at, depth = model_spec.rpartition("@")
-    if not at:
+    if not at or not depth.isdigit():
         return model_spec, None
-    try:
-        d = int(depth)
-    except ValueError:
-        d = 0
+    d = int(depth)
     if d < 1 or not base:
         raise LtdError(f"bad hybrid model depth in {model_spec!r}: write DRAFTER@D with D >= 1, e.g. builtin:smollm2-135m-eagle3@1")
     return base, d
