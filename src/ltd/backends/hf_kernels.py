@@ -179,11 +179,13 @@ def decide(measured: dict[int, dict[str, float]], min_gain: float = MIN_GAIN) ->
     return frozenset(out)
 
 
-def measure_plan(backend, rounds: int = 4, context: int = 128) -> KernelPlan:
+def measure_plan(backend, rounds: int = 4, context: int = 128, budget_seconds: float = 60.0) -> KernelPlan:
     """Time whole tree forwards of the backend's model with each formulation, per row count.
 
     The two formulations alternate inside every round so that a slow moment of a shared
-    machine hits both; the median over rounds decides.
+    machine hits both; the median over rounds decides. Large models get fewer rounds (at
+    least 2) so that the whole measurement stays near ``budget_seconds``: a 1.5B model in
+    fp32 takes 0.5-2 s per forward here, and 4 rounds would cost minutes.
     """
     state = backend._kernel_state
     if state is None:
@@ -193,22 +195,28 @@ def measure_plan(backend, rounds: int = 4, context: int = 128) -> KernelPlan:
     vocab = int(backend.vocab_size)
     ctx = [(7 * i + 11) % vocab for i in range(context)]
     times: dict[int, dict[str, list[float]]] = {r: {"linear": [], "wxt": []} for r in MEASURED_ROWS}
+
+    def forward(rows: int, mode: str) -> float:
+        state.forced = mode
+        t0 = time.perf_counter()
+        backend.score([(13 * j + 5) % vocab for j in range(rows)], [-1] + [0] * (rows - 1))
+        dt = time.perf_counter() - t0
+        backend.rollback()
+        return dt
+
     backend.reset()
     try:
         backend.score(ctx, list(range(-1, context - 1)), last_only=True)
         backend.commit(list(range(context)))
-        for rnd in range(rounds + 1):  # round 0 warms up
+        forward(1, "linear")  # warm-up of both paths
+        forward(2, "wxt")
+        # one round: two forwards per row count, multi-row ones ~1.5x a one-row forward
+        per_round = 2 * 1.5 * forward(1, "linear") * len(MEASURED_ROWS)
+        rounds = max(2, min(rounds, int(budget_seconds / max(per_round, 1e-9))))
+        for rnd in range(rounds):
             for rows in MEASURED_ROWS:
-                toks = [(13 * j + 5) % vocab for j in range(rows)]
-                parents = [-1] + [0] * (rows - 1)
                 for mode in ("linear", "wxt") if rnd % 2 == 0 else ("wxt", "linear"):
-                    state.forced = mode
-                    t0 = time.perf_counter()
-                    backend.score(toks, parents)
-                    dt = time.perf_counter() - t0
-                    backend.rollback()
-                    if rnd:
-                        times[rows][mode].append(dt)
+                    times[rows][mode].append(forward(rows, mode))
     finally:
         state.forced = None
         backend.reset()
