@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from ltd.defaults import KERNEL_MODES, KERNELS_HELP
+from ltd.defaults import DEFAULT_KERNELS, KERNEL_MODES, KERNELS_HELP
 from ltd.errors import LtdError
 
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
@@ -26,7 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
-    p.add_argument("--kernels", default="auto", choices=KERNEL_MODES, help=KERNELS_HELP)
+    p.add_argument("--kernels", default=DEFAULT_KERNELS, choices=KERNEL_MODES, help=KERNELS_HELP)
     p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"],
                    help="hf (transformers; --device/--dtype apply) or llamacpp (the GGUF on llama.cpp) (default hf)")
 

@@ -24,7 +24,7 @@ from ltd.backends.hf import HFBackend
 from ltd.control import Controller, StaticController, validate_static
 from ltd.cycle import CycleResult, decode
 from ltd.drafting.base import Drafter, NullDrafter
-from ltd.defaults import DEFAULT_DEPTH, DEFAULT_SIZE, DEFAULT_TOPK
+from ltd.defaults import DEFAULT_DEPTH, DEFAULT_KERNELS, DEFAULT_SIZE, DEFAULT_TOPK
 from ltd.errors import LtdError
 from ltd.models import LoadedModel, load_model
 from ltd.registry import REGISTRY
@@ -313,7 +313,7 @@ class Engine:
         dtype: str = "float32",
         backend: str = "hf",
         threads: int | None = None,
-        kernels: str = "auto",
+        kernels: str = DEFAULT_KERNELS,
     ) -> "Engine":
         """Load a target and drafter. ``backend`` is ``hf`` (transformers, ``device`` and
         ``dtype`` apply) or ``llamacpp`` (the GGUF as stored, on ``threads`` CPU threads).

@@ -108,6 +108,10 @@ class PlannedLinear(torch.nn.Linear):
         self._kernel_state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # outside a planned forward (e.g. model.generate, the hf baseline) cost no more
+        # than nn.Linear's own forward: one attribute test, then F.linear
+        if self._kernel_state.plan is None:
+            return F.linear(x, self.weight, self.bias)
         rows = x.numel() // max(1, x.shape[-1])
         if not self._kernel_state.use_wxt(rows):
             return F.linear(x, self.weight, self.bias)

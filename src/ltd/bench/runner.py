@@ -22,6 +22,7 @@ from ltd.bench import metrics
 from ltd.bench.machine import machine_info, utc_now
 from ltd.bench.methods import BASELINE, BASELINES, MethodRunner, MethodSpec, Sampling, check_available, resolve_assistant
 from ltd.bench.suites import Question
+from ltd.defaults import DEFAULT_KERNELS
 from ltd.engine import Engine, GenerateResult
 from ltd.errors import LtdError
 
@@ -75,7 +76,7 @@ class BenchConfig:
     source: dict = field(default_factory=dict)
     backend: str = "hf"
     threads: int | None = None  # torch / llama.cpp threads, also llama.cpp peers' (default: the library's choice)
-    kernels: str = "auto"  # hf backend matmul plan (ltd.backends.hf_kernels); the hf baseline keeps stock kernels
+    kernels: str = DEFAULT_KERNELS  # hf backend matmul plan (ltd.backends.hf_kernels); the hf baseline keeps stock kernels
     skipped: list[str] = field(default_factory=list)  # one line per method dropped before running
 
     @property
