@@ -162,6 +162,14 @@ def test_static_without_drafter(engine):
     assert_one_line(exc, "drafter")
 
 
+def test_unknown_head_dtype():
+    from ltd.engine import resolve_head_dtype
+
+    with pytest.raises(LtdError) as exc:
+        resolve_head_dtype("int4")
+    assert_one_line(exc, "int4", "bfloat16")
+
+
 def test_unknown_dtype():
     with pytest.raises(LtdError) as exc:
         parse_dtype("float8")

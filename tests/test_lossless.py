@@ -312,11 +312,16 @@ def _static_is_lossless(smollm, smollm_refs, drafter, shape, label: str) -> None
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 8, 4), (4, 8, 16)])
-def test_smollm_shipped_head_is_lossless(smollm, smollm_refs, shape):
-    """The shipped EAGLE-3 head alone keeps greedy output unchanged (1x1x1 included)."""
+@pytest.mark.parametrize("head_dtype", ["auto", "float32"])
+def test_smollm_shipped_head_is_lossless(smollm, smollm_refs, shape, head_dtype):
+    """The shipped EAGLE-3 head alone keeps greedy output unchanged (1x1x1 included), in
+    the default bfloat16 weights and in float32: the head's precision moves drafts only."""
     from ltd.engine import load_drafter
 
-    _static_is_lossless(smollm, smollm_refs, load_drafter("builtin:smollm2-135m-eagle3", smollm.target), shape, "shipped head")
+    drafter = load_drafter("builtin:smollm2-135m-eagle3", smollm.target, head_dtype=head_dtype)
+    want = torch.bfloat16 if head_dtype == "auto" else torch.float32
+    assert all(p.dtype == want for p in drafter.head.parameters())
+    _static_is_lossless(smollm, smollm_refs, drafter, shape, f"shipped head ({head_dtype})")
 
 
 @pytest.mark.e2e

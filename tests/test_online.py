@@ -100,3 +100,34 @@ def test_hybrid_drafter_adapts_its_head(tiny_model):
     assert any(not torch.equal(before[n], p) for n, p in head_drafter.head.named_parameters())
     with pytest.raises(LtdError, match="EAGLE-3 head"):
         OnlineLearner(HybridDrafter(NgramDrafter(), NullDrafter()))
+
+
+def test_half_precision_head_learns_in_float32(tiny_model):
+    """A bf16 head (the serving default) is upcast before learning: steps of online size
+    would vanish below bf16's resolution; decoding stays lossless."""
+    head = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=3).to(torch.bfloat16)
+    drafter = Eagle3Drafter(head, tiny_model.get_input_embeddings())
+    learner = OnlineLearner(drafter, OnlineConfig(variant="plain", update_every=2, window=24, lr=1e-2))
+    assert all(p.dtype == torch.float32 for p in drafter.head.parameters())
+    assert drafter.dtype == torch.float32
+    got, _ = run_decode(HFBackend(tiny_model), drafter, StaticController(3, 3, 6), PROMPT, 30, listeners=[learner])
+    assert got == hf_greedy(tiny_model, PROMPT, 30)
+    assert learner.stats.updates >= 3
+
+
+def test_bench_private_online_drafter_keeps_the_hybrid_split(tiny_model):
+    """An adapting bench method drafts like its frozen twin: same @D split, own head copy."""
+    from ltd.bench.methods import _private_online_drafter
+    from ltd.drafting.hybrid import HybridDrafter
+    from ltd.drafting.ngram import NgramDrafter
+    from ltd.engine import Engine
+
+    head = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=3).to(torch.bfloat16)
+    shipped = Eagle3Drafter(head, tiny_model.get_input_embeddings())
+    engine = Engine.__new__(Engine)
+    engine.drafter = HybridDrafter(NgramDrafter(), shipped, model_depth=1)
+    drafter, learner = _private_online_drafter(engine, "plain")
+    assert drafter.model_depth == 1
+    assert drafter.model is not shipped and learner.drafter is drafter.model
+    assert next(drafter.model.head.parameters()).dtype == torch.float32
+    assert next(shipped.head.parameters()).dtype == torch.bfloat16  # frozen methods keep theirs

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from ltd.defaults import DEFAULT_KERNELS, KERNEL_MODES, KERNELS_HELP
+from ltd.defaults import DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, HEAD_DTYPE_HELP, HEAD_DTYPES, KERNEL_MODES, KERNELS_HELP
 from ltd.errors import LtdError
 
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
@@ -27,6 +27,7 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
     p.add_argument("--kernels", default=DEFAULT_KERNELS, choices=KERNEL_MODES, help=KERNELS_HELP)
+    p.add_argument("--head-dtype", default=DEFAULT_HEAD_DTYPE, choices=HEAD_DTYPES, help=HEAD_DTYPE_HELP)
     p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"],
                    help="hf (transformers; --device/--dtype apply) or llamacpp (the GGUF on llama.cpp) (default hf)")
 
@@ -100,7 +101,7 @@ def cmd_generate(args) -> int:
     drafter = args.drafter
     if args.method in ("hf", "llama.cpp", "ar") and drafter is None:
         drafter = "none"
-    engine = Engine.load(args.model, drafter=drafter, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads, kernels=args.kernels)
+    engine = Engine.load(args.model, drafter=drafter, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads, kernels=args.kernels, head_dtype=args.head_dtype)
     if args.online:
         engine.enable_online(args.online, state_dir=args.online_state)
     prompt = engine.encode(args.prompt, chat=not args.raw)
@@ -129,7 +130,7 @@ def cmd_demo(args) -> int:
     spec = args.drafter or default_drafter_spec(args.model, args.backend)
     if spec == "none":
         spec = "self"
-    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads, kernels=args.kernels)
+    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads, kernels=args.kernels, head_dtype=args.head_dtype)
     ref = engine.reference_method
     prompt = engine.encode(args.prompt)
     print(f"model {args.model}, drafter {spec}, device {args.device}, CPU {cpu_model()}")

@@ -16,3 +16,15 @@ KERNELS_HELP = (
     "hf backend matmul kernels of verification: auto (measured once per machine and cached), "
     "stock (F.linear), retune (measure again) (default auto)"
 )
+
+# Weights of an EAGLE-3 draft head. Drafts never change the output (verification decides),
+# so the head's precision is a speed/acceptance trade of its own: on this project's CPU
+# (AVX2, no native bf16) the head's root step costs 1.5-2.5 ms in bfloat16 against
+# 4.9-7.0 ms in float32, since it is memory-bound (scripts/head_dtype.py,
+# benchmarks/head-dtype). auto = bfloat16, or float32 while the head learns online.
+HEAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_HEAD_DTYPE = "auto"
+HEAD_DTYPE_HELP = (
+    "weights of an EAGLE-3 draft head: auto (bfloat16; float32 when it learns online), "
+    "float32, bfloat16, float16; drafts never change the output (default auto)"
+)

@@ -24,7 +24,7 @@ from ltd.backends.hf import HFBackend
 from ltd.control import Controller, StaticController, validate_static
 from ltd.cycle import CycleResult, decode
 from ltd.drafting.base import Drafter, NullDrafter
-from ltd.defaults import DEFAULT_DEPTH, DEFAULT_KERNELS, DEFAULT_SIZE, DEFAULT_TOPK
+from ltd.defaults import DEFAULT_DEPTH, DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, DEFAULT_SIZE, DEFAULT_TOPK, HEAD_DTYPES
 from ltd.errors import LtdError
 from ltd.models import LoadedModel, load_model
 from ltd.registry import REGISTRY
@@ -133,6 +133,15 @@ def default_drafter_spec(model_name: str, backend: str = "hf") -> str:
     return spec
 
 
+def resolve_head_dtype(name: str) -> torch.dtype:
+    """``--head-dtype`` -> a torch dtype (``auto`` is bfloat16: measured 2-3x cheaper per
+    draft step on CPU, see :mod:`ltd.defaults`)."""
+    table = {"auto": torch.bfloat16, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise LtdError(f"unknown head dtype {name!r}; choose one of {', '.join(HEAD_DTYPES)}")
+    return table[name]
+
+
 def load_drafter(
     spec: str,
     target: LoadedModel | None,
@@ -141,6 +150,7 @@ def load_drafter(
     target_backend: Backend | None = None,
     threads: int | None = None,
     kernels: str = "stock",
+    head_dtype: str = DEFAULT_HEAD_DTYPE,
 ) -> Drafter:
     """Build a drafter from a spec.
 
@@ -152,7 +162,9 @@ def load_drafter(
     any model argument accepted by :func:`load_model` (an independent small LM with the
     same tokenizer). On a llama.cpp target (``target_backend``), model drafters run on
     llama.cpp too, with ``threads``. ``kernels`` is the matmul plan of an LM drafter's own
-    hf backend (:mod:`ltd.backends.hf_kernels`).
+    hf backend (:mod:`ltd.backends.hf_kernels`). ``head_dtype`` is the precision of an
+    EAGLE-3 head's weights (``auto``: bfloat16, see :mod:`ltd.defaults`), independent of
+    the target's ``dtype``: drafts never change the output.
     """
     from ltd.drafting.eagle3 import Eagle3Drafter, Eagle3Head, check_head_matches_target
     from ltd.drafting.lm import LMDrafter
@@ -168,7 +180,7 @@ def load_drafter(
 
         ngram_spec, model_spec = split_hybrid_spec(spec)
         model_spec, model_depth = split_model_depth(model_spec)
-        model_drafter = load_drafter(model_spec, target, device, dtype, target_backend, threads, kernels)
+        model_drafter = load_drafter(model_spec, target, device, dtype, target_backend, threads, kernels, head_dtype)
         return HybridDrafter(load_drafter(ngram_spec, target), model_drafter, model_depth=model_depth)
     if target is None:
         raise LtdError(f"drafter {spec!r} needs a target model")
@@ -184,8 +196,7 @@ def load_drafter(
     elif Path(spec).is_dir() and _is_eagle3_dir(Path(spec)):
         head_dir = Path(spec)
     if head_dir is not None:
-        torch_dtype = dtype if isinstance(dtype, torch.dtype) else {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
-        head = Eagle3Head.load(head_dir, dtype=torch_dtype, device=device)
+        head = Eagle3Head.load(head_dir, dtype=resolve_head_dtype(head_dtype), device=device)
         check_head_matches_target(head.config, target.model.config, str(head_dir))
         return Eagle3Drafter(head, target.model.get_input_embeddings())
     drafter_model = load_model(spec, device=device, dtype=dtype)
@@ -314,10 +325,12 @@ class Engine:
         backend: str = "hf",
         threads: int | None = None,
         kernels: str = DEFAULT_KERNELS,
+        head_dtype: str = DEFAULT_HEAD_DTYPE,
     ) -> "Engine":
         """Load a target and drafter. ``backend`` is ``hf`` (transformers, ``device`` and
         ``dtype`` apply) or ``llamacpp`` (the GGUF as stored, on ``threads`` CPU threads).
-        ``kernels`` is the hf backend's matmul plan (:mod:`ltd.backends.hf_kernels`)."""
+        ``kernels`` is the hf backend's matmul plan (:mod:`ltd.backends.hf_kernels`);
+        ``head_dtype`` the precision of an EAGLE-3 draft head (see :func:`load_drafter`)."""
         check_backend(backend)
         spec = default_drafter_spec(model, backend) if drafter is None else drafter
         log.info("target %s on %s, drafter %s", model, backend, spec)
@@ -326,7 +339,8 @@ class Engine:
             return Engine(target, load_drafter(spec, target, target_backend=target_backend, threads=threads), target_backend)
         target = load_model(model, device=device, dtype=dtype)
         target_backend = HFBackend(target.model, kernels=kernels)
-        return Engine(target, load_drafter(spec, target, device=device, dtype=dtype, kernels=kernels), target_backend)
+        drafter_ = load_drafter(spec, target, device=device, dtype=dtype, kernels=kernels, head_dtype=head_dtype)
+        return Engine(target, drafter_, target_backend)
 
     def encode(self, text: str, chat: bool = True) -> list[int]:
         from ltd.models import encode_prompt

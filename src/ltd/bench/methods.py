@@ -316,7 +316,10 @@ def _private_online_drafter(engine: Engine, variant: str):
 
     shipped = adaptable_head(engine.drafter)
     head = Eagle3Drafter(copy.deepcopy(shipped.head), shipped.embed)
-    drafter = HybridDrafter(copy.deepcopy(engine.drafter.ngram), head) if isinstance(engine.drafter, HybridDrafter) else head
+    if isinstance(engine.drafter, HybridDrafter):  # same split as the frozen methods (@D included)
+        drafter = HybridDrafter(copy.deepcopy(engine.drafter.ngram), head, model_depth=engine.drafter.model_depth)
+    else:
+        drafter = head
     return drafter, OnlineLearner(drafter, OnlineConfig(variant=variant))
 
 

@@ -22,7 +22,7 @@ from ltd.bench import metrics
 from ltd.bench.machine import machine_info, utc_now
 from ltd.bench.methods import BASELINE, BASELINES, MethodRunner, MethodSpec, Sampling, check_available, resolve_assistant
 from ltd.bench.suites import Question
-from ltd.defaults import DEFAULT_KERNELS
+from ltd.defaults import DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS
 from ltd.engine import Engine, GenerateResult
 from ltd.errors import LtdError
 
@@ -77,6 +77,7 @@ class BenchConfig:
     backend: str = "hf"
     threads: int | None = None  # torch / llama.cpp threads, also llama.cpp peers' (default: the library's choice)
     kernels: str = DEFAULT_KERNELS  # hf backend matmul plan (ltd.backends.hf_kernels); the hf baseline keeps stock kernels
+    head_dtype: str = DEFAULT_HEAD_DTYPE  # EAGLE-3 draft head weights (drafts never change the output)
     skipped: list[str] = field(default_factory=list)  # one line per method dropped before running
 
     @property
@@ -133,6 +134,7 @@ class BenchConfig:
             "seed": self.seed,
             "device": self.device,
             "dtype": self.dtype,
+            "head_dtype": self.head_dtype,
             "backend": self.backend,
             "threads": self.threads,
             "multi_turn": self.multi_turn,
@@ -487,7 +489,7 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, engine: En
         t0 = time.perf_counter()
         engine = Engine.load(
             config.model, drafter=config.drafter, device=config.device, dtype=config.dtype,
-            backend=config.backend, threads=config.threads, kernels=config.kernels,
+            backend=config.backend, threads=config.threads, kernels=config.kernels, head_dtype=config.head_dtype,
         )
         log.info("models loaded in %.1f s", time.perf_counter() - t0)
     loop = _Loop(config, engine, out)

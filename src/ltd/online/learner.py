@@ -97,6 +97,12 @@ class OnlineLearner:
 
     def __init__(self, drafter, cfg: OnlineConfig | None = None) -> None:
         drafter = adaptable_head(drafter)
+        if next(drafter.head.parameters()).dtype != torch.float32:
+            # gradient steps of online size vanish below a half-precision weight's resolution
+            log.info("online learning: the draft head runs in float32 (was %s)", next(drafter.head.parameters()).dtype)
+            drafter.head.float()
+            drafter.dtype = torch.float32
+            drafter.reset()
         self.cfg = cfg or OnlineConfig()
         self.cfg.validate()
         self.drafter = drafter

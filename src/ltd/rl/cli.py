@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from ltd.defaults import DEFAULT_KERNELS, KERNEL_MODES, KERNELS_HELP
+from ltd.defaults import DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, HEAD_DTYPE_HELP, HEAD_DTYPES, KERNEL_MODES, KERNELS_HELP
 from ltd.errors import LtdError
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
     p.add_argument("--kernels", default=DEFAULT_KERNELS, choices=KERNEL_MODES, help=KERNELS_HELP)
+    p.add_argument("--head-dtype", default=DEFAULT_HEAD_DTYPE, choices=HEAD_DTYPES, help=HEAD_DTYPE_HELP)
     p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help="hf (transformers) or llamacpp (the GGUF on llama.cpp) (default hf)")
 
 
@@ -70,7 +71,7 @@ def _load_engine(args):
     spec = args.drafter if args.drafter is not None else default_drafter_spec(args.model, backend)
     if spec == "none":
         raise LtdError(f"model {args.model} has no default drafter; pass --drafter (self, ngram, a small LM or an EAGLE-3 head)")
-    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=backend, threads=getattr(args, "threads", None), kernels=getattr(args, "kernels", DEFAULT_KERNELS))
+    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=backend, threads=getattr(args, "threads", None), kernels=getattr(args, "kernels", DEFAULT_KERNELS), head_dtype=getattr(args, "head_dtype", DEFAULT_HEAD_DTYPE))
     return engine, spec
 
 

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from ltd.defaults import DEFAULT_KERNELS, KERNEL_MODES, KERNELS_HELP
+from ltd.defaults import DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, HEAD_DTYPE_HELP, HEAD_DTYPES, KERNEL_MODES, KERNELS_HELP
 from ltd.errors import LtdError
 from ltd.registry import DEFAULT_MODEL
 from ltd.serve.settings import ServeSettings
@@ -57,6 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
     p.add_argument("--kernels", default=DEFAULT_KERNELS, choices=KERNEL_MODES, help=KERNELS_HELP)
+    p.add_argument("--head-dtype", default=DEFAULT_HEAD_DTYPE, choices=HEAD_DTYPES, help=HEAD_DTYPE_HELP)
     p.add_argument("--no-warmup", action="store_true", help="skip the short generation that runs before serving")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
 
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, method)
     _check_bind(args.host, args.port)
 
-    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=backend, threads=args.threads, kernels=args.kernels)
+    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=backend, threads=args.threads, kernels=args.kernels, head_dtype=args.head_dtype)
     if args.online:
         engine.enable_online(args.online, state_dir=args.online_state)
     if not args.no_warmup:
