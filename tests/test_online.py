@@ -102,17 +102,23 @@ def test_hybrid_drafter_adapts_its_head(tiny_model):
         OnlineLearner(HybridDrafter(NgramDrafter(), NullDrafter()))
 
 
-def test_half_precision_head_learns_in_float32(tiny_model):
-    """A bf16 head (the serving default) is upcast before learning: steps of online size
-    would vanish below bf16's resolution; decoding stays lossless."""
+def test_half_precision_head_learns_through_float32_master_weights(tiny_model):
+    """A bf16 head (the serving default) keeps drafting in bf16 while the steps train a
+    float32 copy (steps of online size would vanish below bf16's resolution); each update
+    publishes the learned weights to the drafting head; decoding stays lossless."""
     head = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=3).to(torch.bfloat16)
     drafter = Eagle3Drafter(head, tiny_model.get_input_embeddings())
+    before = {n: p.detach().clone() for n, p in head.named_parameters()}
     learner = OnlineLearner(drafter, OnlineConfig(variant="plain", update_every=2, window=24, lr=1e-2))
-    assert all(p.dtype == torch.float32 for p in drafter.head.parameters())
-    assert drafter.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in learner.head.parameters())
     got, _ = run_decode(HFBackend(tiny_model), drafter, StaticController(3, 3, 6), PROMPT, 30, listeners=[learner])
     assert got == hf_greedy(tiny_model, PROMPT, 30)
     assert learner.stats.updates >= 3
+    assert drafter.head is head and all(p.dtype == torch.bfloat16 for p in head.parameters())
+    learned = dict(learner.head.named_parameters())
+    assert any(not torch.equal(before[n], p) for n, p in head.named_parameters())
+    for n, _ in learner.params:  # the drafting head holds the master weights, rounded
+        assert torch.equal(dict(head.named_parameters())[n], learned[n].detach().to(torch.bfloat16))
 
 
 def test_bench_private_online_drafter_keeps_the_hybrid_split(tiny_model):
@@ -129,5 +135,5 @@ def test_bench_private_online_drafter_keeps_the_hybrid_split(tiny_model):
     drafter, learner = _private_online_drafter(engine, "plain")
     assert drafter.model_depth == 1
     assert drafter.model is not shipped and learner.drafter is drafter.model
-    assert next(drafter.model.head.parameters()).dtype == torch.float32
-    assert next(shipped.head.parameters()).dtype == torch.bfloat16  # frozen methods keep theirs
+    assert drafter.model.head is not shipped.head  # frozen methods keep the shipped weights
+    assert next(learner.head.parameters()).dtype == torch.float32
