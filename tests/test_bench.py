@@ -270,6 +270,9 @@ def test_cli_builds_config_without_loading_models(tmp_path):
     cfg = config_from_args(_args(["--questions", str(f), "--methods", "ar,static:2x2x4", "--out", str(tmp_path / "o")]))
     assert [m.label for m in cfg.methods] == ["hf", "ar", "static:2x2x4"]
     assert len(cfg.questions) == 1
+    assert cfg.head_dtype == "auto" and cfg.to_json()["head_dtype"] == "auto"
+    cfg = config_from_args(_args(["--questions", str(f), "--head-dtype", "float32", "--out", str(tmp_path / "o")]))
+    assert cfg.to_json()["head_dtype"] == "float32"
     with pytest.raises(LtdError, match="not available yet"):
         config_from_args(_args(["--questions", str(f), "--methods", "oracle", "--out", str(tmp_path / "o")]))
 

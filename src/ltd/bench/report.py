@@ -102,6 +102,7 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
         f"- backend: {cfg.get('backend', 'hf')}" + (f", {cfg['threads']} threads" if cfg.get("threads") else ""),
         *_kernel_lines(results),
         f"- drafter: {cfg.get('drafter') or 'default'}"
+        + (f" (EAGLE-3 head weights: {cfg['head_dtype']})" if cfg.get("head_dtype") else "")
         + (f"; assistant: {cfg['assistant']}" if cfg.get("assistant") else ""),
         f"- suites: {', '.join(cfg.get('suites', []))} ({cfg.get('questions', '?')} questions"
         + (", all turns" if cfg.get("multi_turn") else ", first turn") + ")",
