@@ -13,14 +13,12 @@ head at 200 tokens of context, float32 against bfloat16, median of repeats, and 
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from ltd.bench.machine import machine_info
+from ltd.bench.timing import median_ms, micro_bench_args
 from ltd.drafting.eagle3 import Eagle3Drafter, Eagle3Head
 from ltd.engine import builtin_drafter_dir
 from ltd.fileio import atomic_write_json, atomic_write_text
@@ -44,25 +42,12 @@ def root_step_ms(head: Eagle3Head, rows: int, repeats: int) -> float:
         drafter._pending = [torch.randn(rows, 3 * hidden).to(dtype)]
         drafter.root(None, 8)
 
-    for _ in range(5):
-        step()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return median_ms(step, repeats, warmup=5)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--head", default="smollm2-135m-eagle3", help="built-in head name")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = micro_bench_args(__doc__.splitlines()[0], repeats=30,
+                            extra=lambda ap: ap.add_argument("--head", default="smollm2-135m-eagle3", help="built-in head name"))
     results = {}
     for name, dtype in DTYPES.items():
         head = Eagle3Head.load(builtin_drafter_dir(args.head), dtype=dtype)

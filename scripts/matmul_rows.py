@@ -10,41 +10,21 @@ median of repeats, and writes ``results.json`` and ``report.md`` to ``--out``.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ltd.bench.machine import machine_info
+from ltd.bench.timing import median_ms, micro_bench_args
 from ltd.fileio import atomic_write_json, atomic_write_text
 
 SHAPES = {"lm_head 49152x576": (49152, 576), "mlp 1536x576": (1536, 576)}
 ROWS = (1, 2, 3, 4, 5, 8, 9, 16, 17)
 
 
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+    args = micro_bench_args(__doc__.splitlines()[0], repeats=20)
     results = {}
     for name, shape in SHAPES.items():
         w = torch.randn(*shape)
