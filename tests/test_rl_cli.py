@@ -79,10 +79,12 @@ def test_profile_record_train_oracle(tmp_path, models, questions, capsys):
     assert (out / "depth" / "policy.json").is_file() and (out / "size" / "policy.json").is_file()
     capsys.readouterr()
     report = tmp_path / "oracle.json"
-    assert run("oracle", "--traces", str(traces), "--latency", str(lat), "--policies", str(out), "--static", "2x4,3x8",
+    assert run("oracle", "--traces", str(traces), "--latency", str(lat), "--policies", str(out), "--static", "2x4,3x8,2x3",
                "--out", str(report)) == 0
     text = capsys.readouterr().out
     assert "oracle" in text and "ltd" in text and "heuristic" in text and "static:2x3x4" in text
+    # the oracle may choose every size a compared controller can (3 is not in the default set)
+    assert {0, 1, 2, 3, 4, 8} <= set(json.loads(report.read_text())["oracle_sizes"])
     rows = {r["name"]: r for r in json.loads(report.read_text())["results"]}
     assert rows["oracle"]["fraction_of_oracle"] == 1.0
     assert all(0 < r["fraction_of_oracle"] <= 1.0 for r in rows.values())

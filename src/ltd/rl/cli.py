@@ -268,6 +268,7 @@ def format_report(report: dict) -> str:
 
 
 def run_oracle(args) -> int:
+    from ltd.control import StaticController
     from ltd.control_ltd import HeuristicController, LTDController
     from ltd.fileio import atomic_write_json
     from ltd.rl.latency import LatencyModel
@@ -309,7 +310,15 @@ def run_oracle(args) -> int:
         sp = load_policy(size_dir, kind="size") if size_dir else None
         # a factory: the controller keeps a per-sequence history
         controllers["ltd"] = lambda: LTDController.from_policies(dp, sp, depth=min(5, traces.max_depth), size=min(32, cap), topk=traces.topk)
+    if not args.sizes:
+        # The oracle is the limit for the controllers beside it only if it may choose every
+        # size they can: add the static trees' sizes and the size policy's set.
+        extra = {c.size for c in controllers.values() if isinstance(c, StaticController)}
+        if size_dir:
+            extra |= set(sp.spec.sizes)
+        sizes = tuple(sorted(set(sizes) | {v for v in extra if v <= cap}))
     report = compare(traces, latency, controllers, sizes)
+    report["oracle_sizes"] = [int(v) for v in sizes]
     if args.live:
         report = _add_live(args, traces, latency, controllers, report)
     if args.out:
@@ -387,7 +396,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--size-policy", default=None)
     p.add_argument("--static", default=DEFAULT_STATIC, help="static DEPTHxSIZE configurations to compare (default 5x32)")
     p.add_argument("--no-heuristic", action="store_true", help="leave out the +2/-1 depth heuristic")
-    p.add_argument("--sizes", default=None, help="sizes V the oracle may choose (default: all up to the traces' max size)")
+    p.add_argument("--sizes", default=None, help="sizes V the oracle may choose (default: 0,1,2,4,8,16,... up to the traces' max size, plus every size the compared static trees and size policy can choose)")
     p.add_argument("--limit", type=int, default=None, help="first N recorded sequences")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default=None, help="also write the report as JSON")
