@@ -168,6 +168,8 @@ def test_unknown_head_dtype():
     with pytest.raises(LtdError) as exc:
         resolve_head_dtype("int4")
     assert_one_line(exc, "int4", "bfloat16")
+    assert resolve_head_dtype("auto", "cpu") == torch.bfloat16
+    assert resolve_head_dtype("float32", "cpu") == torch.float32
 
 
 def test_unknown_dtype():

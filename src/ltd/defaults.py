@@ -19,12 +19,13 @@ KERNELS_HELP = (
 
 # Weights of an EAGLE-3 draft head. Drafts never change the output (verification decides),
 # so the head's precision is a speed/acceptance trade of its own: on this project's CPU
-# (AVX2, no native bf16) the head's root step costs 1.5-2.5 ms in bfloat16 against
-# 4.9-7.0 ms in float32, since it is memory-bound (scripts/head_dtype.py,
-# benchmarks/head-dtype). auto = bfloat16, or float32 while the head learns online.
+# (AVX2, no native bf16) the head's root step costs 1.6-2.2 ms in bfloat16 against
+# 4.0-6.4 ms in float32, since it is memory-bound, at the same acceptance
+# (scripts/head_dtype.py, benchmarks/head-dtype). auto = bfloat16 (float16 on a GPU
+# without bf16); with --online the head learns through float32 master weights.
 HEAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_HEAD_DTYPE = "auto"
 HEAD_DTYPE_HELP = (
-    "weights of an EAGLE-3 draft head: auto (bfloat16; float32 when it learns online), "
+    "weights of an EAGLE-3 draft head: auto (bfloat16; float16 on a GPU without bf16), "
     "float32, bfloat16, float16; drafts never change the output (default auto)"
 )
