@@ -335,6 +335,20 @@ def test_online_suffix_parses_and_labels():
         parse_method("static:6x8x32+online=nope")
     with pytest.raises(LtdError, match="static and ltd"):
         parse_method("hf+online=plain")
+    both = parse_method("ltd+online=plain+memory")
+    assert both.online == "plain+memory" and both.label == "ltd+online=plain+memory"
+
+
+def test_online_methods_refuse_repeats(tmp_path):
+    """A repeat would replay a prompt an adapting method has already learned."""
+    from ltd.bench.runner import BenchConfig
+
+    f = _write(tmp_path / "q.jsonl", [json.dumps({"question_id": 1, "category": "c", "turns": ["hi"]})])
+    config = BenchConfig(model="smollm2-135m", methods=parse_methods("hf,static:2x8x3+online=memory"), questions=load_questions(f), repeats=2)
+    with pytest.raises(LtdError, match="--repeats 1"):
+        config.validate()
+    config.repeats = 1
+    config.validate()
 
 
 def test_second_half_metrics_follow_stream_order():

@@ -132,8 +132,15 @@ def test_bench_private_online_drafter_keeps_the_hybrid_split(tiny_model):
     shipped = Eagle3Drafter(head, tiny_model.get_input_embeddings())
     engine = Engine.__new__(Engine)
     engine.drafter = HybridDrafter(NgramDrafter(), shipped, model_depth=1)
-    drafter, learner = _private_online_drafter(engine, "plain")
+    drafter, adapter = _private_online_drafter(engine, "plain")
+    learner = adapter.learner
     assert drafter.model_depth == 1
     assert drafter.model is not shipped and learner.drafter is drafter.model
     assert drafter.model.head is not shipped.head  # frozen methods keep the shipped weights
     assert next(learner.head.parameters()).dtype == torch.float32
+    assert adapter.memory is None and drafter.ngram.memory is None
+    # +memory: a private n-gram drafter with its own memory; the frozen methods' has none
+    drafter, adapter = _private_online_drafter(engine, "memory")
+    assert adapter.learner is None and drafter.model is shipped
+    assert drafter.ngram is not engine.drafter.ngram and drafter.ngram.memory is adapter.memory
+    assert engine.drafter.ngram.memory is None

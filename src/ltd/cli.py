@@ -48,7 +48,8 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 def _add_online_args(p: argparse.ArgumentParser) -> None:
     from ltd.online import VARIANTS
 
-    p.add_argument("--online", default=None, choices=VARIANTS, help="adapt the EAGLE-3 head while decoding")
+    p.add_argument("--online", default=None, choices=VARIANTS,
+                   help="adapt the drafter while decoding: the EAGLE-3 head (plain, optimistic, hedge), the n-gram stream memory (memory), or both (e.g. plain+memory)")
     p.add_argument("--online-state", default=None, help="directory to restore/save what online adaptation learned")
 
 

@@ -301,7 +301,7 @@ class Engine:
         self.backend = backend if backend is not None else HFBackend(target.model)
         self.backend_name = "llamacpp" if _is_llamacpp(self.backend) else "hf"
         self.drafter = drafter or NullDrafter()
-        self.online = None  # an OnlineLearner when online adaptation is on
+        self.online = None  # an OnlineAdapter when online adaptation is on
         self._policies: dict[str, tuple] = {}  # loaded once per directory, not inside each timed request
 
     @property
@@ -310,14 +310,16 @@ class Engine:
         return REFERENCE_METHOD[self.backend_name]
 
     def enable_online(self, variant: str, state_dir: str | None = None, **overrides) -> "object":
-        """Adapt the EAGLE-3 head online from verification feedback (``--online VARIANT``)."""
-        from ltd.online import OnlineConfig, OnlineLearner
+        """Adapt the drafter online from verification feedback (``--online VARIANT``):
+        the EAGLE-3 head's weights, the n-gram drafter's stream memory, or both."""
+        from ltd.online import OnlineAdapter
+        from ltd.online.adapter import has_state
 
-        learner = OnlineLearner(self.drafter, OnlineConfig(variant=variant, **overrides))
-        if state_dir and (Path(state_dir) / "online.json").exists():
-            learner.load_state(state_dir)
-        self.online = learner
-        return learner
+        adapter = OnlineAdapter(self.drafter, variant, **overrides)
+        if state_dir and has_state(state_dir):
+            adapter.load_state(state_dir)
+        self.online = adapter
+        return adapter
 
     @staticmethod
     def load(

@@ -267,6 +267,11 @@ class MethodRunner:
         self.prompt_lookup_tokens = prompt_lookup_tokens
         self.peer = peer  # a LlamaCppSpecPeer for llama.cpp-spec methods
 
+    def restart_online(self) -> None:
+        """Online adaptation from scratch again (a fresh head copy and memory), e.g. after warm-up."""
+        if self.spec.online:
+            self.drafter, self.online = _private_online_drafter(self.engine, self.spec.online)
+
     def run(self, prompt: list[int], sampling: Sampling) -> GenerateResult:
         kind = self.spec.kind
         if kind in OURS:
@@ -302,25 +307,31 @@ class MethodRunner:
 
 
 def _private_online_drafter(engine: Engine, variant: str):
-    """A copy of the engine's EAGLE-3 head with its own online learner.
+    """A copy of the engine's drafter with its own online adaptation.
 
-    Every adapting method starts from the same shipped head and never changes the head
-    that frozen methods use.
+    Every adapting method starts from the same shipped head (and an empty stream memory)
+    and never changes the drafter that frozen methods use.
     """
     import copy
 
     from ltd.drafting.eagle3 import Eagle3Drafter
     from ltd.drafting.hybrid import HybridDrafter
-    from ltd.online import OnlineConfig, OnlineLearner
+    from ltd.online import OnlineAdapter, parse_variant
     from ltd.online.learner import adaptable_head
 
-    shipped = adaptable_head(engine.drafter)
-    head = Eagle3Drafter(copy.deepcopy(shipped.head), shipped.embed)
-    if isinstance(engine.drafter, HybridDrafter):  # same split as the frozen methods (@D included)
-        drafter = HybridDrafter(copy.deepcopy(engine.drafter.ngram), head, model_depth=engine.drafter.model_depth)
+    gradient, _ = parse_variant(variant)
+    shared = engine.drafter
+    model = shared.model if isinstance(shared, HybridDrafter) else shared
+    if gradient is not None:  # the learner trains a private copy of the head
+        shipped = adaptable_head(shared)
+        model = Eagle3Drafter(copy.deepcopy(shipped.head), shipped.embed)
+    if isinstance(shared, HybridDrafter):  # same split as the frozen methods (@D included)
+        drafter = HybridDrafter(copy.deepcopy(shared.ngram), model, model_depth=shared.model_depth)
+    elif gradient is None:
+        drafter = copy.deepcopy(shared)  # an n-gram drafter with its own memory (an error otherwise)
     else:
-        drafter = head
-    return drafter, OnlineLearner(drafter, OnlineConfig(variant=variant))
+        drafter = model
+    return drafter, OnlineAdapter(drafter, variant)
 
 
 class _ForwardCounter:

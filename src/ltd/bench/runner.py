@@ -88,6 +88,8 @@ class BenchConfig:
     def validate(self) -> None:
         if self.repeats < 1:
             raise LtdError(f"--repeats must be at least 1, got {self.repeats}")
+        if self.repeats > 1 and any(m.online for m in self.methods):
+            raise LtdError("+online methods learn from every run, so a repeat would replay a prompt they have learned; use --repeats 1")
         if self.max_new_tokens < 1:
             raise LtdError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -264,6 +266,7 @@ class _Loop:
         t0 = time.perf_counter()
         for runner in self.runners:
             runner.run(prompt, warm)
+            runner.restart_online()  # the warm-up prompt is the first measured one: unlearn it
         self.warmup_seconds = time.perf_counter() - t0
         log.info("warm-up done in %.1f s", self.warmup_seconds)
 

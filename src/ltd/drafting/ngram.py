@@ -11,6 +11,10 @@ token, so the shared tree selection prefers the continuations seen most often.
 It needs no model and no target features, so it works on every backend. Where the trie
 has fewer than k children, the remaining candidates are padding with score ``-inf``
 which :func:`ltd.tree.select` never verifies.
+
+With a :class:`ltd.online.memory.StreamMemory` attached (``--online memory``) it also
+searches the sequences it served before, and takes a memory match where it is longer
+than the context's best.
 """
 
 from __future__ import annotations
@@ -73,7 +77,9 @@ def build_trie(tokens: Sequence[int] | np.ndarray, ends: Sequence[int], max_len:
     arr = np.asarray(tokens, dtype=np.int64)
     root = TrieNode()
     for j in ends:
-        cont = arr[j + 1 : j + 1 + max_len].tolist()
+        cont = arr[j + 1 : j + 1 + max_len]
+        cut = np.nonzero(cont < 0)[0]  # a separator ends a remembered sequence
+        cont = (cont[: cut[0]] if cut.size else cont).tolist()
         if not cont:
             continue
         root.count += 1
@@ -110,10 +116,21 @@ class NgramDrafter:
         self.max_n = max_n
         self.max_len = max_len
         self.max_matches = max_matches
+        self.memory = None  # a StreamMemory when --online memory is on
+        self._tokens: list[int] = []
+        self._remembered = True
         self.reset()
 
+    def remember(self) -> None:
+        """Give the finished sequence to the stream memory (once per sequence)."""
+        if self.memory is not None and not self._remembered and self._tokens:
+            self.memory.add(self._tokens)
+        self._remembered = True
+
     def reset(self) -> None:
-        self._tokens: list[int] = []
+        self.remember()
+        self._remembered = False
+        self._tokens = []
         self._trie: TrieNode | None = None
         self._memo: dict[int, TrieNode | None] = {}
         self.last_match_length = 0
@@ -122,9 +139,15 @@ class NgramDrafter:
         self._tokens = list(tokens)
 
     def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n, ends = find_matches(self._tokens, self.max_n, self.max_matches)
+        arr = np.asarray(self._tokens, dtype=np.int64)
+        n, ends = find_matches(arr, self.max_n, self.max_matches)
+        if self.memory is not None and len(self.memory):
+            joined = self.memory.joined(arr)
+            n_mem, ends_mem = find_matches(joined, self.memory.max_n, self.max_matches)
+            if ends_mem and n_mem > n:  # the context's own match wins ties
+                arr, n, ends = joined, n_mem, ends_mem
         self.last_match_length = n
-        self._trie = build_trie(self._tokens, ends, self.max_len) if ends else None
+        self._trie = build_trie(arr, ends, self.max_len) if ends else None
         self._memo = {0: self._trie}
         toks, logps = top_children(self._trie, k)
         return torch.tensor(toks, dtype=torch.long), torch.tensor(logps, dtype=torch.float32)

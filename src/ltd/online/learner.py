@@ -43,7 +43,7 @@ from ltd.train.trainer import TrainConfig, sequence_loss
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("plain", "optimistic", "hedge")
+GRADIENT_VARIANTS = ("plain", "optimistic", "hedge")  # all --online variants: ltd.online.adapter.VARIANTS
 STATE_VERSION = 1
 
 
@@ -64,8 +64,8 @@ class OnlineConfig:
     hedge_eta: float = 4.0
 
     def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise LtdError(f"unknown online variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if self.variant not in GRADIENT_VARIANTS:
+            raise LtdError(f"unknown online head variant {self.variant!r}; choose one of {', '.join(GRADIENT_VARIANTS)}")
         if self.params not in ("midlayer", "lm_head", "all"):
             raise LtdError(f"unknown online params {self.params!r}; choose midlayer, lm_head or all")
         if self.update_every < 1 or self.window < 4 or self.unroll < 1:
@@ -259,23 +259,23 @@ class OnlineLearner:
     # -- persistence -------------------------------------------------------------------
     def save_state(self, directory: str | Path) -> None:
         """Save what was learned (atomic: temp dir then rename)."""
+        atomic_dir(directory, self.write_files)
 
-        def write(tmp: Path) -> None:
-            tensors = {}
-            for i, member in enumerate(self.members):
-                for n, v in member.items():
-                    tensors[f"member{i}.{n}"] = v.contiguous().cpu()
-            save_file(tensors, str(tmp / "online.safetensors"))
-            meta = {
-                "version": STATE_VERSION,
-                "config": asdict(self.cfg),
-                "head": {"hidden_size": self.head.config.hidden_size, "draft_vocab_size": self.head.config.draft_vocab_size},
-                "cum_score": self.cum_score,
-                "stats": asdict(self.stats),
-            }
-            (tmp / "online.json").write_text(json.dumps(meta, indent=2))
-
-        atomic_dir(directory, write)
+    def write_files(self, tmp: Path) -> None:
+        """The learner's files (``online.safetensors``, ``online.json``) into a directory."""
+        tensors = {}
+        for i, member in enumerate(self.members):
+            for n, v in member.items():
+                tensors[f"member{i}.{n}"] = v.contiguous().cpu()
+        save_file(tensors, str(tmp / "online.safetensors"))
+        meta = {
+            "version": STATE_VERSION,
+            "config": asdict(self.cfg),
+            "head": {"hidden_size": self.head.config.hidden_size, "draft_vocab_size": self.head.config.draft_vocab_size},
+            "cum_score": self.cum_score,
+            "stats": asdict(self.stats),
+        }
+        (tmp / "online.json").write_text(json.dumps(meta, indent=2))
 
     def load_state(self, directory: str | Path) -> None:
         """Restore a saved state; refuses a corrupt or mismatched one with a clear error."""
@@ -314,8 +314,10 @@ class OnlineLearner:
 
 def reset_state(directory: str | Path) -> bool:
     """Delete a saved online state; returns whether something was deleted."""
+    from ltd.online.adapter import has_state
+
     directory = Path(directory)
-    if directory.is_dir() and ((directory / "online.json").exists() or (directory / "online.safetensors").exists()):
+    if directory.is_dir() and has_state(directory):
         shutil.rmtree(directory)
         return True
     return False

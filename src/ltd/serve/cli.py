@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, help="model id clients send and /v1/models lists (default: --model)")
     from ltd.online import VARIANTS
 
-    p.add_argument("--online", default=None, choices=VARIANTS, help="adapt the EAGLE-3 head while serving")
+    p.add_argument("--online", default=None, choices=VARIANTS,
+                   help="adapt the drafter while serving: the EAGLE-3 head (plain, optimistic, hedge), the n-gram stream memory (memory), or both (e.g. plain+memory)")
     p.add_argument("--online-state", default=None, help="directory to restore (at start) and save (at exit) online state")
     p.add_argument("--drafter", default=None,
                    help="none | ngram[:N] | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter; ngram on llamacpp)")

@@ -1,0 +1,107 @@
+"""What ``--online VARIANT`` turns on: a gradient learner for the head, a stream memory
+for the n-gram drafter, or both.
+
+``plain``, ``optimistic`` and ``hedge`` adapt the EAGLE-3 head
+(:class:`ltd.online.learner.OnlineLearner`); ``memory`` lets the n-gram drafter search
+the sequences served before (:class:`ltd.online.memory.StreamMemory`); ``VARIANT+memory``
+does both. One object listens to commits and saves/restores everything under one state
+directory, so the engine, the CLI, the server and the bench handle every variant alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ltd.errors import LtdError
+from ltd.fileio import atomic_dir
+from ltd.online.learner import GRADIENT_VARIANTS, OnlineConfig, OnlineLearner
+from ltd.online.memory import MEMORY_FILES, StreamMemory
+
+MEMORY = "memory"
+VARIANTS = GRADIENT_VARIANTS + (MEMORY,) + tuple(f"{g}+{MEMORY}" for g in GRADIENT_VARIANTS)
+ADAPTER_FILE = "adapter.json"
+
+
+def parse_variant(variant: str) -> tuple[str | None, bool]:
+    """``plain`` -> ("plain", False); ``memory`` -> (None, True); ``hedge+memory`` -> ("hedge", True)."""
+    if variant not in VARIANTS:
+        raise LtdError(f"unknown online variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    gradient, _, rest = variant.partition("+")
+    if gradient == MEMORY:
+        return None, True
+    return gradient, rest == MEMORY
+
+
+def ngram_part(drafter):
+    """The n-gram drafter the memory attaches to: the drafter itself or a hybrid's n-gram half."""
+    from ltd.drafting.hybrid import HybridDrafter
+    from ltd.drafting.ngram import NgramDrafter
+
+    if isinstance(drafter, HybridDrafter):
+        drafter = drafter.ngram
+    if not isinstance(drafter, NgramDrafter):
+        raise LtdError("online memory needs an n-gram drafter (--drafter ngram or hybrid:ngram+...); drop +memory for a head alone")
+    return drafter
+
+
+class OnlineAdapter:
+    """The online adaptation of one drafter: optional gradient learner, optional stream memory."""
+
+    def __init__(self, drafter, variant: str, memory_capacity: int | None = None, **overrides) -> None:
+        gradient, memory = parse_variant(variant)
+        self.variant = variant
+        self.learner = OnlineLearner(drafter, OnlineConfig(variant=gradient, **overrides)) if gradient else None
+        if overrides and self.learner is None:
+            raise LtdError(f"online settings {sorted(overrides)} apply to the head learner; variant {variant!r} has none")
+        self.ngram = ngram_part(drafter) if memory else None
+        self.memory = None
+        if self.ngram is not None:
+            self.memory = StreamMemory(capacity=memory_capacity) if memory_capacity else StreamMemory()
+            self.ngram.memory = self.memory
+
+    @property
+    def stats(self):
+        """The head learner's statistics (None for memory alone)."""
+        return self.learner.stats if self.learner is not None else None
+
+    def on_commit(self, tokens, logits, features) -> None:
+        if self.learner is not None:
+            self.learner.on_commit(tokens, logits, features)
+
+    # -- persistence -------------------------------------------------------------------
+    def save_state(self, directory: str | Path) -> None:
+        """Save what was learned, the sequence being served included (atomic)."""
+        if self.ngram is not None:
+            self.ngram.remember()
+
+        def write(tmp: Path) -> None:
+            if self.learner is not None:
+                self.learner.write_files(tmp)
+            if self.memory is not None:
+                self.memory.write_files(tmp)
+            (tmp / ADAPTER_FILE).write_text(json.dumps({"variant": self.variant}, indent=2))
+
+        atomic_dir(directory, write)
+
+    def load_state(self, directory: str | Path) -> None:
+        """Restore a saved state; a state from another variant is refused with the fix."""
+        directory = Path(directory)
+        try:
+            saved = json.loads((directory / ADAPTER_FILE).read_text()).get("variant")
+        except FileNotFoundError:
+            saved = None  # a state saved before the adapter existed: the learner's own files
+        except (json.JSONDecodeError, OSError, AttributeError):
+            raise LtdError(f"online state in {directory} is corrupt; reset it with: ltd online reset {directory}") from None
+        if saved is not None and saved != self.variant:
+            raise LtdError(f"online state in {directory} is for --online {saved}, not {self.variant}; use the same --online or reset it")
+        if self.learner is not None:
+            self.learner.load_state(directory)
+        if self.memory is not None:
+            self.memory.read_files(directory)
+
+
+def has_state(directory: str | Path) -> bool:
+    """Whether a directory holds saved online state of any variant."""
+    d = Path(directory)
+    return any((d / name).exists() for name in ("online.json", "online.safetensors", ADAPTER_FILE, *MEMORY_FILES))

@@ -1,0 +1,134 @@
+"""Stream memory (``--online memory``): the n-gram drafter searches the sequences it served."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_greedy, make_tiny_head, mean_accepted, run_decode
+from ltd.backends.hf import HFBackend
+from ltd.control import StaticController
+from ltd.drafting.eagle3 import Eagle3Drafter
+from ltd.drafting.hybrid import HybridDrafter
+from ltd.drafting.ngram import NgramDrafter, build_trie
+from ltd.errors import LtdError
+from ltd.online import OnlineAdapter, StreamMemory, parse_variant, reset_state
+from ltd.online.memory import SEP
+from ltd.tree import Tree
+
+PROMPT = [5, 17, 33, 2, 41, 8, 19, 60]
+
+
+def _root_tokens(drafter: NgramDrafter, tokens: list[int], k: int = 4) -> list[int]:
+    drafter.sync(tokens, None)
+    toks, logps = drafter.root(Tree.__new__(Tree), k)
+    drafter.end()
+    return [t for t, lp in zip(toks.tolist(), logps.tolist()) if lp != float("-inf")]
+
+
+def test_memory_keeps_the_last_tokens_with_separators():
+    mem = StreamMemory(capacity=16)
+    mem.add([1, 2, 3])
+    mem.add([4, 5])
+    assert mem.tokens.tolist() == [SEP, 1, 2, 3, SEP, 4, 5]
+    mem.add(list(range(10, 30)))
+    assert len(mem) == 16 and mem.tokens.tolist() == list(range(14, 30))
+    assert mem.sequences == 3
+    with pytest.raises(LtdError, match="capacity"):
+        StreamMemory(capacity=2)
+
+
+def test_trie_continuations_stop_at_a_separator():
+    arr = np.asarray([7, 8, 9, SEP, 7, 8, 1, 2], dtype=np.int64)
+    trie = build_trie(arr, [1, 5], max_len=4)  # after "7 8": "9" (then the separator) and "1 2"
+    assert sorted(trie.children) == [1, 9]
+    assert trie.children[9].children == {}
+    assert list(trie.children[1].children) == [2]
+
+
+def test_ngram_drafter_drafts_from_remembered_sequences():
+    drafter = NgramDrafter()
+    drafter.memory = StreamMemory()
+    drafter.reset()
+    drafter.sync([3, 4, 50, 51, 52, 53, 54], None)  # a served sequence
+    drafter.reset()  # the next request: the previous one is remembered
+    assert drafter.memory.sequences == 1
+    # "51 52" never occurs in the new context, only in memory: the memory continues it
+    assert _root_tokens(drafter, [9, 10, 51, 52]) == [53]
+    # the context's own match of the same length wins over the memory's
+    assert _root_tokens(drafter, [51, 52, 11, 9, 51, 52]) == [11]
+    # without memory nothing is found
+    plain = NgramDrafter()
+    assert _root_tokens(plain, [9, 10, 51, 52]) == []
+
+
+def test_memory_is_lossless_and_a_repeated_request_accepts_more(tiny_model):
+    """Served sequences make the next similar request cheaper; the output never changes."""
+    backend = HFBackend(tiny_model)
+    ref = hf_greedy(tiny_model, PROMPT, 40)
+    for drafter_kind in ("ngram", "hybrid"):
+        ngram = NgramDrafter()
+        if drafter_kind == "hybrid":
+            head = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=3)
+            drafter = HybridDrafter(ngram, Eagle3Drafter(head, tiny_model.get_input_embeddings()), model_depth=1)
+        else:
+            drafter = ngram
+        adapter = OnlineAdapter(drafter, "memory")
+        assert ngram.memory is adapter.memory
+        first, r1 = run_decode(backend, drafter, StaticController(4, 4, 8), PROMPT, 40, listeners=[adapter])
+        second, r2 = run_decode(backend, drafter, StaticController(4, 4, 8), PROMPT, 40, listeners=[adapter])
+        assert first == ref and second == ref
+        assert adapter.memory.sequences == 1  # the first request, remembered when the second began
+        assert mean_accepted(r2) > mean_accepted(r1) and mean_accepted(r2) >= 3.0
+
+
+def test_variants_and_their_errors(tiny_model):
+    assert parse_variant("plain") == ("plain", False)
+    assert parse_variant("memory") == (None, True)
+    assert parse_variant("hedge+memory") == ("hedge", True)
+    with pytest.raises(LtdError, match="unknown online variant"):
+        parse_variant("memory+plain")
+    head = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=3)
+    with pytest.raises(LtdError, match="n-gram drafter"):
+        OnlineAdapter(Eagle3Drafter(head, tiny_model.get_input_embeddings()), "memory")
+    with pytest.raises(LtdError, match="EAGLE-3 head"):
+        OnlineAdapter(NgramDrafter(), "plain+memory")
+
+
+def test_memory_and_head_state_round_trip(tiny_model, tmp_path):
+    head = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=3)
+    drafter = HybridDrafter(NgramDrafter(), Eagle3Drafter(head, tiny_model.get_input_embeddings()))
+    adapter = OnlineAdapter(drafter, "plain+memory", update_every=2, window=24, lr=1e-2)
+    got, _ = run_decode(HFBackend(tiny_model), drafter, StaticController(3, 3, 6), PROMPT, 20, listeners=[adapter])
+    adapter.save_state(tmp_path / "st")  # the sequence just served is saved too
+    saved = adapter.memory.tokens.tolist()
+    assert saved[0] == SEP and len(saved) > len(PROMPT) + 10
+    assert saved[1:] == (PROMPT + got)[: len(saved) - 1]  # the served sequence as synced so far
+
+    head2 = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=3)
+    drafter2 = HybridDrafter(NgramDrafter(), Eagle3Drafter(head2, tiny_model.get_input_embeddings()))
+    restored = OnlineAdapter(drafter2, "plain+memory", update_every=2, window=24, lr=1e-2)
+    restored.load_state(tmp_path / "st")
+    assert restored.memory.tokens.tolist() == adapter.memory.tokens.tolist()
+    for n, p in drafter.model.head.named_parameters():
+        assert torch.equal(p, dict(drafter2.model.head.named_parameters())[n])
+
+    with pytest.raises(LtdError, match="--online plain\\+memory, not memory"):
+        OnlineAdapter(HybridDrafter(NgramDrafter(), Eagle3Drafter(head2, tiny_model.get_input_embeddings())), "memory").load_state(tmp_path / "st")
+    (tmp_path / "st" / "memory.safetensors").write_bytes(b"garbage")
+    with pytest.raises(LtdError, match="corrupt"):
+        restored.load_state(tmp_path / "st")
+    assert reset_state(tmp_path / "st") and not (tmp_path / "st").exists()
+
+
+def test_memory_only_state_round_trip(tmp_path):
+    drafter = NgramDrafter()
+    adapter = OnlineAdapter(drafter, "memory")
+    drafter.sync([1, 2, 3, 4], None)
+    adapter.save_state(tmp_path / "m")
+    other = OnlineAdapter(NgramDrafter(), "memory")
+    other.load_state(tmp_path / "m")
+    assert other.memory.tokens.tolist() == [SEP, 1, 2, 3, 4]
+    drafter.reset()  # already remembered when saved: not added twice
+    assert adapter.memory.sequences == 1
