@@ -117,3 +117,29 @@ def test_regenerate_appends_target_greedy_replies_and_resumes(tmp_path):
     ids = m.tokenizer.apply_chat_template([{"role": "user", "content": "Say hi."}], add_generation_prompt=True, tokenize=True, return_dict=False)
     ref = m.model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, temperature=None, top_p=None, top_k=None)
     assert rows[0]["conversations"][1]["value"] == m.tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def test_shrink_draft_vocab_keeps_the_kept_tokens_logits(tmp_path):
+    """A head cut to a subset of its draft vocabulary scores those tokens exactly as before."""
+    from ltd.drafting.eagle3 import Eagle3Head, shrink_draft_vocab
+    from ltd.errors import LtdError
+
+    _, head, _ = _tiny()
+    ids = head.draft_to_target(torch.arange(40))
+    keep = ids[torch.tensor([0, 3, 4, 10, 39])]
+    small = shrink_draft_vocab(head, keep)
+    assert small.config.draft_vocab_size == 5
+    assert small.draft_to_target(torch.arange(5)).tolist() == sorted(keep.tolist())
+    assert small.t2d.sum() == 5 and bool(small.t2d[keep].all())
+    hidden = torch.randn(3, 32)
+    rows = torch.tensor([0, 3, 4, 10, 39])
+    assert torch.equal(small.lm_head.weight, head.lm_head.weight[rows])
+    assert torch.allclose(small.logits(hidden), head.logits(hidden)[:, rows], atol=1e-5, rtol=0)  # BLAS blocking differs
+    for name, p in head.state_dict().items():  # everything but the output layer is unchanged
+        if name not in ("lm_head.weight", "d2t", "t2d"):
+            assert torch.equal(small.state_dict()[name], p)
+    small.save(tmp_path / "small", dtype=torch.float32)
+    assert torch.equal(Eagle3Head.load(tmp_path / "small").lm_head.weight, small.lm_head.weight)
+    missing = [t for t in range(96) if t not in ids.tolist()][:1]
+    with pytest.raises(LtdError, match="lacks"):
+        shrink_draft_vocab(head, torch.tensor(missing))

@@ -132,3 +132,32 @@ def test_memory_only_state_round_trip(tmp_path):
     assert other.memory.tokens.tolist() == [SEP, 1, 2, 3, 4]
     drafter.reset()  # already remembered when saved: not added twice
     assert adapter.memory.sequences == 1
+
+
+@pytest.mark.e2e
+def test_cli_generate_keeps_its_memory_across_runs(tmp_path):
+    """``ltd generate --online memory --online-state DIR``: each run restores the memory,
+    serves, and saves it with its own sequence added; the text never changes."""
+    import contextlib
+    import io
+    import json
+
+    from ltd import cli
+    from ltd.engine import Engine
+
+    torch.set_num_threads(1)
+    engine = Engine.load("smollm2-135m", drafter="ngram")
+    state = tmp_path / "state"
+    argv = ["generate", "--model", "smollm2-135m", "--drafter", "ngram", "--method", "static", "--prompt", "List three colors.",
+            "--max-new-tokens", "12", "--threads", "1", "--json", "--online", "memory", "--online-state", str(state)]
+    texts = []
+    for run in (1, 2):
+        out = io.StringIO()
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+            mp.setattr(Engine, "load", staticmethod(lambda *a, **k: engine))
+            assert cli.main(argv) == 0
+        texts.append(json.loads(out.getvalue())["text"])
+        assert json.loads((state / "memory.json").read_text())["sequences"] == run
+    assert texts[0] == texts[1]
+    assert json.loads((state / "adapter.json").read_text())["variant"] == "memory"
+    assert cli.main(["online", "reset", str(state)]) == 0 and not state.exists()

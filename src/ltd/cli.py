@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from ltd.defaults import DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, HEAD_DTYPE_HELP, HEAD_DTYPES, KERNEL_MODES, KERNELS_HELP
+from ltd.cliargs import add_online_args, add_speed_args
 from ltd.errors import LtdError
 
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
@@ -26,8 +26,7 @@ def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
-    p.add_argument("--kernels", default=DEFAULT_KERNELS, choices=KERNEL_MODES, help=KERNELS_HELP)
-    p.add_argument("--head-dtype", default=DEFAULT_HEAD_DTYPE, choices=HEAD_DTYPES, help=HEAD_DTYPE_HELP)
+    add_speed_args(p)
     p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"],
                    help="hf (transformers; --device/--dtype apply) or llamacpp (the GGUF on llama.cpp) (default hf)")
 
@@ -46,11 +45,7 @@ def _add_decode_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_online_args(p: argparse.ArgumentParser) -> None:
-    from ltd.online import VARIANTS
-
-    p.add_argument("--online", default=None, choices=VARIANTS,
-                   help="adapt the drafter while decoding: the EAGLE-3 head (plain, optimistic, hedge), the n-gram stream memory (memory), or both (e.g. plain+memory)")
-    p.add_argument("--online-state", default=None, help="directory to restore/save what online adaptation learned")
+    add_online_args(p, "decoding", "directory to restore/save what online adaptation learned")
 
 
 def cmd_online(args) -> int:

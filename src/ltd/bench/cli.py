@@ -20,7 +20,7 @@ import sys
 from ltd.bench.methods import grid_methods, grid_peer_methods, parse_int_list, parse_methods, with_baseline
 from ltd.bench.runner import BenchConfig, GridSpec, run_bench
 from ltd.bench.suites import SUITES, load_hub_suite, load_questions, load_suites, parse_suite_list, resolve_data_dir
-from ltd.defaults import DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, HEAD_DTYPE_HELP, HEAD_DTYPES, KERNEL_MODES, KERNELS_HELP
+from ltd.cliargs import add_speed_args
 from ltd.errors import LtdError
 from ltd.registry import DEFAULT_MODEL
 
@@ -84,8 +84,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of repeat 0 (repeat r uses seed + r)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch, llama.cpp and llama.cpp peers (default: the library's choice)")
-    p.add_argument("--kernels", default=DEFAULT_KERNELS, choices=KERNEL_MODES, help=KERNELS_HELP)
-    p.add_argument("--head-dtype", default=DEFAULT_HEAD_DTYPE, choices=HEAD_DTYPES, help=HEAD_DTYPE_HELP)
+    add_speed_args(p)
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each method")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

@@ -429,3 +429,27 @@ def init_random_head(cfg: Eagle3Config, seed: int = 0, draft_ids: torch.Tensor |
         draft_ids = torch.arange(cfg.draft_vocab_size)
     head.set_vocab_map(draft_ids)
     return head
+
+
+def shrink_draft_vocab(head: Eagle3Head, keep_target_ids: torch.Tensor) -> Eagle3Head:
+    """A copy of ``head`` whose draft vocabulary is ``keep_target_ids`` (a subset of its own).
+
+    Why: the output layer is most of a head's bytes (draft vocab x hidden); a head trained
+    with a large draft vocabulary can be cut to a size budget without retraining, dropping
+    the rarest tokens, whose rows the selection seldom reaches anyway.
+    """
+    current = head.draft_to_target(torch.arange(head.config.draft_vocab_size, device=head.d2t.device)).cpu()
+    keep = torch.unique(keep_target_ids.to(torch.long).cpu())  # sorted
+    row_of = {int(t): i for i, t in enumerate(current.tolist())}
+    missing = [int(t) for t in keep.tolist() if int(t) not in row_of]
+    if missing:
+        raise LtdError(f"cannot shrink the draft vocabulary to tokens it lacks (e.g. target id {missing[0]}); keep a subset of it")
+    rows = torch.tensor([row_of[int(t)] for t in keep.tolist()], dtype=torch.long)
+    cfg = Eagle3Config.from_json_dict({**head.config.to_json_dict(), "draft_vocab_size": int(keep.numel())})
+    small = Eagle3Head(cfg).to(dtype=head.lm_head.weight.dtype)
+    state = {k: v for k, v in head.state_dict().items() if k not in ("lm_head.weight", "d2t", "t2d")}
+    state["lm_head.weight"] = head.lm_head.weight.detach().cpu()[rows]
+    state["d2t"], state["t2d"] = small.d2t, small.t2d
+    small.load_state_dict(state, strict=True)
+    small.set_vocab_map(keep)
+    return small

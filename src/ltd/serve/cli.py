@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from ltd.defaults import DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, HEAD_DTYPE_HELP, HEAD_DTYPES, KERNEL_MODES, KERNELS_HELP
+from ltd.cliargs import add_online_args, add_speed_args
 from ltd.errors import LtdError
 from ltd.registry import DEFAULT_MODEL
 from ltd.serve.settings import ServeSettings
@@ -28,11 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServeSettings(model_name="")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, HF id or local dir (default {DEFAULT_MODEL})")
     p.add_argument("--model-name", default=None, help="model id clients send and /v1/models lists (default: --model)")
-    from ltd.online import VARIANTS
-
-    p.add_argument("--online", default=None, choices=VARIANTS,
-                   help="adapt the drafter while serving: the EAGLE-3 head (plain, optimistic, hedge), the n-gram stream memory (memory), or both (e.g. plain+memory)")
-    p.add_argument("--online-state", default=None, help="directory to restore (at start) and save (at exit) online state")
+    add_online_args(p, "serving", "directory to restore (at start) and save (at exit) online state")
     p.add_argument("--drafter", default=None,
                    help="none | ngram[:N] | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter; ngram on llamacpp)")
     p.add_argument("--method", default=None, choices=["hf", "llama.cpp", "ar", "static"],
@@ -57,8 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
-    p.add_argument("--kernels", default=DEFAULT_KERNELS, choices=KERNEL_MODES, help=KERNELS_HELP)
-    p.add_argument("--head-dtype", default=DEFAULT_HEAD_DTYPE, choices=HEAD_DTYPES, help=HEAD_DTYPE_HELP)
+    add_speed_args(p)
     p.add_argument("--no-warmup", action="store_true", help="skip the short generation that runs before serving")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
 
