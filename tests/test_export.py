@@ -165,7 +165,17 @@ def test_shipped_head_exports_in_standard_layout(tmp_path):
         assert torch.equal(a, b)
     with safe_open(str(tmp_path / "exp" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("d2t").dtype == torch.int64 and f.get_tensor("t2d").dtype == torch.bool
-        assert f.get_tensor("lm_head.weight").shape == (8192, cfg.hidden_size)
+        assert f.get_tensor("lm_head.weight").shape == (cfg.draft_vocab_size, cfg.hidden_size)
+
+
+def test_shipped_head_fits_the_size_budget():
+    """The repository ships the SmolLM2 head in half precision under 25 MB (issue #4)."""
+    from ltd.engine import builtin_drafter_dir
+
+    weights = builtin_drafter_dir("smollm2-135m-eagle3") / "model.safetensors"
+    assert weights.stat().st_size < 25_000_000
+    with safe_open(str(weights), "pt") as f:
+        assert f.get_tensor("lm_head.weight").dtype in (torch.float16, torch.bfloat16)
 
 
 def test_loader_reads_speculators_nesting(tmp_path, tiny):
