@@ -91,6 +91,16 @@ class HybridDrafter:
         self.model.end()
 
 
+def hybrid_part(drafter, half: str, kind: type, error: str):
+    """``drafter`` itself, or its ``half`` ("ngram" or "model") when it is a hybrid, if that
+    is a ``kind``; otherwise a one-line error. Online adaptation uses it to find what it adapts."""
+    if isinstance(drafter, HybridDrafter):
+        drafter = getattr(drafter, half)
+    if not isinstance(drafter, kind):
+        raise LtdError(error)
+    return drafter
+
+
 def split_model_depth(model_spec: str) -> tuple[str, int | None]:
     """``SPEC@D`` -> (SPEC, D); a spec without a numeric ``@D`` suffix -> (SPEC, None),
     so a head directory whose path holds an ``@`` still loads."""

@@ -35,14 +35,11 @@ def parse_variant(variant: str) -> tuple[str | None, bool]:
 
 def ngram_part(drafter):
     """The n-gram drafter the memory attaches to: the drafter itself or a hybrid's n-gram half."""
-    from ltd.drafting.hybrid import HybridDrafter
+    from ltd.drafting.hybrid import hybrid_part
     from ltd.drafting.ngram import NgramDrafter
 
-    if isinstance(drafter, HybridDrafter):
-        drafter = drafter.ngram
-    if not isinstance(drafter, NgramDrafter):
-        raise LtdError("online memory needs an n-gram drafter (--drafter ngram or hybrid:ngram+...); drop +memory for a head alone")
-    return drafter
+    return hybrid_part(drafter, "ngram", NgramDrafter,
+                       "online memory needs an n-gram drafter (--drafter ngram or hybrid:ngram+...); drop +memory for a head alone")
 
 
 class OnlineAdapter:

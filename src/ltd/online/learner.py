@@ -84,13 +84,10 @@ class OnlineStats:
 def adaptable_head(drafter) -> Eagle3Drafter:
     """The EAGLE-3 drafter that online learning adapts: the drafter itself, or the model
     half of a hybrid (its n-gram half has nothing to learn)."""
-    from ltd.drafting.hybrid import HybridDrafter
+    from ltd.drafting.hybrid import hybrid_part
 
-    if isinstance(drafter, HybridDrafter):
-        drafter = drafter.model
-    if not isinstance(drafter, Eagle3Drafter):
-        raise LtdError("online adaptation needs an EAGLE-3 head drafter (--drafter builtin:... or a head dir, alone or in a hybrid:ngram+...)")
-    return drafter
+    return hybrid_part(drafter, "model", Eagle3Drafter,
+                       "online adaptation needs an EAGLE-3 head drafter (--drafter builtin:... or a head dir, alone or in a hybrid:ngram+...)")
 
 
 class OnlineLearner:
