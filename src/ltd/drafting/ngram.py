@@ -33,6 +33,7 @@ DEFAULT_MAX_N = 3
 DEFAULT_MAX_LEN = 16
 DEFAULT_MAX_MATCHES = 64  # most recent occurrences kept: bounds the trie's cost per cycle
 PAD_TOKEN = 0
+SEP = -1  # never a token id: ends a continuation (the stream memory puts it between sequences)
 
 
 @dataclass
@@ -77,9 +78,9 @@ def build_trie(tokens: Sequence[int] | np.ndarray, ends: Sequence[int], max_len:
     arr = np.asarray(tokens, dtype=np.int64)
     root = TrieNode()
     for j in ends:
-        cont = arr[j + 1 : j + 1 + max_len]
-        cut = np.nonzero(cont < 0)[0]  # a separator ends a remembered sequence
-        cont = (cont[: cut[0]] if cut.size else cont).tolist()
+        cont = arr[j + 1 : j + 1 + max_len].tolist()
+        if SEP in cont:  # a remembered sequence ends there
+            cont = cont[: cont.index(SEP)]
         if not cont:
             continue
         root.count += 1

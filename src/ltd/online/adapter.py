@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ltd.errors import LtdError
 from ltd.fileio import atomic_dir
-from ltd.online.learner import GRADIENT_VARIANTS, OnlineConfig, OnlineLearner
+from ltd.online.learner import GRADIENT_VARIANTS, LEARNER_FILES, OnlineConfig, OnlineLearner
 from ltd.online.memory import MEMORY_FILES, StreamMemory
 
 MEMORY = "memory"
@@ -45,7 +45,7 @@ def ngram_part(drafter):
 class OnlineAdapter:
     """The online adaptation of one drafter: optional gradient learner, optional stream memory."""
 
-    def __init__(self, drafter, variant: str, memory_capacity: int | None = None, **overrides) -> None:
+    def __init__(self, drafter, variant: str, **overrides) -> None:
         gradient, memory = parse_variant(variant)
         self.variant = variant
         self.learner = OnlineLearner(drafter, OnlineConfig(variant=gradient, **overrides)) if gradient else None
@@ -54,13 +54,8 @@ class OnlineAdapter:
         self.ngram = ngram_part(drafter) if memory else None
         self.memory = None
         if self.ngram is not None:
-            self.memory = StreamMemory(capacity=memory_capacity) if memory_capacity else StreamMemory()
+            self.memory = StreamMemory()
             self.ngram.memory = self.memory
-
-    @property
-    def stats(self):
-        """The head learner's statistics (None for memory alone)."""
-        return self.learner.stats if self.learner is not None else None
 
     def on_commit(self, tokens, logits, features) -> None:
         if self.learner is not None:
@@ -101,4 +96,4 @@ class OnlineAdapter:
 def has_state(directory: str | Path) -> bool:
     """Whether a directory holds saved online state of any variant."""
     d = Path(directory)
-    return any((d / name).exists() for name in ("online.json", "online.safetensors", ADAPTER_FILE, *MEMORY_FILES))
+    return any((d / name).exists() for name in (*LEARNER_FILES, ADAPTER_FILE, *MEMORY_FILES))

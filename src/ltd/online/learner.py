@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 GRADIENT_VARIANTS = ("plain", "optimistic", "hedge")  # all --online variants: ltd.online.adapter.VARIANTS
 STATE_VERSION = 1
+LEARNER_FILES = ("online.json", "online.safetensors")
 
 
 @dataclass

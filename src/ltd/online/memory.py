@@ -27,11 +27,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ltd.drafting.ngram import SEP  # between remembered sequences: no match or continuation crosses it
 from ltd.errors import LtdError
 
 log = logging.getLogger(__name__)
 
-SEP = -1  # between remembered sequences: never equals a token, so no match crosses it
 DEFAULT_CAPACITY = 32768
 DEFAULT_MAX_N = 4  # longest suffix looked up in the memory (the context uses the drafter's own)
 MEMORY_VERSION = 1
