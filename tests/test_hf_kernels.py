@@ -27,7 +27,9 @@ from ltd.control import StaticController
 from ltd.drafting.eagle3 import Eagle3Drafter
 from ltd.errors import LtdError
 
-ALL_ROWS = KernelPlan(frozenset(range(1, MAX_PLANNED_ROWS + 1)))
+ALL_ROWS = KernelPlan.wxt(range(1, MAX_PLANNED_ROWS + 1))
+# every count padded with zero rows: odd counts one row more, on either formulation
+PADDED = KernelPlan({r: ("wxt" if r % 4 else "linear", r + r % 2) for r in range(1, MAX_PLANNED_ROWS)})
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -41,20 +43,37 @@ def test_planned_linear_computes_the_same_product(bias):
         x = torch.randn(1, rows, 24)
         ref = F.linear(x, base.weight, base.bias)
         assert torch.equal(layer(x), ref)  # outside a planned forward: F.linear itself
-        with state.use(ALL_ROWS):
-            out = layer(x)
-        assert out.shape == ref.shape
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for plan in (ALL_ROWS, PADDED):
+            with state.use(plan):
+                out = layer(x)
+            assert out.shape == ref.shape
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_wxt_input_is_made_row_major():
+    """A transposed input (the previous layer's (W @ x.T).T) gives the same product."""
+    torch.manual_seed(1)
+    base = torch.nn.Linear(24, 40, bias=False)
+    state = KernelState()
+    layer = PlannedLinear(base, state)
+    x = torch.randn(24, 3).t().unsqueeze(0)  # [1, 3, 24], not contiguous
+    assert not x.is_contiguous()
+    with state.use(ALL_ROWS):
+        out = layer(x)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(x, base.weight), rtol=1e-5, atol=1e-5)
 
 
 def test_plan_applies_only_to_its_row_counts():
     state = KernelState()
-    with state.use(KernelPlan(frozenset({2, 3}))):
-        assert [state.use_wxt(r) for r in (1, 2, 3, 4)] == [False, True, True, False]
-    assert not state.use_wxt(2)  # the plan ends with the forward
+    with state.use(KernelPlan({1: ("wxt", 2), 2: ("wxt", 2), 3: ("linear", 4)})):
+        assert [state.route(r) for r in (1, 2, 3, 4)] == [("wxt", 2), ("wxt", 2), ("linear", 4), ("linear", 4)]
+        assert [state.use_wxt(r) for r in (1, 2, 3, 4)] == [True, True, False, False]
+    assert state.route(2) == ("linear", 2)  # the plan ends with the forward
     state.forced = "wxt"
     with state.use(KernelPlan()):
-        assert state.use_wxt(1) and not state.use_wxt(MAX_PLANNED_ROWS + 1)
+        assert state.route(1) == ("wxt", 1)  # measuring: forced, never padded
+        assert state.route(MAX_PLANNED_ROWS + 1) == ("linear", MAX_PLANNED_ROWS + 1)
 
 
 def test_install_keeps_parameters_and_tied_weights():
@@ -70,18 +89,25 @@ def test_install_keeps_parameters_and_tied_weights():
     assert installed_state(model) is not None
 
 
-def test_decide_takes_clear_wins_and_the_nearest_measured_count():
+def test_decide_takes_clear_wins_padding_and_the_next_measured_count():
     measured = {
-        1: {"linear": 1.0, "wxt": 1.1},
-        2: {"linear": 2.0, "wxt": 1.0},
-        4: {"linear": 1.0, "wxt": 0.99},  # within the noise margin: stays linear
-        8: {"linear": 3.0, "wxt": 1.0},
+        1: {"linear": 57.0, "wxt": 58.0},
+        2: {"linear": 56.0, "wxt": 39.0},
+        3: {"linear": 66.0, "wxt": 60.0},
+        4: {"linear": 49.0, "wxt": 48.0},  # within the noise margin of its own linear
+        8: {"linear": 90.0, "wxt": 75.0},
     }
-    rows = decide(measured)
-    assert 1 not in rows and 2 in rows and 3 in rows  # 3 is nearest to 2 and 4: the lower wins
-    assert 4 not in rows and 5 not in rows and 6 not in rows  # 6: as far from 4 as from 8
-    assert all(r in rows for r in range(7, MAX_PLANNED_ROWS + 1))
-    assert decide({}) == frozenset()
+    routes = decide(measured)
+    assert routes[1] == ("wxt", 2)  # one row padded to two: 39 against 57
+    assert routes[2] == ("wxt", 2)
+    assert 4 not in routes  # F.linear on 4 rows stays: wxt is not 3% faster
+    assert routes[3] == ("wxt", 4)  # padded to the cheaper count above
+    assert routes[5] == ("wxt", 5) and routes[8] == ("wxt", 8)  # unmeasured 5-7 cost as 8
+    assert max(routes) == 8  # nothing measured above: beyond it F.linear
+    assert decide({}) == {}
+    plan = KernelPlan(routes)
+    assert KernelPlan.from_json(plan.to_json()).routes == routes
+    assert plan.summary() == {"wxt_rows": [1, 2, 3, 5, 6, 7, 8], "padded": {"1": 2, "3": 4}}
 
 
 def test_plan_is_measured_once_cached_and_remeasured_when_corrupt(monkeypatch, tmp_path, caplog):
@@ -92,16 +118,24 @@ def test_plan_is_measured_once_cached_and_remeasured_when_corrupt(monkeypatch, t
     assert path.is_file()
     data = json.loads(path.read_text())
     assert set(data["measured"]) == {str(r) for r in MEASURED_ROWS}
-    assert KernelPlan.from_json(data).wxt_rows == backend.kernel_plan.wxt_rows
+    assert KernelPlan.from_json(data).routes == backend.kernel_plan.routes
     # cached: a second backend reads the file instead of measuring
-    path.write_text(json.dumps({**data, "wxt_rows": [2, 3]}))
-    assert HFBackend(model, kernels="auto").kernel_plan.wxt_rows == frozenset({2, 3})
+    path.write_text(json.dumps({**data, "routes": {"2": ["wxt", 2], "3": ["wxt", 4]}}))
+    assert HFBackend(model, kernels="auto").kernel_plan.routes == {2: ("wxt", 2), 3: ("wxt", 4)}
     # a corrupt cache is measured again, with a warning, never a traceback
     path.write_text("{not json")
     with caplog.at_level("WARNING"):
         plan = HFBackend(model, kernels="auto").kernel_plan
     assert "unreadable" in caplog.text
-    assert KernelPlan.from_json(json.loads(path.read_text())).wxt_rows == plan.wxt_rows
+    assert KernelPlan.from_json(json.loads(path.read_text())).routes == plan.routes
+    # a route outside the planned range is refused as unreadable, then measured again
+    caplog.clear()
+    path.write_text(json.dumps({**data, "routes": {"3": ["wxt", 2]}}))
+    with caplog.at_level("WARNING"):
+        plan = HFBackend(model, kernels="auto").kernel_plan
+    assert "unreadable" in caplog.text
+    assert plan.route(3) != ("wxt", 2)
+    assert KernelPlan.from_json(json.loads(path.read_text())).routes == plan.routes
 
 
 def test_bad_kernel_mode_is_a_clear_error():
@@ -110,13 +144,14 @@ def test_bad_kernel_mode_is_a_clear_error():
         resolve_plan(HFBackend(model, kernels=KernelPlan()), "fast")
 
 
+@pytest.mark.parametrize("plan", [ALL_ROWS, PADDED], ids=["wxt", "padded"])
 @pytest.mark.parametrize("shape", [(1, 4, 4), (3, 4, 8), (5, 8, 32)])
-def test_greedy_output_unchanged_with_every_row_count_on_the_other_path(shape):
+def test_greedy_output_unchanged_with_every_row_count_on_the_other_path(shape, plan):
     model = make_tiny_llama(seed=6)
     head = make_tiny_head(model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=0)
     prompt = [3, 17, 42, 8, 77, 5]
     ref = hf_greedy(model, prompt, 32)
-    backend = HFBackend(model, kernels=ALL_ROWS)
+    backend = HFBackend(model, kernels=plan)
     drafter = Eagle3Drafter(head, model.get_input_embeddings())
     tokens, _ = run_decode(backend, drafter, StaticController(*shape), prompt, 32)
     assert_same_tokens(tokens, ref, model, prompt, f"static {shape} with (W @ x.T).T everywhere")

@@ -12,7 +12,13 @@ machines differ), so nothing is assumed: :func:`measure_plan` times whole forwar
 real model both ways for each row count and keeps the faster, and the plan is cached per
 machine, model shape, dtype and thread count.
 
-Only the backend's own forwards use the plan (:meth:`KernelState.active`); the same
+Plan version 2 adds two findings (session 8, same machine). The input of ``(W @ x.T).T``
+must be row-major: the previous layer's transposed output, fed as-is, sent MKL down a
+path ~4x slower, which had hidden most of the gain. And a count may be *padded* with
+zero rows to a count that runs faster: one token padded to two rows takes ~38 ms per
+SmolLM2 forward against ~57 ms through ``F.linear``'s single-vector path.
+
+Only the backend's own forwards use the plan (:class:`KernelState`); the same
 model run by ``model.generate`` (the ``hf`` baseline of ``ltd bench``) keeps stock
 kernels. Both formulations compute the same products; like any change of batch shape
 they may differ in the last bits, which is the usual batched-versus-sequential rounding
@@ -39,33 +45,67 @@ from ltd.errors import LtdError
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: routes may pad rows; inputs of (W @ x.T).T made contiguous first
 MEASURED_ROWS = tuple(range(1, 18)) + (24, 32, 48, 64)
 MAX_PLANNED_ROWS = 64  # larger batches (prefill) always use F.linear
-MIN_GAIN = 0.03  # the other path must be at least 3% faster to be used
+MIN_GAIN = 0.03  # another route must be at least 3% faster to replace F.linear
+MODES = ("linear", "wxt")
+
+Route = tuple[str, int]  # (formulation, rows actually multiplied: >= the real rows)
 
 
 @dataclass
 class KernelPlan:
-    """Row counts whose linears run as ``(W @ x.T).T``; every other count uses ``F.linear``."""
+    """How each row count's linears run: formulation and padded row count.
 
-    wxt_rows: frozenset[int] = frozenset()
+    Row counts missing from ``routes`` use plain ``F.linear``. A padded route appends zero
+    rows before the product and drops their outputs: on this EPYC one row through MKL
+    takes its single-vector path at ~12 GB/s of weights, while two rows as ``(W @ x.T).T``
+    stream them at ~25 GB/s, so a one-token forward of SmolLM2 is faster with a wasted row.
+    """
+
+    routes: dict[int, Route] = field(default_factory=dict)
     measured: dict[str, dict[str, float]] = field(default_factory=dict)  # rows -> {"linear": s, "wxt": s}
     key: dict = field(default_factory=dict)
+
+    @staticmethod
+    def wxt(rows: "set[int] | frozenset[int] | range") -> "KernelPlan":
+        """A plan running exactly ``rows`` as unpadded ``(W @ x.T).T`` (tests, forced plans)."""
+        return KernelPlan({int(r): ("wxt", int(r)) for r in rows})
+
+    @property
+    def wxt_rows(self) -> frozenset[int]:
+        return frozenset(r for r, (mode, _) in self.routes.items() if mode == "wxt")
+
+    def route(self, rows: int) -> Route:
+        return self.routes.get(rows, ("linear", rows))
+
+    def summary(self) -> dict:
+        """What a report shows: rows on the other path, and rows padded to a larger count."""
+        return {
+            "wxt_rows": sorted(self.wxt_rows),
+            "padded": {str(r): p for r, (_, p) in sorted(self.routes.items()) if p != r},
+        }
 
     def to_json(self) -> dict:
         return {
             "version": PLAN_VERSION,
-            "wxt_rows": sorted(self.wxt_rows),
+            "routes": {str(r): [m, p] for r, (m, p) in sorted(self.routes.items())},
             "measured": self.measured,
             "key": self.key,
         }
 
     @staticmethod
     def from_json(data: dict) -> "KernelPlan":
-        if data.get("version") != PLAN_VERSION or "wxt_rows" not in data:
+        if data.get("version") != PLAN_VERSION or not isinstance(data.get("routes"), dict):
             raise ValueError("unknown kernel plan format")
-        return KernelPlan(frozenset(int(r) for r in data["wxt_rows"]), dict(data.get("measured", {})), dict(data.get("key", {})))
+        routes = {}
+        for r, (mode, padded) in data["routes"].items():
+            rows, padded = int(r), int(padded)
+            if mode not in MODES or not 1 <= rows <= padded <= MAX_PLANNED_ROWS:
+                raise ValueError(f"bad route for {r} rows")
+            routes[rows] = (str(mode), padded)
+        return KernelPlan(routes, dict(data.get("measured", {})), dict(data.get("key", {})))
 
 
 class KernelState:
@@ -88,12 +128,16 @@ class KernelState:
         finally:
             self.plan = prev
 
-    def use_wxt(self, rows: int) -> bool:
-        if self.plan is None:
-            return False
+    def route(self, rows: int) -> Route:
+        """How a linear over ``rows`` rows runs now (stock ``F.linear`` outside a plan)."""
+        if self.plan is None or rows > MAX_PLANNED_ROWS:
+            return ("linear", rows)
         if self.forced is not None:
-            return self.forced == "wxt" and rows <= MAX_PLANNED_ROWS
-        return rows in self.plan.wxt_rows
+            return (self.forced, rows)
+        return self.plan.route(rows)
+
+    def use_wxt(self, rows: int) -> bool:
+        return self.route(rows)[0] == "wxt"
 
 
 class PlannedLinear(torch.nn.Linear):
@@ -112,10 +156,23 @@ class PlannedLinear(torch.nn.Linear):
         # than nn.Linear's own forward: one attribute test, then F.linear
         if self._kernel_state.plan is None:
             return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // max(1, x.shape[-1])
-        if not self._kernel_state.use_wxt(rows):
+        k = x.shape[-1]
+        rows = x.numel() // max(1, k)
+        mode, padded = self._kernel_state.route(rows)
+        if mode == "linear" and padded == rows:
             return F.linear(x, self.weight, self.bias)
-        y = torch.matmul(self.weight, x.reshape(rows, x.shape[-1]).t()).t()
+        x2 = x.reshape(rows, k)
+        if padded > rows:
+            x2 = torch.cat([x2, x2.new_zeros(padded - rows, k)])
+        if mode == "wxt":
+            # x2 must be row-major so that x2.T is the column-major operand MKL streams
+            # fast; the transposed output of the previous (W @ x.T).T is not, and fed
+            # as-is it made the next product ~4x slower (down_proj after gate/up here)
+            y = torch.matmul(self.weight, x2.contiguous().t()).t().contiguous()
+        else:
+            y = F.linear(x2, self.weight)
+        if padded > rows:
+            y = y[:rows]
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -166,21 +223,28 @@ def plan_path(key: dict) -> Path:
     return default_cache_dir() / "kernels" / f"{key['architecture']}-{digest}.json"
 
 
-def decide(measured: dict[int, dict[str, float]], min_gain: float = MIN_GAIN) -> frozenset[int]:
-    """Row counts (up to MAX_PLANNED_ROWS) where ``wxt`` beat ``linear`` by ``min_gain``.
+def decide(measured: dict[int, dict[str, float]], min_gain: float = MIN_GAIN) -> dict[int, Route]:
+    """Each row count's fastest route (formulation, padded rows) from measured forwards.
 
-    Unmeasured counts take the decision of the nearest measured count (the lower on a tie).
+    Padding ``rows`` to a measured count ``p >= rows`` costs about what a forward of ``p``
+    nodes costs, so every measured larger count is a candidate. An unmeasured count's own
+    cost is taken as that of the next measured count above it. Plain ``F.linear`` on the
+    real rows stays unless another route is at least ``min_gain`` faster; on equal cost,
+    fewer padded rows win.
     """
     if not measured:
-        return frozenset()
-    wins = {r for r, t in measured.items() if t["wxt"] < (1.0 - min_gain) * t["linear"]}
+        return {}
     keys = sorted(measured)
-    out = set()
-    for rows in range(1, MAX_PLANNED_ROWS + 1):
-        nearest = min(keys, key=lambda k: (abs(k - rows), k))
-        if nearest in wins:
-            out.add(rows)
-    return frozenset(out)
+    routes: dict[int, Route] = {}
+    for rows in range(1, min(MAX_PLANNED_ROWS, keys[-1]) + 1):
+        above = [k for k in keys if k >= rows]
+        own = measured[rows] if rows in measured else measured[above[0]]
+        cands = [(own[m], rows, m) for m in MODES]
+        cands += [(measured[k][m], k, m) for k in above if k != rows for m in MODES]
+        cost, padded, mode = min(cands, key=lambda c: (c[0], c[1]))
+        if (mode, padded) != ("linear", rows) and cost < (1.0 - min_gain) * own["linear"]:
+            routes[rows] = (mode, padded)
+    return routes
 
 
 def measure_plan(backend, rounds: int = 4, context: int = 128, budget_seconds: float = 60.0) -> KernelPlan:
@@ -250,5 +314,6 @@ def resolve_plan(backend, mode: str) -> KernelPlan:
     plan = measure_plan(backend)
     plan.key = key
     atomic_write_json(path, plan.to_json())
-    log.info("kernel plan: (W @ x.T).T for rows %s (%.0f s)", sorted(plan.wxt_rows) or "none", time.perf_counter() - t0)
+    log.info("kernel plan: (W @ x.T).T for rows %s, padded %s (%.0f s)", sorted(plan.wxt_rows) or "none",
+             plan.summary()["padded"] or "none", time.perf_counter() - t0)
     return plan

@@ -31,8 +31,13 @@ def _kernel_lines(results: dict) -> list[str]:
     if not k:
         return []
     rows = k.get("wxt_rows") or []
-    return [f"- our hf forwards: (W @ x.T).T matmuls for {_ranges(rows)} rows, F.linear otherwise (measured plan, `--kernels`)"
-            if rows else "- our hf forwards: stock F.linear matmuls"]
+    padded = k.get("padded") or {}
+    if not rows and not padded:
+        return ["- our hf forwards: stock F.linear matmuls"]
+    line = f"- our hf forwards: (W @ x.T).T matmuls for {_ranges(rows)} rows, F.linear otherwise (measured plan, `--kernels`)"
+    if padded:
+        line += "; zero rows padded: " + ", ".join(f"{r}->{p}" for r, p in padded.items())
+    return [line]
 
 
 def _ranges(rows: list[int]) -> str:

@@ -477,7 +477,7 @@ def _kernel_summary(engine: Engine) -> dict | None:
     plan = getattr(engine.backend, "kernel_plan", None)
     if plan is None:
         return None
-    return {"wxt_rows": sorted(plan.wxt_rows)}
+    return plan.summary()
 
 
 def run_bench(config: BenchConfig, out_dir: str | Path | None = None, engine: Engine | None = None) -> dict:

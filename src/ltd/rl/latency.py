@@ -343,7 +343,9 @@ def profile(
     )
     plan = getattr(target, "kernel_plan", None)
     if plan is not None:  # the verify costs above were measured with this matmul plan
-        model.machine["kernel_wxt_rows"] = sorted(plan.wxt_rows)
+        summary = plan.summary()
+        model.machine["kernel_wxt_rows"] = summary["wxt_rows"]
+        model.machine["kernel_padded_rows"] = summary["padded"]
     if out is not None:
         model.save(out)
         plot_latency(model, Path(out).with_suffix(".png"))
