@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from conftest import assert_same_tokens, hf_greedy, make_tiny_head, make_tiny_llama, run_decode
 from ltd.backends.hf import HFBackend
 from ltd.backends.hf_kernels import (
+    GQA_ENV,
     MAX_PLANNED_ROWS,
     MEASURED_ROWS,
     KernelPlan,
@@ -172,3 +174,21 @@ def test_smollm_static_and_ltd_equal_hf_with_every_row_count_on_the_other_path()
                     GenerateConfig(method="ltd", max_new_tokens=32)):
             got = engine.generate(prompt, cfg)
             assert_same_tokens(got.tokens, ref, target.model, prompt, f"{cfg.method} on {text!r}")
+
+
+def test_grouped_heads_are_read_in_place_only_inside_our_forwards(monkeypatch):
+    """The SDPA switch is on around the backend's forwards, off for model.generate (the hf baseline)."""
+    monkeypatch.delenv(GQA_ENV, raising=False)
+    model = make_tiny_llama(seed=7)
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    seen = []
+    model.model.layers[0].register_forward_hook(lambda *_: seen.append(os.environ.get(GQA_ENV)))
+    backend = HFBackend(model, kernels=ALL_ROWS)
+    backend.score([1, 2, 3], [-1, 0, 0])  # a tree: masked attention over grouped heads
+    assert seen[-1] == "1" and GQA_ENV not in os.environ
+    hf_greedy(model, [1, 2, 3], 2)
+    assert seen[-1] is None
+    stock = HFBackend(make_tiny_llama(seed=7), kernels="stock")
+    stock.model.model.layers[0].register_forward_hook(lambda *_: seen.append(os.environ.get(GQA_ENV)))
+    stock.score([1, 2, 3], [-1, 0, 0])
+    assert seen[-1] is None  # --kernels stock: transformers' own attention path

@@ -15,7 +15,7 @@ import torch
 
 from ltd import cache_ops
 from ltd.backends.base import SpeculativeCounters, TreeOutput
-from ltd.backends.hf_kernels import KernelPlan, KernelState, install, installed_state, resolve_plan
+from ltd.backends.hf_kernels import KernelPlan, KernelState, install, installed_state, resolve_plan, sdpa_gqa_in_place
 from ltd.errors import LtdError
 from ltd.tree import ancestor_mask, depths_from_parents
 
@@ -42,6 +42,9 @@ class HFBackend(SpeculativeCounters):
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._kernel_state: KernelState | None = None
+        # torch's SDPA takes grouped heads with a mask from 2.5 on; CUDA kernels want no mask
+        self._gqa_in_place = self.device.type == "cpu" and \
+            tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
         self.kernel_plan: KernelPlan | None = None  # None: stock F.linear everywhere
         if isinstance(kernels, KernelPlan) or (kernels != "stock" and self.device.type == "cpu"):
             state = installed_state(model)
@@ -95,7 +98,8 @@ class HFBackend(SpeculativeCounters):
             mask = torch.zeros((1, 1, n, total), dtype=self.dtype, device=self.device)
             mask.masked_fill_(~allowed.to(self.device).view(1, 1, n, total), torch.finfo(self.dtype).min)
         planned = self._kernel_state is not None and self.kernel_plan is not None
-        with self._kernel_state.use(self.kernel_plan) if planned else contextlib.nullcontext():
+        with (self._kernel_state.use(self.kernel_plan) if planned else contextlib.nullcontext(),
+              sdpa_gqa_in_place() if planned and self._gqa_in_place else contextlib.nullcontext()):
             out = self.model(
                 input_ids=tokens_t.unsqueeze(0).to(self.device),
                 position_ids=positions,
