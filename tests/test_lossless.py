@@ -8,6 +8,7 @@ token. A good drafter may only change the speed, never the text.
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import pytest
@@ -17,13 +18,15 @@ from conftest import (
     TINY_MAX_POS,
     assert_same_tokens,
     hf_greedy,
+    make_tiny_head,
+    make_tiny_llama,
     mean_accepted,
     run_decode,
 )
 from ltd.backends.hf import HFBackend
 from ltd.control import StaticController
 from ltd.drafting.base import NullDrafter
-from ltd.drafting.eagle3 import Eagle3Drafter
+from ltd.drafting.eagle3 import WIDE_ROWS, Eagle3Drafter
 from ltd.drafting.lm import LMDrafter
 from ltd.tree import Tree
 
@@ -322,6 +325,40 @@ def test_smollm_shipped_head_is_lossless(smollm, smollm_refs, shape, head_dtype)
     want = torch.bfloat16 if head_dtype == "auto" else torch.float32
     assert all(p.dtype == want for p in drafter.head.parameters())
     _static_is_lossless(smollm, smollm_refs, drafter, shape, f"shipped head ({head_dtype})")
+
+
+def test_wide_catch_up_runs_on_a_float32_twin_that_follows_the_weights():
+    """A bfloat16 head catches up on a prompt in float32 (fast on a CPU without bf16
+    arithmetic), stores what the half-precision head would read, and never serves stale
+    weights after an online update."""
+    target = make_tiny_llama(seed=8)
+    half = make_tiny_head(target, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=2).to(torch.bfloat16)
+    emb = target.get_input_embeddings()
+    n = WIDE_ROWS + 4
+    tokens = list(range(1, n + 2))
+    feats = torch.randn(n, 3 * target.config.hidden_size)
+    drafter = Eagle3Drafter(half, emb)
+    drafter.sync(tokens, feats)
+    drafter.root(None, 8)
+    assert drafter._wide is not None and drafter._k.dtype == torch.bfloat16
+    # the reference: float32 arithmetic on the same bf16-rounded weights, features and embeddings
+    rounded = torch.nn.Embedding.from_pretrained(emb.weight.detach().to(torch.bfloat16).float())
+    ref = Eagle3Drafter(copy.deepcopy(half).float(), rounded)
+    ref.sync(tokens, feats.to(torch.bfloat16).float())
+    ref.root(None, 8)
+    assert torch.equal(drafter._k, ref._k.to(torch.bfloat16))
+    assert torch.equal(drafter._node_hidden[0], ref._node_hidden[0].to(torch.bfloat16))
+    twin = drafter._wide
+    with torch.no_grad():
+        half.fc.weight.add_(0.5)  # what the online learner does to the serving weights
+    drafter.reset()
+    drafter.sync(tokens, feats)
+    drafter.root(None, 8)
+    assert drafter._wide is not twin and torch.equal(drafter._wide.fc.weight, half.fc.weight.float())
+    narrow = Eagle3Drafter(half, emb)  # a few positions: the half-precision head itself
+    narrow.sync(tokens[:4], feats[:3])
+    narrow.root(None, 8)
+    assert narrow._wide is None
 
 
 @pytest.mark.e2e
