@@ -167,6 +167,19 @@ def test_commit_chain_fast_path_and_empty_commit(tiny_model):
     torch.testing.assert_close(b.score([5], [-1]).logits, ref.score([5], [-1]).logits, atol=ATOL, rtol=0)
 
 
+def test_commit_of_a_prefix_drops_the_rest_without_a_gather(tiny_model, monkeypatch):
+    """A rejected draft keeps a prefix of the entries: the cache is cut, never gathered."""
+    from ltd import cache_ops
+
+    b = committed_backend(tiny_model, PROMPT[:4])
+    b.score([PROMPT[4], 77, 78, 79], [-1, 0, 1, 0])  # root, a chain under it, a sibling
+    monkeypatch.setattr(cache_ops, "keep_positions", lambda *a: pytest.fail("gathered a prefix"))
+    b.commit([0, 1])
+    assert b.committed_length == 6 and all(layer.keys.shape[2] == 6 for layer in b.cache.layers)
+    ref = committed_backend(tiny_model, PROMPT[:5] + [77])
+    torch.testing.assert_close(b.score([5, 6], [-1, 0]).logits, ref.score([5, 6], [-1, 0]).logits, atol=ATOL, rtol=0)
+
+
 def test_rollback_restores_exactly(tiny_model):
     b = committed_backend(tiny_model, PROMPT)
     before = cache_tensors(b)

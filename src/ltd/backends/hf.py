@@ -130,8 +130,11 @@ class HFBackend(SpeculativeCounters):
                 if self._spec_parents[k] != prev:
                     raise ValueError("committed entries must form a path from the context")
                 prev = k
-        if keep_t.numel() == spec and bool(torch.equal(keep_t, torch.arange(spec))):
-            pass  # already in place
+        if bool(torch.equal(keep_t, torch.arange(keep_t.numel()))):
+            # a prefix of the speculative entries (a chain, or a rejected draft): already
+            # in place, so a view drops the rest instead of copying the whole cache
+            if keep_t.numel() < spec:
+                cache_ops.truncate(self.cache, self._committed + int(keep_t.numel()))
         else:
             cache_ops.keep_positions(self.cache, self._committed, keep_t)
         self._committed += int(keep_t.numel())
