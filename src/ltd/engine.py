@@ -397,7 +397,7 @@ class Engine:
             sampling=cfg.sampling,
             eos_token_ids=self.target.eos_token_ids,
             seed=cfg.seed,
-            listeners=(self.online,) if self.online is not None and cfg.method != "ar" else (),
+            listeners=(self.online,) if self.online is not None and self.online.learns_from_commits and cfg.method != "ar" else (),
         )
 
     def generate(
