@@ -70,7 +70,7 @@ def test_plan_applies_only_to_its_row_counts():
     state = KernelState()
     with state.use(KernelPlan({1: ("wxt", 2), 2: ("wxt", 2), 3: ("linear", 4)})):
         assert [state.route(r) for r in (1, 2, 3, 4)] == [("wxt", 2), ("wxt", 2), ("linear", 4), ("linear", 4)]
-        assert [state.use_wxt(r) for r in (1, 2, 3, 4)] == [True, True, False, False]
+        assert [state.route(r)[0] == "wxt" for r in (1, 2, 3, 4)] == [True, True, False, False]
     assert state.route(2) == ("linear", 2)  # the plan ends with the forward
     state.forced = "wxt"
     with state.use(KernelPlan()):

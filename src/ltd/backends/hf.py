@@ -15,7 +15,15 @@ import torch
 
 from ltd import cache_ops
 from ltd.backends.base import SpeculativeCounters, TreeOutput
-from ltd.backends.hf_kernels import KernelPlan, KernelState, install, installed_state, resolve_plan, sdpa_gqa_in_place
+from ltd.backends.hf_kernels import (
+    SDPA_GQA_WITH_MASK,
+    KernelPlan,
+    KernelState,
+    install,
+    installed_state,
+    resolve_plan,
+    sdpa_gqa_in_place,
+)
 from ltd.errors import LtdError
 from ltd.tree import ancestor_mask, depths_from_parents
 
@@ -42,9 +50,7 @@ class HFBackend(SpeculativeCounters):
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._kernel_state: KernelState | None = None
-        # torch's SDPA takes grouped heads with a mask from 2.5 on; CUDA kernels want no mask
-        self._gqa_in_place = self.device.type == "cpu" and \
-            tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+        self._gqa_in_place = self.device.type == "cpu" and SDPA_GQA_WITH_MASK  # CUDA kernels want no mask
         self.kernel_plan: KernelPlan | None = None  # None: stock F.linear everywhere
         if isinstance(kernels, KernelPlan) or (kernels != "stock" and self.device.type == "cpu"):
             state = installed_state(model)

@@ -40,6 +40,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from transformers.utils.import_utils import is_torch_greater_or_equal
 
 from ltd.defaults import KERNEL_MODES
 from ltd.errors import LtdError
@@ -137,9 +138,6 @@ class KernelState:
             return (self.forced, rows)
         return self.plan.route(rows)
 
-    def use_wxt(self, rows: int) -> bool:
-        return self.route(rows)[0] == "wxt"
-
 
 class PlannedLinear(torch.nn.Linear):
     """An ``nn.Linear`` sharing the original's parameters, computed as the plan says."""
@@ -180,6 +178,8 @@ class PlannedLinear(torch.nn.Linear):
 
 
 GQA_ENV = "TRANSFORMERS_SDPA_FORCE_GQA"
+# torch's SDPA takes grouped heads together with a mask from 2.5 on (the check transformers uses)
+SDPA_GQA_WITH_MASK = is_torch_greater_or_equal("2.5", accept_dev=True)
 
 
 @contextlib.contextmanager
