@@ -191,8 +191,9 @@ def sdpa_gqa_in_place() -> Iterator[None]:
     (``repeat_kv``) before SDPA, because CUDA's fast kernels take no mask with grouped
     heads. On the CPU, SDPA with ``enable_gqa`` and a mask gives bit-identical outputs
     without the copy: for SmolLM2 (9 query, 3 key/value heads) one layer's attention of
-    2-9 tree nodes costs 50-94 us against 104-126 us at 128 tokens of context, and
-    141-256 us against 316-1692 us at 700. transformers reads this switch at every call,
+    2-9 tree nodes costs 0.04-0.08 ms against 0.08-0.12 ms at 128 tokens of context, and
+    0.18-0.40 against 0.31-0.53 ms at 700 (1 thread, scripts/session8_costs.py).
+    transformers reads this switch at every call,
     so it is on only around the backend's own forwards; ``model.generate`` (the ``hf``
     baseline) runs untouched.
     """

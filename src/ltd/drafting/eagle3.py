@@ -343,7 +343,7 @@ class Eagle3Drafter:
 
         Why: a half-precision head is the fast choice for the 1-3 positions a cycle adds
         (memory-bound), but this CPU has no native bf16 arithmetic, so the catch-up over
-        a whole prompt is compute-bound and slow: 436 ms in bfloat16 against 116 ms in
+        a whole prompt is compute-bound and slow: 430 ms in bfloat16 against 111 ms in
         float32 for a 671-token prompt (SmolLM2 head, 1 thread). The twin is rebuilt
         whenever the serving weights change (online learning writes them in place).
         """
