@@ -41,12 +41,23 @@ def test_trie_counts_and_scores():
     trie = build_trie(seq, ends, max_len=2)
     assert trie.count == 3
     assert {t: c.count for t, c in trie.children.items()} == {2: 2, 5: 1}
-    toks, logps = top_children(trie, 3)
+    toks, logps = top_children(trie, 3, match_length=1, reliabilities=(0.4, 0.8))
     assert toks[:2] == [2, 5]
-    assert logps[0] == pytest.approx(math.log(2 / 4)) and logps[1] == pytest.approx(math.log(1 / 4))
+    # q(1) = 0.4 times the share of the three matches
+    assert logps[0] == pytest.approx(math.log(0.4 * 2 / 3)) and logps[1] == pytest.approx(math.log(0.4 * 1 / 3))
     assert logps[2] == -math.inf  # padding
     two = trie.children[2]
-    assert sorted(two.children) == [3, 4]
+    assert sorted(two.children) == [3, 4] and two.depth == 1
+    # one token deeper the match is two tokens long: q(2) = 0.8; beyond the table, its last entry
+    _, deeper = top_children(two, 2, match_length=1, reliabilities=(0.4, 0.8))
+    assert deeper == pytest.approx([math.log(0.8 / 2)] * 2)
+    _, longest = top_children(two, 2, match_length=5, reliabilities=(0.4, 0.8))
+    assert longest == pytest.approx([math.log(0.8 / 2)] * 2)
+
+
+def test_reliabilities_must_be_probabilities():
+    with pytest.raises(LtdError, match="reliabilities"):
+        NgramDrafter(reliabilities=(0.5, 1.5))
 
 
 def test_drafter_tree_follows_the_trie_and_pads():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from ltd.drafting.ngram import NgramDrafter, build_trie
 from ltd.errors import LtdError
 from ltd.online import OnlineAdapter, StreamMemory, parse_variant, reset_state
 from ltd.online.memory import SEP
+from ltd.online.reliability import OnlineReliability
 from ltd.tree import Tree
 
 PROMPT = [5, 17, 33, 2, 41, 8, 19, 60]
@@ -136,6 +139,64 @@ def test_memory_only_state_round_trip(tmp_path):
     assert other.memory.tokens.tolist() == [SEP, 1, 2, 3, 4]
     drafter.reset()  # already remembered when saved: not added twice
     assert adapter.memory.sequences == 1
+
+
+def test_online_reliability_starts_at_the_prior_and_follows_the_evidence():
+    rel = OnlineReliability((0.4, 0.8), strength=10.0)
+    assert rel.table() == pytest.approx((0.4, 0.8))
+    for _ in range(30):  # after a 1-token match the top child (given all of the count) was right
+        rel.observe(1, 1.0, True)
+    rel.observe(5, 0.5, False)  # beyond the table: the last entry learns
+    assert rel.table()[0] == pytest.approx((30 + 10 * 0.4) / (30 + 10))
+    assert rel.table()[1] == pytest.approx((10 * 0.8) / (0.5 + 10))
+    rel.observe(1, 0.01, True)  # hits at a tiny share cannot push q above 1
+    for _ in range(100):
+        rel.observe(2, 0.1, True)
+    assert rel.table()[1] == 1.0
+    copy_ = OnlineReliability((0.4, 0.8), strength=10.0)
+    copy_.load_json(rel.to_json())
+    assert copy_.table() == rel.table()
+    with pytest.raises(ValueError):
+        OnlineReliability((0.4, 0.8, 0.9)).load_json(rel.to_json())
+
+
+def test_drafter_learns_reliability_only_from_committed_tokens():
+    """The trie's top children are scored against the tokens committed after the draft."""
+    drafter = NgramDrafter(max_n=3, reliabilities=(0.5,) * 6)
+    drafter.calibration = OnlineReliability(drafter.reliabilities, strength=1.0)
+    seq = [1, 2, 3, 4, 9, 1, 2, 3]  # "1 2 3" was followed by "4 9"
+    toks = _root_tokens(drafter, seq)
+    assert toks == [4]
+    assert drafter.calibration.trials == 0  # nothing committed yet: nothing learned
+    drafter.sync(seq + [4, 7], None)  # the target took "4" (right, at m=3) then "7" (wrong: "9", at m=4)
+    assert drafter.calibration.hits.tolist()[:4] == [0, 0, 1, 0]
+    assert drafter.calibration.shares.tolist()[:4] == [0, 0, 1, 1]
+    q = drafter.current_reliabilities
+    assert q[2] == pytest.approx(1.5 / 2) and q[3] == pytest.approx(0.5 / 2)
+    # the next draft uses the learned table: "4" after a 3-token match now scores log(0.75)
+    drafter.sync([5, 1, 2, 3, 4, 9, 1, 2, 3], None)  # no draft since the last sync: nothing new
+    assert drafter.calibration.trials == 2
+    toks, logps = drafter.root(Tree.__new__(Tree), 2)
+    assert toks[0].item() == 4 and logps[0].item() == pytest.approx(math.log(0.75))
+    plain = NgramDrafter(max_n=3)  # frozen: no calibration, the fixed table
+    plain.sync(seq, None)
+    plain.root(Tree.__new__(Tree), 2)
+    plain.sync(seq + [4, 7], None)
+    assert plain.current_reliabilities == plain.reliabilities
+
+
+def test_reliability_state_round_trips_and_corrupt_counts_are_refused(tmp_path):
+    drafter = NgramDrafter()
+    adapter = OnlineAdapter(drafter, "memory")
+    assert drafter.calibration is adapter.reliability
+    adapter.reliability.observe(3, 1.0, True)
+    adapter.save_state(tmp_path / "m")
+    other = OnlineAdapter(NgramDrafter(), "memory")
+    other.load_state(tmp_path / "m")
+    assert other.reliability.table() == adapter.reliability.table() != NgramDrafter().reliabilities
+    (tmp_path / "m" / "reliability.json").write_text('{"hits": [1], "shares": "x"}')
+    with pytest.raises(LtdError, match="corrupt reliability.json"):
+        OnlineAdapter(NgramDrafter(), "memory").load_state(tmp_path / "m")
 
 
 @pytest.mark.e2e

@@ -3,8 +3,9 @@ for the n-gram drafter, or both.
 
 ``plain``, ``optimistic`` and ``hedge`` adapt the EAGLE-3 head
 (:class:`ltd.online.learner.OnlineLearner`); ``memory`` lets the n-gram drafter search
-the sequences served before (:class:`ltd.online.memory.StreamMemory`); ``VARIANT+memory``
-does both. One object listens to commits and saves/restores everything under one state
+the sequences served before (:class:`ltd.online.memory.StreamMemory`) and re-learn how
+far to trust its matches (:class:`ltd.online.reliability.OnlineReliability`);
+``VARIANT+memory`` does both. One object listens to commits and saves/restores everything under one state
 directory, so the engine, the CLI, the server and the bench handle every variant alike.
 """
 
@@ -17,10 +18,12 @@ from ltd.errors import LtdError
 from ltd.fileio import atomic_dir
 from ltd.online.learner import GRADIENT_VARIANTS, LEARNER_FILES, OnlineConfig, OnlineLearner
 from ltd.online.memory import MEMORY_FILES, StreamMemory
+from ltd.online.reliability import OnlineReliability
 
 MEMORY = "memory"
 VARIANTS = GRADIENT_VARIANTS + (MEMORY,) + tuple(f"{g}+{MEMORY}" for g in GRADIENT_VARIANTS)
 ADAPTER_FILE = "adapter.json"
+RELIABILITY_FILE = "reliability.json"
 
 
 def parse_variant(variant: str) -> tuple[str | None, bool]:
@@ -53,9 +56,12 @@ class OnlineAdapter:
             raise LtdError(f"online settings {sorted(overrides)} apply to the head learner; variant {variant!r} has none")
         self.ngram = ngram_part(drafter) if memory else None
         self.memory = None
+        self.reliability = None
         if self.ngram is not None:
             self.memory = StreamMemory()
             self.ngram.memory = self.memory
+            self.reliability = OnlineReliability(self.ngram.reliabilities)
+            self.ngram.calibration = self.reliability
 
     @property
     def learns_from_commits(self) -> bool:
@@ -83,6 +89,7 @@ class OnlineAdapter:
                 self.learner.write_files(tmp)
             if self.memory is not None:
                 self.memory.write_files(tmp)
+                (tmp / RELIABILITY_FILE).write_text(json.dumps(self.reliability.to_json(), indent=2))
             (tmp / ADAPTER_FILE).write_text(json.dumps({"variant": self.variant}, indent=2))
 
         atomic_dir(directory, write)
@@ -102,9 +109,19 @@ class OnlineAdapter:
             self.learner.load_state(directory)
         if self.memory is not None:
             self.memory.read_files(directory)
+            self._read_reliability(directory / RELIABILITY_FILE)
+
+    def _read_reliability(self, path: Path) -> None:
+        """Restore the learned reliability counts; a state saved before they existed keeps the prior."""
+        if not path.is_file():
+            return
+        try:
+            self.reliability.load_json(json.loads(path.read_text()))
+        except (json.JSONDecodeError, OSError, KeyError, TypeError, ValueError):
+            raise LtdError(f"online state in {path.parent} has a corrupt {path.name}; reset it with: ltd online reset {path.parent}") from None
 
 
 def has_state(directory: str | Path) -> bool:
     """Whether a directory holds saved online state of any variant."""
     d = Path(directory)
-    return any((d / name).exists() for name in (*LEARNER_FILES, ADAPTER_FILE, *MEMORY_FILES))
+    return any((d / name).exists() for name in (*LEARNER_FILES, ADAPTER_FILE, *MEMORY_FILES, RELIABILITY_FILE))
