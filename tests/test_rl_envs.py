@@ -285,3 +285,45 @@ def test_gain_reward_is_tokens_beyond_plain_decoding(traces):
     assert reward == pytest.approx(1 - c["seconds"] / unit) and reward < 0  # slower than plain by the policy call
     with pytest.raises(LtdError, match="reward"):
         DepthEnv(src, spec, reward="speed")
+
+
+def test_expected_value_teacher_reads_the_size_observation():
+    """The rule verifies the V with the most expected tokens per modelled second."""
+    from ltd.rl.imitation import expected_value_teacher
+    from ltd.rl.spaces import size_observation
+
+    lat = hand_latency()  # verify = 10 ms + 0.5 ms per token: a node is worth verifying above ~0.05 probability
+    spec = for_kind("size", TOPK, MAX_DEPTH, (0, 1, 2, 4, 8))
+    teacher = expected_value_teacher(spec, lat)
+    depths = torch.tensor([1, 1, 2, 2, 3, 3])
+    sure = size_observation(spec, torch.log(torch.tensor([0.9, 0.2, 0.8, 0.1, 0.7, 0.05])), depths, 3, 64)
+    weak = size_observation(spec, torch.log(torch.tensor([0.02, 0.01, 0.01, 0.005, 0.004, 0.001])), depths, 3, 64)
+
+    def rate(v, probs):  # by hand: 1 + the v best probabilities, over the modelled cycle
+        return (1 + sum(sorted(probs, reverse=True)[:v])) / lat.cycle_seconds(3, v, 64)
+
+    probs = [0.9, 0.2, 0.8, 0.1, 0.7, 0.05]
+    best = max((0, 1, 2, 4, 8), key=lambda v: rate(min(v, 6), probs))
+    assert spec.sizes[teacher(sure)] == best and best >= 4
+    assert spec.sizes[teacher(weak)] == 0  # nothing worth its verification: a plain step
+
+
+def test_warm_start_clones_the_rule_before_ppo(tmp_path, traces):
+    """With --warm-start expected-value each new phase starts as the rule: the cloned size
+    policy agrees with it on the decisions it was fitted on, and is saved like any other."""
+    lat = hand_latency()
+    from ltd.rl.imitation import collect, fixed_depth_teacher
+
+    cfg = PolicyTrainConfig(stage="both", rounds=1, iterations=1, n_steps=64, batch_size=64, n_epochs=1, sizes=SIZES,
+                            fixed_depth=2, warm_start="expected-value", warm_steps=512, learning_rate=1e-6)
+    result = train_policies(cfg, tmp_path / "run", lat, replay_source_factory(traces, lat), inputs={"traces": "t"})
+    assert all(p["imitation_agreement"] >= 0.85 for p in result.phases)  # a fresh policy agrees by chance only
+    # the saved depth policy continues exactly until the fixed depth on fresh decisions
+    depth_policy = load_policy(tmp_path / "run" / "depth", kind="depth")
+    teacher = fixed_depth_teacher(depth_policy.spec, cfg.fixed_depth)
+    env = make_env("depth", replay_source(traces), depth_policy.spec, StaticController(cfg.fixed_depth, TOPK, 4))
+    obs, actions = collect(env, teacher, 200, seed=1)
+    assert set(actions.tolist()) == {STOP, CONTINUE}
+    assert [depth_policy.act(o) for o in obs] == actions.tolist()
+    with pytest.raises(LtdError, match="warm-start"):
+        PolicyTrainConfig(warm_start="guess").validate()

@@ -175,7 +175,7 @@ def run_train(args) -> int:
         batch_size=args.batch_size, n_epochs=args.epochs, learning_rate=args.lr, seed=args.seed,
         sizes=tuple(_int_list(args.sizes, "--sizes")) if args.sizes else DEFAULT_SIZES,
         fixed_depth=args.fixed_depth, fixed_size=args.fixed_size, min_depth=args.min_depth, reward=args.reward, ent_coef=args.ent_coef, checkpoint_every=args.checkpoint_every,
-        eval_sequences=args.eval_sequences,
+        eval_sequences=args.eval_sequences, warm_start=args.warm_start, warm_steps=args.warm_steps,
     )
     cfg.validate()
     latency = LatencyModel.load(args.latency)
@@ -373,6 +373,10 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--reward", default="rate", choices=["rate", "gain"],
                    help="rate: the cycle's speedup over plain decoding; gain: tokens minus plain-decoding tokens in the same time")
     p.add_argument("--ent-coef", type=float, default=0.01, help="PPO entropy bonus: more keeps exploring drafting choices longer (default 0.01)")
+    p.add_argument("--warm-start", default="none", choices=["none", "expected-value"],
+                   help="before PPO, clone a rule into each new phase's policy: expected-value = the V with the most expected "
+                        "tokens per modelled second for size, the fixed depth for depth (ltd.rl.imitation; default none)")
+    p.add_argument("--warm-steps", type=int, default=8192, help="decisions collected from the rule to clone (default 8192)")
     p.add_argument("--checkpoint-every", type=int, default=5, help="iterations between checkpoints (default 5)")
     p.add_argument("--eval-sequences", type=int, default=32, help="recorded sequences used to evaluate each phase in replay")
     p.add_argument("--traces", default=None, help="trace directory (needed for --env replay; evaluation for live)")

@@ -66,6 +66,8 @@ class PolicyTrainConfig:
     seed: int = 0
     checkpoint_every: int = 5
     eval_sequences: int = 32
+    warm_start: str = "none"  # none | expected-value: clone a rule before PPO (ltd.rl.imitation)
+    warm_steps: int = 8192
 
     def validate(self) -> None:
         if self.stage not in STAGES:
@@ -83,6 +85,12 @@ class PolicyTrainConfig:
             raise LtdError(f"--reward must be rate or gain, got {self.reward!r}")
         if self.n_steps < 2:
             raise LtdError("--n-steps must be at least 2")
+        from ltd.rl.imitation import WARM_STARTS
+
+        if self.warm_start not in WARM_STARTS:
+            raise LtdError(f"unknown --warm-start {self.warm_start!r}; choose one of {', '.join(WARM_STARTS)}")
+        if self.warm_steps < 1:
+            raise LtdError(f"--warm-steps must be at least 1, got {self.warm_steps}")
         if self.batch_size > self.n_steps:
             raise LtdError(f"--batch-size {self.batch_size} exceeds --n-steps {self.n_steps}")
 
@@ -197,6 +205,7 @@ def train_policies(
 
     from ltd.control_ltd import LTDController
     from ltd.rl.envs import make_env
+    from ltd.rl.imitation import clone, collect, teacher_for
     from ltd.rl.oracle import compare
     from ltd.rl.policy import load_policy, new_model, save_policy
 
@@ -248,6 +257,10 @@ def train_policies(
                 gae_lambda=cfg.gae_lambda, ent_coef=cfg.ent_coef, tensorboard_log=str(out_dir / "tb"),
             )
             reset = True
+            if cfg.warm_start != "none":
+                teacher = teacher_for(kind, specs[kind], latency, fixed_depth)
+                obs, actions = collect(make_env(kind, make_source(), specs[kind], other, reward=cfg.reward), teacher, cfg.warm_steps, seed=cfg.seed + i)
+                entry["imitation_agreement"] = clone(model, obs, actions, seed=cfg.seed + i)
         entry["status"] = "running"
         atomic_write_json(state_path, state)
 
