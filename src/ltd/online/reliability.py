@@ -2,12 +2,12 @@
 
 :data:`ltd.drafting.ngram.DEFAULT_RELIABILITY` says how often a continuation is right
 after an m-token match, measured once on the target's answers to ShareGPT prompts. A
-user's domain differs: in code, a 3-token match predicts the next token more often than
-in chat. Every cycle tells the drafter for free which of its top continuations the
-target took (the committed tokens are the target's choices), so ``--online memory``
-re-estimates the table as it serves: q(m) = (hits + s * prior) / (shares + s), where a
-trial's share is the count share the drafter gave its top child (its probability is
-``q * share``) and ``s`` pseudo-trials keep the prior until the evidence outweighs it.
+user's domain can trust its matches more or less than ShareGPT chat does. Every cycle
+tells the drafter for free which of its top continuations the target took (the committed
+tokens are the target's choices), so ``--online memory`` re-estimates the table as it
+serves: q(m) = (hits + s * prior) / (shares + s), where a trial's share is the count
+share the drafter gave its top child (its probability is ``q * share``) and ``s``
+pseudo-trials keep the prior until the evidence outweighs it.
 
 It changes which drafts are verified, never the output.
 """
