@@ -5,9 +5,11 @@ Input: conversations answered by the target itself (``ltd regenerate``), never t
 benchmark suites. Each answer is walked position by position in file order, with a stream
 memory of the answers before it, as ``--online memory`` serves; at every position the
 drafter's trie is built as it would be, and its top chain is followed while the answer
-agrees. A top child of a node d tokens deep continues an (n + d)-token match; it is right
-with probability about ``q(n + d) * count(child) / count(node)``, so q(m) is estimated as
-hits / sum of count shares over all top children at effective length m.
+agrees (the same count ``--online memory`` keeps, :mod:`ltd.online.reliability`). A top
+child of a node d tokens deep continues an (n + d)-token match; it is right with
+probability about ``q(n + d) * count(child) / count(node)``, so q(m) is estimated as
+hits / sum of count shares over all top children at effective length m (the last entry
+pools longer matches).
 
     .venv/bin/python scripts/ngram_calibration.py --data runs/regen/sharegpt_regen_528.jsonl \\
         --model smollm2-135m --out benchmarks/ngram-calibration
@@ -18,16 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
-from ltd.drafting.ngram import DEFAULT_MAX_LEN, DEFAULT_MAX_N, SEP, build_trie, find_matches
-from ltd.online.memory import DEFAULT_CAPACITY
-from ltd.online.memory import DEFAULT_MAX_N as MEMORY_MAX_N
-
-MAX_M = 8  # longer matches share the last entry
+from ltd.drafting.ngram import DEFAULT_RELIABILITY, NgramDrafter
+from ltd.online.memory import StreamMemory
+from ltd.online.reliability import OnlineReliability
 
 
 def answers(path: Path, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -44,37 +41,26 @@ def answers(path: Path, tokenizer) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def measure(pairs: list[tuple[list[int], list[int]]], depth: int = 6) -> dict[int, dict[str, float]]:
-    """Per effective match length m: top-child trials, hits and summed count shares."""
-    stats: dict[int, dict[str, float]] = defaultdict(lambda: {"trials": 0, "hits": 0, "shares": 0.0})
-    memory = np.zeros(0, dtype=np.int64)
+def measure(pairs: list[tuple[list[int], list[int]]], depth: int = 6) -> OnlineReliability:
+    """Hits and count shares per effective match length, counted by the drafter itself.
+
+    The n-gram drafter serves every position of every answer with a stream memory of the
+    answers before it, as ``--online memory`` does; after each draft it is shown the next
+    ``depth`` answer tokens, and its online calibration counts its top chain against them.
+    """
+    drafter = NgramDrafter()
+    drafter.memory = StreamMemory()
+    drafter.calibration = counts = OnlineReliability(DEFAULT_RELIABILITY, strength=1e-9)  # no prior: the evidence alone
     for prompt, answer in pairs:
-        seq = np.asarray(prompt + answer, dtype=np.int64)
+        drafter.reset()  # remembers the previous answer
+        seq = prompt + answer
         for p in range(len(answer)):
-            ctx = seq[: len(prompt) + p]
-            n, ends = find_matches(ctx, DEFAULT_MAX_N)
-            arr = ctx
-            if memory.size:
-                joined = np.concatenate([memory, [SEP], ctx])
-                n_mem, ends_mem = find_matches(joined, MEMORY_MAX_N)
-                if ends_mem and n_mem > n:
-                    arr, n, ends = joined, n_mem, ends_mem
-            if not ends:
-                continue
-            node = build_trie(arr, ends, DEFAULT_MAX_LEN)
-            for d in range(min(depth, len(answer) - p)):
-                if not node.count or not node.children:
-                    break
-                tok, child = node.ranked()[0]
-                s = stats[min(n + d, MAX_M)]
-                s["trials"] += 1
-                s["shares"] += child.count / node.count
-                if tok != answer[p + d]:
-                    break
-                s["hits"] += 1
-                node = child
-        memory = np.concatenate([memory, [SEP], seq])[-DEFAULT_CAPACITY:]
-    return dict(sorted(stats.items()))
+            drafter.sync(seq[: len(prompt) + p], None)
+            drafter.root(None, 1)
+            drafter.sync(seq[: len(prompt) + p + depth], None)  # the target's next tokens score the draft
+            drafter.end()
+        drafter.sync(seq, None)
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     from ltd.models import resolve
 
     tokenizer = AutoTokenizer.from_pretrained(resolve(args.model)[0])
-    stats = measure(answers(path, tokenizer))
-    table = {m: round(s["hits"] / s["shares"], 2) for m, s in stats.items() if s["shares"] > 0}
-    result = {"data": str(path), "model": args.model, "reliability": [min(1.0, table[m]) for m in sorted(table)], "per_match_length": stats}
+    counts = measure(answers(path, tokenizer))
+    table = [round(q, 2) for q in counts.table()]
+    stats = {m + 1: {"hits": float(counts.hits[m]), "shares": float(counts.shares[m])} for m in range(len(table))}
+    result = {"data": str(path), "model": args.model, "reliability": table, "per_match_length": stats}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "calibration.json").write_text(json.dumps(result, indent=2) + "\n")
     for m, s in stats.items():
-        print(f"m={m}: {int(s['trials'])} top children, right {s['hits'] / s['trials']:.2f}, q = {table[m]:.2f}")
+        print(f"m={m}: {int(s['hits'])} of the top children right, summed count share {s['shares']:.0f}, q = {table[m - 1]:.2f}")
     print(f"reliability table: {result['reliability']}")
     return 0
 
