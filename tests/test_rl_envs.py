@@ -152,6 +152,14 @@ def test_smoke_ppo_coadaptive_training_and_resume(tmp_path, traces):
     with pytest.raises(LtdError, match="settings changed"):
         train_policies(PolicyTrainConfig(stage="size", iterations=2, n_steps=128, batch_size=64, sizes=SIZES), out, lat,
                        replay_source_factory(traces, lat), inputs={"traces": "t"}, resume=True)
+    # a run saved before a setting existed resumes with that setting at its default
+    import json
+
+    state = json.loads((out / "train_state.json").read_text())
+    del state["config"]["warm_start"], state["config"]["warm_steps"]
+    (out / "train_state.json").write_text(json.dumps(state))
+    assert [p["timesteps"] for p in train_policies(cfg, out, lat, replay_source_factory(traces, lat), inputs={"traces": "t"},
+                                                   resume=True).phases] == [256, 256, 256]
 
 
 class _Interrupted(ReplaySource):

@@ -174,7 +174,8 @@ def _load_state(out_dir: Path, cfg: PolicyTrainConfig, resume: bool, inputs: dic
     state = read_json(path, "training state")
     if state.get("format") != STATE_FORMAT:
         raise LtdError(f"{path} is not an ltd training state; choose another --out")
-    old = {k: v for k, v in state["config"].items() if k not in RESUMABLE_CHANGES}
+    defaults = PolicyTrainConfig().to_json()  # settings added since the run started take their defaults
+    old = {k: v for k, v in {**defaults, **state["config"]}.items() if k not in RESUMABLE_CHANGES}
     new = {k: v for k, v in cfg.to_json().items() if k not in RESUMABLE_CHANGES}
     diff = sorted(k for k in new if old.get(k) != new[k])
     if diff:
