@@ -5,8 +5,9 @@ for the n-gram drafter, or both.
 (:class:`ltd.online.learner.OnlineLearner`); ``memory`` lets the n-gram drafter search
 the sequences served before (:class:`ltd.online.memory.StreamMemory`) and re-learn how
 far to trust its matches (:class:`ltd.online.reliability.OnlineReliability`);
-``VARIANT+memory`` does both. One object listens to commits and saves/restores everything under one state
-directory, so the engine, the CLI, the server and the bench handle every variant alike.
+``VARIANT+memory`` does both. One object listens to commits and saves/restores
+everything under one state directory, so the engine, the CLI, the server and the bench
+handle every variant alike.
 """
 
 from __future__ import annotations
