@@ -335,3 +335,13 @@ def test_warm_start_clones_the_rule_before_ppo(tmp_path, traces):
     assert [depth_policy.act(o) for o in obs] == actions.tolist()
     with pytest.raises(LtdError, match="warm-start"):
         PolicyTrainConfig(warm_start="guess").validate()
+
+
+def test_observation_fields_are_located_by_name():
+    spec = for_kind("size", TOPK, MAX_DEPTH, SIZES)
+    obs = np.arange(spec.dim, dtype=np.float32)
+    n = spec.size_nodes
+    assert spec.field(obs, "tree_scores").tolist() == list(range(n))
+    assert spec.field(obs, "depth").tolist() == [2 * n] and spec.field(obs, "context").tolist() == [2 * n + 1]
+    with pytest.raises(KeyError, match="step"):
+        spec.field(obs, "step")

@@ -34,16 +34,15 @@ WARM_STARTS = ("none", "expected-value")
 
 def expected_value_teacher(spec: ObsSpec, latency: LatencyModel) -> Teacher:
     """Size rule: the action whose V maximises expected tokens per modelled second."""
-    n = spec.size_nodes
-    sizes = np.asarray(spec.sizes)
 
     def act(obs: np.ndarray) -> int:
-        probs = np.asarray(obs[:n], dtype=np.float64)
+        probs = np.asarray(spec.field(obs, "tree_scores"), dtype=np.float64)
         gain = np.concatenate([[0.0], np.cumsum(probs)])
-        depth = int(round(float(obs[2 * n]) * spec.max_depth))
-        context = int(float(obs[2 * n + 1]) * spec.context_scale)
+        depth = int(round(float(spec.field(obs, "depth")[0]) * spec.max_depth))
+        context = int(float(spec.field(obs, "context")[0]) * spec.context_scale)
         drafted = int(np.count_nonzero(probs))
-        rates = [(1.0 + gain[min(v, drafted)]) / latency.cycle_seconds(depth, min(v, drafted) if depth else 0, context) for v in sizes]
+        verified = [min(v, drafted) for v in spec.sizes]
+        rates = [(1.0 + gain[v]) / latency.cycle_seconds(depth, v, context) for v in verified]
         return int(np.argmax(rates))
 
     return act
@@ -53,7 +52,7 @@ def fixed_depth_teacher(spec: ObsSpec, depth: int) -> Teacher:
     """Depth rule: continue until ``depth`` draft steps (the fixed rule the size phase used)."""
 
     def act(obs: np.ndarray) -> int:
-        step = int(round(float(obs[spec.topk * spec.topk]) * spec.max_depth))
+        step = int(round(float(spec.field(obs, "step")[0]) * spec.max_depth))
         return CONTINUE if step < depth else STOP
 
     return act

@@ -96,6 +96,15 @@ class ObsSpec:
         n = self.size_nodes
         return [("tree_scores", n), ("tree_depths", n), ("depth", 1), ("context", 1), ("history", HISTORY_FIELDS)]
 
+    def field(self, obs: np.ndarray, name: str) -> np.ndarray:
+        """The part ``name`` of an observation vector, located by :meth:`fields`."""
+        start = 0
+        for field_name, length in self.fields():
+            if field_name == name:
+                return obs[start : start + length]
+            start += length
+        raise KeyError(f"{self.kind} observations have no field {name!r}")
+
     @property
     def dim(self) -> int:
         return sum(n for _, n in self.fields())

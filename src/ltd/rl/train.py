@@ -27,6 +27,7 @@ from typing import Callable
 from ltd.control import StaticController
 from ltd.errors import LtdError
 from ltd.fileio import atomic_write, atomic_write_json, read_json
+from ltd.rl.imitation import WARM_STARTS, clone, collect, teacher_for
 from ltd.rl.latency import LatencyModel
 from ltd.rl.spaces import DEFAULT_SIZES, ObsSpec, for_kind, sizes_up_to
 from ltd.rl.traces import TraceSet
@@ -85,8 +86,6 @@ class PolicyTrainConfig:
             raise LtdError(f"--reward must be rate or gain, got {self.reward!r}")
         if self.n_steps < 2:
             raise LtdError("--n-steps must be at least 2")
-        from ltd.rl.imitation import WARM_STARTS
-
         if self.warm_start not in WARM_STARTS:
             raise LtdError(f"unknown --warm-start {self.warm_start!r}; choose one of {', '.join(WARM_STARTS)}")
         if self.warm_steps < 1:
@@ -206,7 +205,6 @@ def train_policies(
 
     from ltd.control_ltd import LTDController
     from ltd.rl.envs import make_env
-    from ltd.rl.imitation import clone, collect, teacher_for
     from ltd.rl.oracle import compare
     from ltd.rl.policy import load_policy, new_model, save_policy
 
