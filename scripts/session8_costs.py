@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import repeat_kv
 
 from ltd.bench.machine import machine_info
 from ltd.bench.timing import median_ms, micro_bench_args
@@ -33,9 +34,7 @@ def attention_ms(context: int, queries: int, repeats: int) -> dict[str, float]:
     rep = HEADS // KV_HEADS
 
     def copied() -> torch.Tensor:
-        kk = k[:, :, None].expand(1, KV_HEADS, rep, context, DIM).reshape(1, HEADS, context, DIM)
-        vv = v[:, :, None].expand(1, KV_HEADS, rep, context, DIM).reshape(1, HEADS, context, DIM)
-        return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, repeat_kv(k, rep), repeat_kv(v, rep), attn_mask=mask)
 
     def in_place() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
