@@ -117,3 +117,31 @@ def test_user_errors_are_one_line(tmp_path, questions):
     refuse("does not exist", "train-policy", "--traces", str(tmp_path), "--latency", str(tmp_path / "missing.json"),
            "--out", str(tmp_path / "o"))
     refuse("--out must name a .json", "profile", "--out", str(tmp_path / "lat.txt"), "--drafter", "self")
+
+
+def test_tune_policy_fits_and_resumes(tmp_path, models, questions, capsys):
+    """One command profiles, records and trains; a rerun reuses every finished step."""
+    target, drafter = models
+    out = tmp_path / "tuned"
+    argv = ("tune-policy", "--model", target, "--drafter", drafter, "--data-dir", str(questions), "--raw", "--limit", "2",
+            "--max-depth", "3", "--topk", "3", "--max-size", "8", "--sizes", "0,1,2,4", "--max-new-tokens", "16",
+            "--iterations", "1", "--n-steps", "64", "--contexts", "16,64", "--repeats", "1", "--cycles", "2",
+            "--threads", "1", "--no-progress", "--out", str(out))
+    assert run(*argv) == 0
+    lat = json.loads((out / "latency.json").read_text())
+    assert lat["draft_topk"] == 3
+    assert len(json.loads((out / "traces" / "manifest.json").read_text())["sequences"]) == 2
+    for kind in ("depth", "size"):
+        assert (out / "policy" / kind / "policy.json").is_file()
+    size_spec = json.loads((out / "policy" / "size" / "policy.json").read_text())
+    assert "--policy " + str(out / "policy") in capsys.readouterr().out
+    stamp = (out / "latency.json").stat().st_mtime_ns
+    assert run(*argv) == 0  # resumes: nothing is redone
+    assert "reusing the latency profile" in capsys.readouterr().out
+    assert (out / "latency.json").stat().st_mtime_ns == stamp
+    assert json.loads((out / "policy" / "size" / "policy.json").read_text()) == size_spec
+    # a profile made with another top-k is refused, not silently reused
+    with pytest.raises(LtdError, match="top-k 3, not 4"):
+        run(*[a if a != "3" or argv[i - 1] != "--topk" else "4" for i, a in enumerate(argv)])
+    with pytest.raises(LtdError, match="--max-size is 8"):
+        run(*argv[:-1], str(tmp_path / "other"), "--sizes", "0,16")

@@ -1,4 +1,4 @@
-"""``ltd profile | record | train-policy | oracle``: the command-line face of :mod:`ltd.rl`.
+"""``ltd profile | record | train-policy | oracle | tune-policy``: the command-line face of :mod:`ltd.rl`.
 
 Flags are checked before any model loads. Prompts for recording come from the benchmark
 suites; only ``alpaca`` (the suite ``ltd bench --grid`` already tunes on) is a training
@@ -327,11 +327,65 @@ def run_oracle(args) -> int:
     return 0
 
 
+# -- ltd tune-policy ----------------------------------------------------------------------
+
+
+def run_tune(args) -> int:
+    """profile -> record -> train-policy into one directory: policies fitted to this machine.
+
+    Why: the best tree depends on what verification costs here, and that differs between
+    machines and even between days of one machine (session 10 measured V = 3 at 1.04x the
+    cost of V = 1 where session 9 measured 1.24x). Shipped policies carry the costs of the
+    machine that trained them. Each step is skipped or resumed when its output is already
+    in ``--out``, so an interrupted run continues where it stopped.
+    """
+    from ltd.rl.latency import LatencyModel
+
+    _need_rl("tune-policy")
+    sizes = _int_list(args.sizes, "--sizes")
+    if min(sizes) < 0:
+        raise LtdError("--sizes must be >= 0")
+    if max(sizes) > args.max_size:
+        raise LtdError(f"--sizes go up to {max(sizes)} but --max-size is {args.max_size}; raise --max-size or drop the larger sizes")
+    for name in ("limit", "max_depth", "topk", "max_new_tokens", "iterations"):
+        if getattr(args, name) < 1:
+            raise LtdError(f"--{name.replace('_', '-')} must be at least 1")
+    out = Path(args.out)
+    latency, traces, policy = out / "latency.json", out / "traces", out / "policy"
+    common = {name: getattr(args, name) for name in ("model", "drafter", "device", "dtype", "threads", "kernels", "head_dtype", "backend")}
+    if latency.is_file():
+        known = LatencyModel.load(latency)
+        if known.draft_topk != args.topk:
+            raise LtdError(f"{latency} was profiled with top-k {known.draft_topk}, not {args.topk}; delete it or choose another --out")
+        print(f"[1/3] reusing the latency profile {latency}")
+    else:
+        print(f"[1/3] profiling this machine -> {latency}")
+        out.mkdir(parents=True, exist_ok=True)
+        run_profile(argparse.Namespace(**common, out=str(latency), topk=args.topk, max_depth=args.max_depth,
+                                       size=max(1, args.fixed_size), sizes=args.sizes, contexts=args.contexts,
+                                       repeats=args.repeats, cycles=args.cycles))
+    print(f"[2/3] recording draft trees -> {traces}")
+    run_record(argparse.Namespace(**common, suites=args.suites, questions=args.questions, data_dir=args.data_dir,
+                                  limit=args.limit, allow_held_out=args.allow_held_out, raw=args.raw, max_depth=args.max_depth,
+                                  topk=args.topk, max_size=args.max_size, max_new_tokens=args.max_new_tokens,
+                                  out=str(traces), no_progress=args.no_progress))
+    print(f"[3/3] training the depth and size policies -> {policy}")
+    run_train(argparse.Namespace(
+        env="replay", stage="both", iterations=args.iterations, rounds=1, n_steps=args.n_steps, batch_size=min(128, args.n_steps),
+        epochs=5, lr=3e-4, seed=0, sizes=args.sizes, fixed_depth=args.fixed_depth, fixed_size=args.fixed_size,
+        min_depth=1, reward="gain", ent_coef=0.01, warm_start="expected-value", warm_steps=8192, checkpoint_every=5,
+        eval_sequences=32, traces=str(traces), latency=str(latency), out=str(policy), resume=True, progress=False,
+        threads=1 if args.threads is None else args.threads))
+    print(f"policies fitted to this machine: {policy}\nuse them with: ltd generate --method ltd --policy {policy} "
+          f"(also ltd bench and ltd serve)")
+    return 0
+
+
 # -- parsers ------------------------------------------------------------------------------
 
 
 def add_parsers(subparsers) -> None:
-    """Add ``profile``, ``record``, ``train-policy`` and ``oracle`` to an argparse subparsers object."""
+    """Add ``profile``, ``record``, ``train-policy``, ``oracle`` and ``tune-policy`` to an argparse subparsers object."""
     p = subparsers.add_parser("profile", help="measure draft, verify and overhead costs on this machine (latency model JSON + PNG)")
     _model_args(p)
     p.add_argument("--out", required=True, help="output FILE.json (a PNG is written next to it)")
@@ -412,3 +466,23 @@ def add_parsers(subparsers) -> None:
     live.add_argument("--dtype", default="float32")
     live.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run_oracle)
+
+    p = subparsers.add_parser("tune-policy", help="profile, record and train LTD policies for this machine in one command")
+    _model_args(p)
+    _prompt_args(p, DEFAULT_RECORD_SUITE)
+    p.set_defaults(limit=10)
+    p.add_argument("--out", required=True, help="directory for latency.json, traces/ and policy/ (rerun to resume)")
+    p.add_argument("--max-depth", type=int, default=6, help="maximum draft depth D (default 6)")
+    p.add_argument("--topk", type=int, default=8, help="branching k (default 8)")
+    p.add_argument("--max-size", type=int, default=16, help="largest verification size recorded (default 16)")
+    p.add_argument("--sizes", default="0,1,2,3,4,5,6,8", help="size-policy actions V (default 0,1,2,3,4,5,6,8)")
+    p.add_argument("--fixed-depth", type=int, default=3, help="depth of the rule the size policy first trains with (default 3)")
+    p.add_argument("--fixed-size", type=int, default=3, help="size of the rule the depth policy first trains with (default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="tokens recorded per prompt (default 96)")
+    p.add_argument("--iterations", type=int, default=100, help="PPO iterations per phase (default 100)")
+    p.add_argument("--n-steps", type=int, default=512, help="environment steps per PPO iteration (default 512)")
+    p.add_argument("--contexts", default="128,512", help="context lengths the profile measures (default 128,512)")
+    p.add_argument("--repeats", type=int, default=15, help="profile rounds over the verify grid (default 15)")
+    p.add_argument("--cycles", type=int, default=20, help="real cycles the profile times (default 20)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_tune)
