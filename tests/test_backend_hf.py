@@ -10,6 +10,10 @@ from ltd.backends.hf import HFBackend
 from ltd.tree import depths_from_parents
 
 ATOL = 1e-4
+# Hidden states reach |x| ~ 50 on the tiny model, where fp32 rounding of a different
+# reduction order (AVX-512 kernels sum in 16 lanes, AVX2 in 8) alone moves them by
+# ~1e-4; a wrong mask or position moves them by O(1). So features get a relative term.
+FEATURE_RTOL = 1e-5
 PROMPT = [3, 17, 42, 8, 77, 5, 23, 61, 9]
 FEATURE_LAYERS = [1, 2, 3]
 
@@ -69,7 +73,7 @@ def test_tree_logits_equal_sequential_decoding(tiny_model, n, seed, roots):
         ref_logits, ref_hidden = sequential(tiny_model, PROMPT + [tokens[j] for j in path])
         torch.testing.assert_close(out.logits[i], ref_logits[-1], atol=ATOL, rtol=0, msg=f"logits of node {i} (path {path})")
         ref_feat = torch.cat([ref_hidden[layer][0, -1] for layer in FEATURE_LAYERS])
-        torch.testing.assert_close(out.features[i], ref_feat, atol=ATOL, rtol=0, msg=f"features of node {i}")
+        torch.testing.assert_close(out.features[i], ref_feat, atol=ATOL, rtol=FEATURE_RTOL, msg=f"features of node {i}")
 
 
 def test_prefill_logits_and_features_equal_full_forward(tiny_model):
@@ -78,7 +82,7 @@ def test_prefill_logits_and_features_equal_full_forward(tiny_model):
     ref_logits, ref_hidden = sequential(tiny_model, PROMPT)
     torch.testing.assert_close(out.logits, ref_logits, atol=ATOL, rtol=0)
     ref_feat = torch.cat([ref_hidden[layer][0] for layer in FEATURE_LAYERS], dim=-1)
-    torch.testing.assert_close(out.features, ref_feat, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.features, ref_feat, atol=ATOL, rtol=FEATURE_RTOL)
 
 
 @pytest.mark.parametrize("cuts", [[5], [1, 2, 3, 4], [7, 13]])

@@ -109,14 +109,20 @@ def test_incremental_levels_equal_one_batch(backend):
     backend.reset()
     backend.score(PROMPT, list(range(-1, len(PROMPT) - 1)))
     backend.commit(list(range(len(PROMPT))))
-    whole = backend.score(tokens, parents).logits
+    scored = backend.score(tokens, parents)
+    whole = scored.logits
+    assert scored.exact is not None and bool(scored.exact[0])
     backend.rollback()
     pieces = [backend.score(tokens[lo:hi], parents[lo:hi]).logits for lo, hi in [(0, 2), (2, 4), (4, 5), (5, 7)]]
     backend.rollback()
     got = torch.cat(pieces)
-    # the one-node pieces (4, 5) are one-token batches: compare the multi-token pieces exactly
-    rows = [0, 1, 2, 3, 5, 6]
-    assert float((got[rows] - whole[rows]).abs().max()) == 0.0
+    # Nodes on the first-child chain sit in sequential decoding's cells in both scorings
+    # and are bit-identical (both are marked exact: node 0 here). Other nodes attend over
+    # other cells in the two scorings and may round differently (module docstring of
+    # ltd.backends.llamacpp: 0.4-1.0 logits; equal on AVX2, 0.39 for node 2 on AVX-512),
+    # but a wrong tree mask changes them by far more.
+    assert float((got[0] - whole[0]).abs().max()) == 0.0
+    assert float((got - whole).abs().max()) < 1.0
 
 
 @pytest.mark.parametrize("keep_leaf", [3, 6, 5])

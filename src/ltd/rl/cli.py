@@ -334,8 +334,8 @@ def run_tune(args) -> int:
     """profile -> record -> train-policy into one directory: policies fitted to this machine.
 
     Why: the best tree depends on what verification costs here, and that differs between
-    machines and even between days of one machine (session 10 measured V = 3 at 1.04x the
-    cost of V = 1 where session 9 measured 1.24x). Shipped policies carry the costs of the
+    machines (two 2-core AMD EPYC hosts of ours price V = 3 at 1.24x the cost of V = 1
+    with AVX2 only and at 1.04x with AVX-512). Shipped policies carry the costs of the
     machine that trained them. Each step is skipped or resumed when its output is already
     in ``--out``, so an interrupted run continues where it stopped.
     """
