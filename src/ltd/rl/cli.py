@@ -467,7 +467,9 @@ def add_parsers(subparsers) -> None:
     live.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.set_defaults(func=run_oracle)
 
-    p = subparsers.add_parser("tune-policy", help="profile, record and train LTD policies for this machine in one command")
+    p = subparsers.add_parser("tune-policy", help="profile, record and train LTD policies for this machine in one command",
+                              description="Profile this machine, record draft trees on the first --limit (default 10) prompts of "
+                                          "alpaca and train the depth and size policies, all into --out; rerunning resumes.")
     _model_args(p)
     _prompt_args(p, DEFAULT_RECORD_SUITE)
     p.set_defaults(limit=10)
