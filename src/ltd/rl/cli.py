@@ -330,6 +330,25 @@ def run_oracle(args) -> int:
 # -- ltd tune-policy ----------------------------------------------------------------------
 
 
+def _subcommand(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` with this module's own parsers, so a composed step gets every default
+    its command has (one place for them)."""
+    parser = argparse.ArgumentParser(prog="ltd")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def _model_argv(args) -> list[str]:
+    """The shared model flags of ``args`` as command-line arguments."""
+    argv = ["--model", args.model, "--device", args.device, "--dtype", args.dtype, "--backend", args.backend,
+            "--kernels", args.kernels, "--head-dtype", args.head_dtype]
+    if args.drafter is not None:
+        argv += ["--drafter", args.drafter]
+    if args.threads is not None:
+        argv += ["--threads", str(args.threads)]
+    return argv
+
+
 def run_tune(args) -> int:
     """profile -> record -> train-policy into one directory: policies fitted to this machine.
 
@@ -352,7 +371,7 @@ def run_tune(args) -> int:
             raise LtdError(f"--{name.replace('_', '-')} must be at least 1")
     out = Path(args.out)
     latency, traces, policy = out / "latency.json", out / "traces", out / "policy"
-    common = {name: getattr(args, name) for name in ("model", "drafter", "device", "dtype", "threads", "kernels", "head_dtype", "backend")}
+    model = _model_argv(args)
     if latency.is_file():
         known = LatencyModel.load(latency)
         if known.draft_topk != args.topk:
@@ -361,21 +380,27 @@ def run_tune(args) -> int:
     else:
         print(f"[1/3] profiling this machine -> {latency}")
         out.mkdir(parents=True, exist_ok=True)
-        run_profile(argparse.Namespace(**common, out=str(latency), topk=args.topk, max_depth=args.max_depth,
-                                       size=max(1, args.fixed_size), sizes=args.sizes, contexts=args.contexts,
-                                       repeats=args.repeats, cycles=args.cycles))
+        run_profile(_subcommand(["profile", *model, "--out", str(latency), "--topk", str(args.topk),
+                                 "--max-depth", str(args.max_depth), "--size", str(max(1, args.fixed_size)),
+                                 "--sizes", args.sizes, "--contexts", args.contexts, "--repeats", str(args.repeats),
+                                 "--cycles", str(args.cycles)]))
     print(f"[2/3] recording draft trees -> {traces}")
-    run_record(argparse.Namespace(**common, suites=args.suites, questions=args.questions, data_dir=args.data_dir,
-                                  limit=args.limit, allow_held_out=args.allow_held_out, raw=args.raw, max_depth=args.max_depth,
-                                  topk=args.topk, max_size=args.max_size, max_new_tokens=args.max_new_tokens,
-                                  out=str(traces), no_progress=args.no_progress))
+    prompts = ["--questions", args.questions] if args.questions else ["--suites", args.suites]
+    if args.data_dir:
+        prompts += ["--data-dir", args.data_dir]
+    prompts += ["--allow-held-out"] * args.allow_held_out + ["--raw"] * args.raw
+    run_record(_subcommand(["record", *model, *prompts, "--limit", str(args.limit), "--max-depth", str(args.max_depth),
+                            "--topk", str(args.topk), "--max-size", str(args.max_size),
+                            "--max-new-tokens", str(args.max_new_tokens), "--out", str(traces)]
+                           + ["--no-progress"] * args.no_progress))
     print(f"[3/3] training the depth and size policies -> {policy}")
-    run_train(argparse.Namespace(
-        env="replay", stage="both", iterations=args.iterations, rounds=1, n_steps=args.n_steps, batch_size=min(128, args.n_steps),
-        epochs=5, lr=3e-4, seed=0, sizes=args.sizes, fixed_depth=args.fixed_depth, fixed_size=args.fixed_size,
-        min_depth=1, reward="gain", ent_coef=0.01, warm_start="expected-value", warm_steps=8192, checkpoint_every=5,
-        eval_sequences=32, traces=str(traces), latency=str(latency), out=str(policy), resume=True, progress=False,
-        threads=1 if args.threads is None else args.threads))
+    run_train(_subcommand(["train-policy", "--env", "replay", "--stage", "both", "--traces", str(traces),
+                           "--latency", str(latency), "--sizes", args.sizes, "--min-depth", "1",
+                           "--fixed-depth", str(args.fixed_depth), "--fixed-size", str(args.fixed_size),
+                           "--iterations", str(args.iterations), "--n-steps", str(args.n_steps),
+                           "--batch-size", str(min(128, args.n_steps)), "--reward", "gain",
+                           "--warm-start", "expected-value", "--threads", str(args.threads or 1),
+                           "--out", str(policy), "--resume"]))
     print(f"policies fitted to this machine: {policy}\nuse them with: ltd generate --method ltd --policy {policy} "
           f"(also ltd bench and ltd serve)")
     return 0
