@@ -6,10 +6,12 @@ where a remembered continuation is right and the frozen tree's is not. This walk
 recorded with the frozen drafter (``ltd record``, prompts in file order) cycle by cycle,
 as a static DEPTHxSIZE tree would, and at each cycle also looks the context up in the
 memory of all earlier sequences (prompt and output, as ``StreamMemory`` keeps them, with
-the n-gram drafter's own ``find_matches`` and ``build_trie``). The *bound* accepts
+the n-gram drafter's own ``find_matches`` and ``build_trie``: the remembered occurrences
+of the longest suffix found, as the drafter matches). The *bound* accepts
 ``max(frozen, memory)`` tokens, where ``memory`` is the longest prefix of the target's
-continuation found along *any* remembered path, capped at SIZE: an arbiter that always
-knew which of the two to verify, at no cost. No online memory can beat it at that tree.
+continuation found along *any* remembered path after those occurrences, capped at SIZE:
+an arbiter that always knew which of the two to verify, at no cost. A memory that drafts
+this way cannot beat it at that tree.
 
     .venv/bin/python scripts/memory_bound.py --traces runs/s10/traces-humaneval \\
         --trees 1x1,3x3,4x5,8x8 --out benchmarks/memory-bound-s10
