@@ -386,3 +386,20 @@ def test_peer_outputs_compare_by_text():
     assert not same("static:1x4x2", ref, merged)
     other = tok("The word is Anna", add_special_tokens=False)["input_ids"]
     assert not same("llama.cpp-spec:ngram-mod", ref, other)
+
+
+def test_tie_margin_follows_the_dtype():
+    """fp32 keeps DESIGN.md's 1e-4; a 16-bit dtype ties within a few rounding steps of the logit."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ltd.bench.runner import TIE_MARGIN, tie_margin
+
+    assert tie_margin(SimpleNamespace(dtype=torch.float32), 20.0) == TIE_MARGIN
+    bf16 = tie_margin(SimpleNamespace(dtype=torch.bfloat16), 20.0)
+    assert bf16 == pytest.approx(4 * 2**-7 * 20.0)  # bfloat16's eps is 2^-7
+    assert bf16 > 0.25  # the margins of the bfloat16 differences measured on SmolLM2 (0 to 0.25) are ties
+    assert tie_margin(SimpleNamespace(dtype=torch.bfloat16), 0.001) == TIE_MARGIN  # never below the fp32 margin
+    assert tie_margin(SimpleNamespace(dtype=torch.float32, tie_margin=1.0), 20.0) == 1.0  # a backend's own, wider margin
+    assert tie_margin(SimpleNamespace(), -30.0) == TIE_MARGIN  # no dtype known: fp32

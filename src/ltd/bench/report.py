@@ -158,7 +158,8 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
     rows = [(label, m) for label, s in methods.items() for m in s.get("mismatches", [])]
     if rows:
         lines += ["", f"## Greedy outputs that differ from their reference", "",
-                  f"A top-2 margin (of the reference's logits) below the backend's tie margin (1e-4 on transformers) is a "
+                  f"A top-2 margin (of the reference's logits) below the backend's tie margin (1e-4 on transformers in "
+                  "float32; in a 16-bit dtype 4 rounding steps at the logit's size, 0.625 at a logit of 20 in bfloat16) is a "
                   "numerical tie; a larger one points at a bug, except across engines (llama.cpp's quantized kernels "
                   "against transformers' dense weights).", "",
                   "| method | reference | prompt | first differing token | reference token | method token "

@@ -188,6 +188,25 @@ def encode_turns(engine: Engine, turns: Sequence[str], replies: Sequence[str]) -
     return engine.encode_messages(messages)
 
 
+TIE_ROUNDING_STEPS = 4  # in a 16-bit dtype, margins within this many rounding steps are ties
+
+
+def tie_margin(backend, top_logit: float) -> float:
+    """Top-2 logit margin below which two greedy outputs may differ by rounding alone.
+
+    In fp32 it is :data:`TIE_MARGIN` (DESIGN.md section 2), or the backend's own wider
+    margin (llama.cpp's stock kernels move logits with the batch size). In a 16-bit dtype
+    one rounding step at the logit's size is ``eps * |logit|`` (0.125 at a logit of 20 in
+    bfloat16), and a tree sums in another order than plain decoding, which moves the
+    logits by a few such steps: measured bfloat16 differences on SmolLM2 sat at margins of
+    0 to 0.25 (2 steps), which the fp32 margin alone would call bugs.
+    """
+    base = float(getattr(backend, "tie_margin", TIE_MARGIN))
+    dtype = getattr(backend, "dtype", torch.float32)
+    eps = torch.finfo(dtype).eps if isinstance(dtype, torch.dtype) and dtype.is_floating_point else 0.0
+    return max(base, TIE_ROUNDING_STEPS * eps * abs(float(top_logit)))
+
+
 @torch.inference_mode()
 def reference_margin(backend, prompt: Sequence[int], reference: Sequence[int], position: int, other: int | None) -> dict:
     """Top-2 logit margin of the target after prompt + reference[:position].
@@ -205,6 +224,7 @@ def reference_margin(backend, prompt: Sequence[int], reference: Sequence[int], p
     out = {
         "reference_top2_margin": float(top.values[0] - top.values[1]),
         "reference_argmax": int(top.indices[0]),
+        "reference_top_logit": float(top.values[0]),
     }
     ref_tok = reference[position] if position < len(reference) else None
     if ref_tok is not None and other is not None:
@@ -382,8 +402,7 @@ class _Loop:
                 if with_margins and mm.reference_label == self.config.baseline:
                     row.update(reference_margin(self.engine.backend, mm.prompt, mm.reference, pos, row["output_token"]))
                     margin = row["reference_top2_margin"]
-                    # llama.cpp's stock kernels move logits with the batch size: a wider tie
-                    tie = getattr(self.engine.backend, "tie_margin", TIE_MARGIN)
+                    tie = tie_margin(self.engine.backend, row["reference_top_logit"])
                     row["numerical_tie"] = margin < tie
                     row["tie_margin"] = tie
                     if cross_engine:
