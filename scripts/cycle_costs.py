@@ -10,7 +10,7 @@ them, so its row says whether live LTD pays costs that replay does not see.
 
     .venv/bin/python scripts/cycle_costs.py --latency runs/s9/latency.json --suite alpaca \\
         --trees 1x8x1,2x8x1,3x8x3 --threads 2 --out benchmarks/cycle-costs-s9
-    .venv/bin/python scripts/cycle_costs.py --latency runs/s10/latency.json --suite humaneval \
+    .venv/bin/python scripts/cycle_costs.py --latency runs/s10/latency.json --suite humaneval \\
         --trees 2x8x1,ltd --threads 2 --out benchmarks/cycle-costs-s10
 """
 

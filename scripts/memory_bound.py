@@ -27,7 +27,7 @@ import numpy as np
 from ltd.drafting.ngram import SEP, build_trie, find_matches
 from ltd.fileio import atomic_write_json, atomic_write_text
 from ltd.online.memory import DEFAULT_MAX_N
-from ltd.rl.traces import TraceSet, accepted_length, fast_accepted_length, path_ranks
+from ltd.rl.traces import TraceSet
 
 
 def remembered(memory: np.ndarray, context: np.ndarray, continuation: np.ndarray, size: int, max_n: int) -> int:
@@ -53,9 +53,7 @@ def walk(seq, depth: int, size: int, memory: np.ndarray | None, max_n: int) -> t
     prompt, out = seq.prompt.astype(np.int64), seq.output.astype(np.int64)
     tokens = cycles = p = 0
     while p < seq.num_positions:
-        pos = seq[p]
-        ranks = path_ranks(pos)
-        acc = fast_accepted_length(ranks, depth, size) if ranks is not None else accepted_length(pos, depth, size)
+        acc = seq.accepted(p, depth, size)
         if memory is not None:
             context = np.concatenate([prompt, out[: p + 1]])
             acc = max(acc, remembered(memory, context, out[p + 1 :], size, max_n))

@@ -107,9 +107,14 @@ def build_trie(tokens: Sequence[int] | np.ndarray, ends: Sequence[int], max_len:
     return root
 
 
+def table_index(match_length: int, size: int) -> int:
+    """Entry of a q(m) table for an m-token match: m - 1, the last entry beyond the table."""
+    return min(max(match_length, 1), size) - 1
+
+
 def reliability(reliabilities: Sequence[float], match_length: int) -> float:
     """q(m): how often a continuation after an m-token match is right (the last entry beyond)."""
-    return float(reliabilities[min(max(match_length, 1), len(reliabilities)) - 1])
+    return float(reliabilities[table_index(match_length, len(reliabilities))])
 
 
 def top_children(

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ltd.drafting.ngram import table_index
 from ltd.errors import LtdError
 
 DEFAULT_STRENGTH = 50.0  # pseudo-trials of the prior per match length
@@ -38,7 +39,7 @@ class OnlineReliability:
 
     def observe(self, match_length: int, share: float, hit: bool) -> None:
         """One top child after a ``match_length``-token match, given ``share`` of its node's count."""
-        i = min(max(match_length, 1), self.prior.size) - 1
+        i = table_index(match_length, self.prior.size)
         self.shares[i] += share
         self.hits[i] += float(hit)
         self._table = None
@@ -54,7 +55,7 @@ class OnlineReliability:
     def trials(self) -> float:
         return float(self.shares.sum())
 
-    # -- persistence (inside the stream memory's metadata) ------------------------------
+    # -- persistence (reliability.json in the online state directory) -------------------
     def to_json(self) -> dict:
         return {"hits": self.hits.tolist(), "shares": self.shares.tolist(), "strength": self.strength}
 

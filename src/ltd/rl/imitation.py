@@ -99,4 +99,3 @@ def clone(model, obs: np.ndarray, actions: np.ndarray, epochs: int = 30, batch_s
 
 def teacher_for(kind: str, spec: ObsSpec, latency: LatencyModel, fixed_depth: int) -> Teacher:
     return expected_value_teacher(spec, latency) if kind == "size" else fixed_depth_teacher(spec, fixed_depth)
-
