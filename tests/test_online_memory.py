@@ -16,6 +16,7 @@ from ltd.drafting.hybrid import HybridDrafter
 from ltd.drafting.ngram import NgramDrafter, build_trie
 from ltd.errors import LtdError
 from ltd.online import OnlineAdapter, StreamMemory, parse_variant, reset_state
+from ltd.online.adapter import OnlineParts
 from ltd.online.memory import SEP
 from ltd.online.reliability import OnlineReliability
 from ltd.tree import Tree
@@ -90,11 +91,15 @@ def test_memory_is_lossless_and_a_repeated_request_accepts_more(tiny_model):
 
 
 def test_variants_and_their_errors(tiny_model):
-    assert parse_variant("plain") == ("plain", False)
-    assert parse_variant("memory") == (None, True)
-    assert parse_variant("hedge+memory") == ("hedge", True)
+    assert parse_variant("plain") == OnlineParts("plain", knn=False, memory=False)
+    assert parse_variant("memory") == OnlineParts(None, knn=False, memory=True)
+    assert parse_variant("hedge+memory") == OnlineParts("hedge", knn=False, memory=True)
+    assert parse_variant("knn+memory") == OnlineParts(None, knn=True, memory=True)
+    assert parse_variant("plain+knn") == OnlineParts("plain", knn=True, memory=False)
     with pytest.raises(LtdError, match="unknown online variant"):
         parse_variant("memory+plain")
+    with pytest.raises(LtdError, match="unknown online variant"):
+        parse_variant("memory+knn")
     head = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=3)
     with pytest.raises(LtdError, match="n-gram drafter"):
         OnlineAdapter(Eagle3Drafter(head, tiny_model.get_input_embeddings()), "memory")

@@ -319,15 +319,17 @@ def _private_online_drafter(engine: Engine, variant: str):
     from ltd.online import OnlineAdapter, parse_variant
     from ltd.online.learner import adaptable_head
 
-    gradient, _ = parse_variant(variant)
+    parts = parse_variant(variant)
     shared = engine.drafter
     model = shared.model if isinstance(shared, HybridDrafter) else shared
-    if gradient is not None:  # the learner trains a private copy of the head
+    if parts.gradient is not None or parts.knn:
         shipped = adaptable_head(shared)
-        model = Eagle3Drafter(copy.deepcopy(shipped.head), shipped.embed)
+        # the learner trains a private copy of the head; a kNN memory attaches to a private drafter
+        head = copy.deepcopy(shipped.head) if parts.gradient is not None else shipped.head
+        model = Eagle3Drafter(head, shipped.embed)
     if isinstance(shared, HybridDrafter):  # same split as the frozen methods (@D included)
         drafter = HybridDrafter(copy.deepcopy(shared.ngram), model, model_depth=shared.model_depth)
-    elif gradient is None:
+    elif parts.gradient is None and not parts.knn:
         drafter = copy.deepcopy(shared)  # an n-gram drafter with its own memory (an error otherwise)
     else:
         drafter = model

@@ -336,6 +336,8 @@ class Eagle3Drafter:
         self.device, self.dtype = p.device, p.dtype
         self._wide: Eagle3Head | None = None
         self._wide_key: tuple = ()
+        self.knn = None  # a KnnMemory when --online knn is on (ltd.online.knn)
+        self._vocab_maps: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset()
 
     def _wide_head(self) -> Eagle3Head | None:
@@ -357,6 +359,8 @@ class Eagle3Drafter:
         return self._wide
 
     def reset(self) -> None:
+        if self.knn is not None:
+            self.knn.end_sequence()
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._consumed = 0  # head entries committed (= target positions consumed)
@@ -404,17 +408,34 @@ class Eagle3Drafter:
         self._k = kk if self._k is None else torch.cat([self._k, kk], dim=2)
         self._v = vv if self._v is None else torch.cat([self._v, vv], dim=2)
         self._consumed = t0 + n
+        if self.knn is not None:  # every entry's state is a key; its label comes two tokens on
+            self.knn.observe(t0, self.knn.keys_of(self.head.norm(out[0])), self._tokens)
         g = out[0, -1]
         self._node_hidden = {0: g}
         self._node_entry = {}
-        tokens, logp = self._topk(g.unsqueeze(0), k)
+        tokens, logp = self._topk(g.unsqueeze(0), k, [self._tokens[-1]])
         return tokens[0], logp[0]
 
-    def _topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logp = torch.log_softmax(self.head.logits(hidden).float(), dim=-1)
+    def _topk(self, hidden: torch.Tensor, k: int, read_tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k target ids and log-probs of the head at ``hidden`` rows (that read ``read_tokens``)."""
+        normed = self.head.norm(hidden)
+        logp = torch.log_softmax(self.head.lm_head(normed).float(), dim=-1)
+        if self.knn is not None and len(self.knn):
+            d2t, t2d = self._maps()
+            return self.knn.mix(logp.cpu(), d2t, t2d, self.knn.keys_of(normed), read_tokens, k)
         k = min(k, logp.shape[-1])
         val, idx = torch.topk(logp, k, dim=-1)
         return self.head.draft_to_target(idx).cpu(), val.cpu()
+
+    def _maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(draft id -> target id, target id -> draft id or -1), on the CPU, built once."""
+        if self._vocab_maps is None:
+            cfg = self.head.config
+            d2t = self.head.draft_to_target(torch.arange(cfg.draft_vocab_size, device=self.head.d2t.device)).cpu()
+            t2d = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
+            t2d[d2t] = torch.arange(cfg.draft_vocab_size)
+            self._vocab_maps = (d2t, t2d)
+        return self._vocab_maps
 
     @torch.inference_mode()
     def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -441,7 +462,7 @@ class Eagle3Drafter:
         self._spec_parent.extend(parents_entry)
         for j, node in enumerate(node_list):
             self._node_hidden[node] = out[0, j]
-        return self._topk(out[0], k)
+        return self._topk(out[0], k, tree.tokens[nodes].tolist())
 
     def end(self) -> None:
         self._spec_k, self._spec_v, self._spec_parent = [], [], []

@@ -1,13 +1,15 @@
-"""What ``--online VARIANT`` turns on: a gradient learner for the head, a stream memory
-for the n-gram drafter, or both.
+"""What ``--online VARIANT`` turns on: a gradient learner for the head, a kNN memory
+for the head, a stream memory for the n-gram drafter, or several of them.
 
-``plain``, ``optimistic`` and ``hedge`` adapt the EAGLE-3 head
-(:class:`ltd.online.learner.OnlineLearner`); ``memory`` lets the n-gram drafter search
-the sequences served before (:class:`ltd.online.memory.StreamMemory`) and re-learn how
-far to trust its matches (:class:`ltd.online.reliability.OnlineReliability`);
-``VARIANT+memory`` does both. One object listens to commits and saves/restores
-everything under one state directory, so the engine, the CLI, the server and the bench
-handle every variant alike.
+``plain``, ``optimistic`` and ``hedge`` adapt the EAGLE-3 head's weights
+(:class:`ltd.online.learner.OnlineLearner`); ``knn`` lets the head's drafts be voted on
+by the stored states nearest to its own, labelled by the target
+(:class:`ltd.online.knn.KnnMemory`); ``memory`` lets the n-gram drafter search the
+sequences served before (:class:`ltd.online.memory.StreamMemory`) and re-learn how far
+to trust its matches (:class:`ltd.online.reliability.OnlineReliability`). They combine
+with ``+`` in that order (``knn+memory``, ``plain+knn``). One object listens to commits
+and saves/restores everything under one state directory, so the engine, the CLI, the
+server and the bench handle every variant alike.
 """
 
 from __future__ import annotations
@@ -15,26 +17,43 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dataclasses import dataclass
+from itertools import product
+
 from ltd.errors import LtdError
 from ltd.fileio import atomic_dir
-from ltd.online.learner import GRADIENT_VARIANTS, LEARNER_FILES, OnlineConfig, OnlineLearner
+from ltd.online.knn import KNN_FILES, KnnMemory, head_fingerprint
+from ltd.online.learner import GRADIENT_VARIANTS, LEARNER_FILES, OnlineConfig, OnlineLearner, adaptable_head
 from ltd.online.memory import MEMORY_FILES, StreamMemory
 from ltd.online.reliability import OnlineReliability
 
+KNN = "knn"
 MEMORY = "memory"
-VARIANTS = GRADIENT_VARIANTS + (MEMORY,) + tuple(f"{g}+{MEMORY}" for g in GRADIENT_VARIANTS)
+VARIANTS = tuple(
+    "+".join(p for p in parts if p)
+    for parts in product((None,) + GRADIENT_VARIANTS, (None, KNN), (None, MEMORY))
+    if any(parts)
+)
 ADAPTER_FILE = "adapter.json"
 RELIABILITY_FILE = "reliability.json"
 
 
-def parse_variant(variant: str) -> tuple[str | None, bool]:
-    """``plain`` -> ("plain", False); ``memory`` -> (None, True); ``hedge+memory`` -> ("hedge", True)."""
+@dataclass(frozen=True)
+class OnlineParts:
+    """The components one ``--online`` variant turns on."""
+
+    gradient: str | None  # plain | optimistic | hedge, or None
+    knn: bool
+    memory: bool
+
+
+def parse_variant(variant: str) -> OnlineParts:
+    """``plain`` -> (plain, no kNN, no memory); ``knn+memory`` -> (None, kNN, memory)."""
     if variant not in VARIANTS:
         raise LtdError(f"unknown online variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    gradient, _, rest = variant.partition("+")
-    if gradient == MEMORY:
-        return None, True
-    return gradient, rest == MEMORY
+    parts = variant.split("+")
+    gradient = parts[0] if parts[0] in GRADIENT_VARIANTS else None
+    return OnlineParts(gradient=gradient, knn=KNN in parts, memory=MEMORY in parts)
 
 
 def ngram_part(drafter):
@@ -50,12 +69,18 @@ class OnlineAdapter:
     """The online adaptation of one drafter: optional gradient learner, optional stream memory."""
 
     def __init__(self, drafter, variant: str, **overrides) -> None:
-        gradient, memory = parse_variant(variant)
+        parts = parse_variant(variant)
         self.variant = variant
-        self.learner = OnlineLearner(drafter, OnlineConfig(variant=gradient, **overrides)) if gradient else None
+        self.learner = OnlineLearner(drafter, OnlineConfig(variant=parts.gradient, **overrides)) if parts.gradient else None
         if overrides and self.learner is None:
             raise LtdError(f"online settings {sorted(overrides)} apply to the head learner; variant {variant!r} has none")
-        self.ngram = ngram_part(drafter) if memory else None
+        self.knn = None
+        if parts.knn:
+            head_drafter = adaptable_head(drafter)
+            head = head_drafter.head
+            self.knn = KnnMemory(head.config.hidden_size, head_fingerprint(head))
+            head_drafter.knn = self.knn
+        self.ngram = ngram_part(drafter) if parts.memory else None
         self.memory = None
         self.reliability = None
         if self.ngram is not None:
@@ -88,6 +113,8 @@ class OnlineAdapter:
         def write(tmp: Path) -> None:
             if self.learner is not None:
                 self.learner.write_files(tmp)
+            if self.knn is not None:
+                self.knn.write_files(tmp)
             if self.memory is not None:
                 self.memory.write_files(tmp)
                 (tmp / RELIABILITY_FILE).write_text(json.dumps(self.reliability.to_json(), indent=2))
@@ -108,6 +135,8 @@ class OnlineAdapter:
             raise LtdError(f"online state in {directory} is for --online {saved}, not {self.variant}; use the same --online or reset it")
         if self.learner is not None:
             self.learner.load_state(directory)
+        if self.knn is not None:
+            self.knn.read_files(directory)
         if self.memory is not None:
             self.memory.read_files(directory)
             self._read_reliability(directory / RELIABILITY_FILE)
@@ -125,4 +154,4 @@ class OnlineAdapter:
 def has_state(directory: str | Path) -> bool:
     """Whether a directory holds saved online state of any variant."""
     d = Path(directory)
-    return any((d / name).exists() for name in (*LEARNER_FILES, ADAPTER_FILE, *MEMORY_FILES, RELIABILITY_FILE))
+    return any((d / name).exists() for name in (*LEARNER_FILES, ADAPTER_FILE, *KNN_FILES, *MEMORY_FILES, RELIABILITY_FILE))
