@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from ltd.backends.hf import HFBackend
 from ltd.control import StaticController
 from ltd.drafting.eagle3 import Eagle3Drafter
 from ltd.drafting.hybrid import HybridDrafter
-from ltd.drafting.ngram import NgramDrafter
+from ltd.drafting.ngram import SEP, NgramDrafter
 from ltd.errors import LtdError
 from ltd.online import OnlineAdapter, reset_state
 from ltd.online.knn import KnnConfig, KnnMemory
@@ -29,41 +30,74 @@ def test_entries_are_labelled_two_tokens_on_once_committed():
     tokens = [10, 11, 12, 13]  # 13 is pending: entry j read tokens[j+1], is labelled tokens[j+2]
     mem.observe(0, _unit([[1, 0], [0, 1], [1, 1]]), tokens)
     assert len(mem) == 2  # entry 2 read 13 and waits for the token after it
-    assert mem.read[:2].tolist() == [11, 12] and mem.labels[:2].tolist() == [12, 13]
+    assert mem.read[:2].tolist() == [11, 12] and mem.labels.tolist() == [12, 13]
     mem.observe(3, _unit([[1, -1]]), tokens + [14])  # one more committed token labels entry 2
     assert len(mem) == 3 and mem.read[2].item() == 13 and mem.labels[2].item() == 14
     mem.end_sequence()  # entry 3 (read 14) never got a label: dropped with its request
-    mem.observe(0, _unit([[0, 1]]), [7, 8])
-    assert len(mem) == 3
+    assert mem.stream == [10, 11, 12, 13, 14, SEP]
+    mem.observe(0, _unit([[0, 1], [1, 0]]), [7, 8, 9])
+    assert len(mem) == 4 and mem.labels[3].item() == 9 and mem.stream[-3:] == [7, 8, 9]
 
 
-def test_votes_come_from_the_bucket_of_the_read_token_and_the_ring_keeps_the_newest():
-    mem = KnnMemory(hidden_size=2, fingerprint="x", cfg=KnnConfig(capacity=16, k=2, temperature=0.01))
-    mem._store(_unit([[1, 0], [0, 1], [1, 0.1]]), torch.tensor([5, 5, 6]), torch.tensor([40, 41, 42]))
-    labels, weights = mem.votes(_unit([[1, 0]])[0], read_token=5)
-    assert labels.tolist() == [40, 41] and weights[0] > 0.99  # the near key dominates
-    assert mem.votes(_unit([[1, 0]])[0], read_token=6)[0].tolist() == [42]
-    assert mem.votes(_unit([[1, 0]])[0], read_token=7) is None
-    small = KnnMemory(hidden_size=2, fingerprint="x", cfg=KnnConfig(capacity=16))
-    for i in range(20):
-        small._store(_unit([[1, i]]), torch.tensor([i]), torch.tensor([i + 100]))
-    assert len(small) == 16 and sorted(small.read.tolist()) == list(range(4, 20))
+def _filled(cfg: KnnConfig) -> KnnMemory:
+    """Two served sequences: 1 5 40 41 42 and 2 5 43 44, keyed so that 5->40 and 5->43 differ."""
+    mem = KnnMemory(hidden_size=2, fingerprint="x", cfg=cfg)
+    mem.observe(0, _unit([[1, 0], [0, 1], [0, 1], [0, 1], [0, 1]]), [1, 5, 40, 41, 42])  # entry 0 read 5
+    mem.end_sequence()
+    mem.observe(0, _unit([[0.2, 1], [0, 1], [0, 1], [0, 1]]), [2, 5, 43, 44])
+    mem.end_sequence()
+    return mem
+
+
+def test_retrieval_votes_and_continuations_come_from_the_bucket_of_the_read_token():
+    mem = _filled(KnnConfig(capacity=16, k=2, temperature=0.01))
+    found = mem.retrieve(_unit([[1, 0]])[0], read_token=5)
+    assert found.labels.tolist() == [40, 43] and found.weights[0] > 0.99  # the near key dominates
+    # the continuations after the labels, each stopping at its sequence's end
+    assert sorted(found.trie.children) == [40, 43]
+    assert list(found.trie.children[40].children) == [41] and list(found.trie.children[43].children) == [44]
+    assert mem.retrieve(_unit([[1, 0]])[0], read_token=40).labels.tolist() == [41]
+    assert mem.retrieve(_unit([[1, 0]])[0], read_token=99) is None
+    # trie children are scored q(depth) x weight share
+    toks, logps = mem.children(found.trie.children[40], k=2)
+    assert toks[0] == 41 and math.isclose(math.exp(logps[0]), mem.reliability.table()[0], rel_tol=1e-6)
+
+
+def test_ring_keeps_the_newest_and_the_stream_is_trimmed_behind_it():
+    mem = KnnMemory(hidden_size=2, fingerprint="x", cfg=KnnConfig(capacity=16))
+    for r in range(10):
+        seq = [100 + r * 10 + i for i in range(8)]
+        mem.observe(0, _unit([[1, i] for i in range(8)]), seq)
+        mem.end_sequence()
+    assert len(mem) == 16 and mem.added == 60
+    assert len(mem.stream) <= 2 * 16 + 9  # trimmed, up to one sequence of slack
+    assert sorted(mem.labels.tolist()) == [t for r in (7, 8, 9) for t in [100 + r * 10 + i for i in range(2, 8)]][-16:]
 
 
 def test_mix_adds_votes_to_the_head_distribution():
-    mem = KnnMemory(hidden_size=2, fingerprint="x", cfg=KnnConfig(capacity=16, k=4, weight=0.5))
-    mem._store(_unit([[1, 0], [1, 0]]), torch.tensor([5, 5]), torch.tensor([3, 90]))  # 90: outside the draft vocab
-    d2t = torch.tensor([0, 1, 2, 3])  # draft vocab = target ids 0..3 of 100
+    mem = _filled(KnnConfig(capacity=16, k=4, weight=0.5, temperature=1e3))  # near-equal votes
+    found = mem.retrieve(_unit([[1, 0]])[0], read_token=5)  # 40 and 43, half each
+    d2t = torch.tensor([0, 1, 2, 40])  # draft vocab: target ids 0, 1, 2, 40 (43 is outside)
     t2d = torch.full((100,), -1, dtype=torch.long)
     t2d[d2t] = torch.arange(4)
-    head = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1]]))
-    toks, logp = mem.mix(head, d2t, t2d, _unit([[1, 0], [1, 0]]), [5, 9], k=3)
-    p = logp.exp()
-    # row 0: 0 -> 0.35, 3 -> 0.05 + 0.25, 90 -> 0.25
-    assert toks[0].tolist() == [0, 3, 90]
-    assert torch.allclose(p[0], torch.tensor([0.35, 0.30, 0.25]), atol=1e-5)
-    # row 1 read a token nobody stored: the head's own top-3
-    assert toks[1].tolist()[0] == 0 and torch.allclose(p[1][0], torch.tensor(0.7))
+    head = torch.log(torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    toks, logp = mem.mix(head, d2t, t2d, found, k=3)
+    # 0 -> 0.35, 40 -> 0.05 + 0.25, 43 -> 0.25
+    assert toks.tolist() == [0, 40, 43]
+    assert torch.allclose(logp.exp(), torch.tensor([0.35, 0.30, 0.25]), atol=1e-3)
+    toks, logp = mem.mix(head, d2t, t2d, None, k=3)  # no neighbours: the head alone
+    assert toks.tolist()[0] == 0 and math.isclose(float(logp[0].exp()), 0.7, rel_tol=1e-5)
+
+
+def test_calibration_learns_from_committed_tokens():
+    mem = _filled(KnnConfig(capacity=16, k=2, temperature=0.01))
+    found = mem.retrieve(_unit([[1, 0]])[0], read_token=5)
+    before = mem.reliability.table()[0]
+    for _ in range(200):  # the target keeps rejecting 41 after 40
+        mem.calibrate(found.trie, [40, 99])
+    assert mem.reliability.table()[0] < before / 3
+    mem.calibrate(found.trie, [43])  # a single committed token grades nothing beyond the votes
+    assert mem.reliability.trials == 200 * found.trie.children[40].children[41].count / found.trie.children[40].count
 
 
 def _hybrid(tiny_model, seed=3):

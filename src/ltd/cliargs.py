@@ -12,7 +12,8 @@ from ltd.defaults import DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, HEAD_DTYPE_HELP, H
 
 ONLINE_HELP = (
     "adapt the drafter while {doing}: the EAGLE-3 head's weights (plain, optimistic, hedge), "
-    "the n-gram drafter's memory of served sequences (memory), or both (e.g. plain+memory)"
+    "a kNN memory of the head's states labelled by the target (knn), "
+    "the n-gram drafter's memory of served sequences (memory), or several joined by + (e.g. knn+memory)"
 )
 
 

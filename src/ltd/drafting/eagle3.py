@@ -371,6 +371,9 @@ class Eagle3Drafter:
         self._spec_parent: list[int] = []  # parent spec entry (-1 = context)
         self._node_entry: dict[int, int] = {}
         self._node_hidden: dict[int, torch.Tensor] = {}
+        self._retrieval = None  # the kNN memory's Retrieval at the last root (--online knn)
+        self._retrieved_at = 0  # sequence length at that root
+        self._trie_memo: dict[int, object] = {}
 
     def sync(self, tokens: Sequence[int], features: torch.Tensor | None) -> None:
         self._tokens = list(tokens)
@@ -408,24 +411,51 @@ class Eagle3Drafter:
         self._k = kk if self._k is None else torch.cat([self._k, kk], dim=2)
         self._v = vv if self._v is None else torch.cat([self._v, vv], dim=2)
         self._consumed = t0 + n
-        if self.knn is not None:  # every entry's state is a key; its label comes two tokens on
-            self.knn.observe(t0, self.knn.keys_of(self.head.norm(out[0])), self._tokens)
         g = out[0, -1]
         self._node_hidden = {0: g}
         self._node_entry = {}
-        tokens, logp = self._topk(g.unsqueeze(0), k, [self._tokens[-1]])
+        if self.knn is not None:
+            return self._root_with_knn(out[0], t0, k)
+        tokens, logp = self._topk(g.unsqueeze(0), k)
         return tokens[0], logp[0]
 
-    def _topk(self, hidden: torch.Tensor, k: int, read_tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k target ids and log-probs of the head at ``hidden`` rows (that read ``read_tokens``)."""
-        normed = self.head.norm(hidden)
-        logp = torch.log_softmax(self.head.lm_head(normed).float(), dim=-1)
-        if self.knn is not None and len(self.knn):
-            d2t, t2d = self._maps()
-            return self.knn.mix(logp.cpu(), d2t, t2d, self.knn.keys_of(normed), read_tokens, k)
+    def _root_with_knn(self, out: torch.Tensor, t0: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Learn from the new entries, then draft the first level from head and neighbours' votes."""
+        knn = self.knn
+        if self._retrieval is not None:  # what the target committed since the last root grades its trie
+            knn.calibrate(self._retrieval.trie, self._tokens[self._retrieved_at :])
+        normed = self.head.norm(out)
+        keys = knn.keys_of(normed)
+        knn.observe(t0, keys, self._tokens)  # every entry's state is a key; its label comes two tokens on
+        self._retrieval = knn.retrieve(keys[-1], self._tokens[-1]) if len(knn) else None
+        self._retrieved_at = len(self._tokens)
+        self._trie_memo = {0: self._retrieval.trie if self._retrieval is not None else None}
+        logp = torch.log_softmax(self.head.lm_head(normed[-1]).float(), dim=-1).cpu()
+        return knn.mix(logp, *self._maps(), self._retrieval, k)
+
+    def _topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(self.head.logits(hidden).float(), dim=-1)
         k = min(k, logp.shape[-1])
         val, idx = torch.topk(logp, k, dim=-1)
         return self.head.draft_to_target(idx).cpu(), val.cpu()
+
+    def retrieved(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Children of ``nodes`` from the kNN retrieval trie (no model work); None without a kNN memory."""
+        if self.knn is None:
+            return None
+        rows = [self.knn.children(self._trie_node(tree, int(node)), k) for node in nodes.tolist()]
+        toks = torch.tensor([r[0] for r in rows], dtype=torch.long).reshape(len(rows), k)
+        logps = torch.tensor([r[1] for r in rows], dtype=torch.float32).reshape(len(rows), k)
+        return toks, logps
+
+    def _trie_node(self, tree: Tree, node: int):
+        """The retrieval-trie node of a tree node, found by its tokens (None off the trie)."""
+        if node in self._trie_memo:
+            return self._trie_memo[node]
+        parent = self._trie_node(tree, int(tree.parents[node]))
+        found = parent.children.get(int(tree.tokens[node])) if parent is not None else None
+        self._trie_memo[node] = found
+        return found
 
     def _maps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(draft id -> target id, target id -> draft id or -1), on the CPU, built once."""
@@ -462,7 +492,13 @@ class Eagle3Drafter:
         self._spec_parent.extend(parents_entry)
         for j, node in enumerate(node_list):
             self._node_hidden[node] = out[0, j]
-        return self._topk(out[0], k, tree.tokens[nodes].tolist())
+        toks, logps = self._topk(out[0], k)
+        found = self.retrieved(tree, nodes, k) if self._retrieval is not None else None
+        if found is not None:
+            from ltd.drafting.hybrid import merge_candidates
+
+            return merge_candidates(toks, logps, *found, k)
+        return toks, logps
 
     def end(self) -> None:
         self._spec_k, self._spec_v, self._spec_parent = [], [], []

@@ -82,7 +82,10 @@ class HybridDrafter:
         ta, la = self.ngram.expand(tree, nodes, k)
         # nodes at depth d get children at depth d + 1: the model drafts levels 1..model_depth
         if self.model_depth is not None and nodes.numel() and int(tree.depths[nodes].min()) >= self.model_depth:
-            return ta, la.float()
+            # the model's retrieval memory (--online knn) still drafts here, at no model cost
+            retrieved = getattr(self.model, "retrieved", None)
+            found = retrieved(tree, nodes, k) if retrieved is not None else None
+            return merge_candidates(ta, la, *found, k) if found is not None else (ta, la.float())
         tb, lb = self.model.expand(tree, nodes, k)
         return merge_candidates(ta, la, tb, lb, k)
 

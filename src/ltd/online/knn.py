@@ -8,6 +8,13 @@ has committed the token two places on, that token is the label. When the head dr
 again, the stored states nearest to its current one vote for their labels, and the
 draft distribution becomes ``(1 - w) * head + w * votes``.
 
+The neighbours also say what came *after* their label: each stored position points into
+a token stream of everything served (sequences separated by :data:`SEP`), and their
+continuations, weighted by the votes, form a trie that drafts the deeper levels at no
+model cost, like the n-gram drafter's but found by the head's state instead of an exact
+suffix. A child's score is ``q(depth) * weight(child) / weight(parent)``, with q
+re-learned from what the target committed (:class:`ltd.online.reliability.OnlineReliability`).
+
 Neighbours must share the token the head entry read (``x_{j+1}``, the node being
 expanded). Why: the hidden state already encodes that token, so neighbours almost always
 share it anyway, and restricting to it turns a search over the whole store into a search
@@ -39,11 +46,16 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ltd.drafting.ngram import SEP, TrieNode, table_index, top_children
 from ltd.errors import LtdError
+from ltd.online.reliability import OnlineReliability
 
 log = logging.getLogger(__name__)
 
-KNN_VERSION = 1
+KNN_VERSION = 2
+# q(d): how often the top continuation at trie depth d (d = 1: the second drafted token) is
+# the target's, before any evidence; re-learned online per depth
+DEFAULT_CONTINUATION_RELIABILITY = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 KNN_FILES = ("knn.json", "knn.safetensors")
 
 
@@ -55,11 +67,12 @@ class KnnConfig:
     k: int = 16  # neighbours that vote
     temperature: float = 0.02  # softmax temperature over cosine similarities
     weight: float = 0.5  # share of the votes in the draft distribution
+    max_len: int = 8  # continuation tokens per neighbour in the retrieval trie
 
     def validate(self) -> None:
-        if self.capacity < 16 or self.k < 1 or self.temperature <= 0 or not 0.0 < self.weight <= 1.0:
+        if self.capacity < 16 or self.k < 1 or self.temperature <= 0 or not 0.0 < self.weight <= 1.0 or self.max_len < 1:
             raise LtdError(
-                f"kNN memory needs capacity >= 16, k >= 1, temperature > 0 and 0 < weight <= 1, got {asdict(self)}"
+                f"kNN memory needs capacity >= 16, k >= 1, temperature > 0, 0 < weight <= 1 and max_len >= 1, got {asdict(self)}"
             )
 
 
@@ -73,8 +86,35 @@ def head_fingerprint(head) -> str:
     return h.hexdigest()[:16]
 
 
+def build_weighted_trie(continuations: Sequence[Sequence[int]], weights: Sequence[float]) -> TrieNode:
+    """Merge continuations into a trie whose counts are the summed weights of the paths through each node."""
+    root = TrieNode()
+    for cont, w in zip(continuations, weights):
+        if not cont:
+            continue
+        root.count += w
+        node = root
+        for tok in cont:
+            child = node.children.get(tok)
+            if child is None:
+                child = node.children[tok] = TrieNode(depth=node.depth + 1)
+            child.count += w
+            node = child
+    return root
+
+
+@dataclass
+class Retrieval:
+    """What the store says about one query: the votes for the next token and the trie of what followed."""
+
+    labels: torch.Tensor  # target ids of the neighbours' labels
+    weights: torch.Tensor  # their votes (sum 1)
+    trie: TrieNode  # continuations from the label on, weighted by the votes
+
+
 class KnnMemory:
-    """A ring buffer of (key, read token, label) for head positions whose label is committed."""
+    """A ring buffer of (key, read token, label position) for head positions whose label is committed,
+    beside the stream of served tokens the positions point into."""
 
     def __init__(self, hidden_size: int, fingerprint: str, cfg: KnnConfig | None = None) -> None:
         self.cfg = cfg or KnnConfig()
@@ -84,14 +124,28 @@ class KnnMemory:
         cap = self.cfg.capacity
         self.keys = torch.zeros((cap, hidden_size), dtype=torch.float32)
         self.read = torch.full((cap,), -1, dtype=torch.long)  # x_{j+1}: the token the entry read
-        self.labels = torch.zeros(cap, dtype=torch.long)  # x_{j+2}: the target's token
+        self.pos = torch.zeros(cap, dtype=torch.long)  # stream position (absolute) of x_{j+2}, the label
         self.size = 0
         self.next = 0  # ring position of the next write
         self.added = 0  # positions stored so far (overwritten ones included)
+        self.stream: list[int] = []  # served tokens, SEP between sequences
+        self.offset = 0  # absolute position of stream[0] (older tokens were trimmed)
+        self._seq_start = 0  # absolute position of the current sequence's first token
+        self._seq_len = 0  # tokens of the current sequence in the stream
         self._waiting: list[tuple[int, torch.Tensor]] = []  # (entry j, key) whose label is not committed yet
+        self.reliability = OnlineReliability(DEFAULT_CONTINUATION_RELIABILITY)
 
     def __len__(self) -> int:
         return self.size
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The label (target id) of every slot."""
+        return torch.tensor([self._token_at(int(p)) for p in self.pos[: self.size]], dtype=torch.long)
+
+    def _token_at(self, position: int) -> int:
+        i = position - self.offset
+        return self.stream[i] if 0 <= i < len(self.stream) else SEP
 
     # -- learning ----------------------------------------------------------------------
     @staticmethod
@@ -106,6 +160,9 @@ class KnnMemory:
         Entry j read ``tokens[j + 1]`` and is labelled ``tokens[j + 2]`` once that exists;
         entries still unlabelled wait for the next call.
         """
+        if len(tokens) > self._seq_len:
+            self.stream.extend(int(t) for t in tokens[self._seq_len :])
+            self._seq_len = len(tokens)
         self._waiting.extend((first_entry + i, keys[i]) for i in range(keys.shape[0]))
         ready = [(j, key) for j, key in self._waiting if j + 2 < len(tokens)]
         self._waiting = [(j, key) for j, key in self._waiting if j + 2 >= len(tokens)]
@@ -113,106 +170,167 @@ class KnnMemory:
             self._store(
                 torch.stack([key for _, key in ready]),
                 torch.tensor([tokens[j + 1] for j, _ in ready], dtype=torch.long),
-                torch.tensor([tokens[j + 2] for j, _ in ready], dtype=torch.long),
+                torch.tensor([self._seq_start + j + 2 for j, _ in ready], dtype=torch.long),
             )
+        self._trim()
 
     def end_sequence(self) -> None:
-        """A request ended: entries without a label are dropped."""
+        """A request ended: entries without a label are dropped, the stream gets a separator."""
         self._waiting = []
+        if self._seq_len:
+            self.stream.append(SEP)
+            self._seq_start = self.offset + len(self.stream)
+            self._seq_len = 0
 
-    def _store(self, keys: torch.Tensor, read: torch.Tensor, labels: torch.Tensor) -> None:
+    def _store(self, keys: torch.Tensor, read: torch.Tensor, pos: torch.Tensor) -> None:
         cap = self.cfg.capacity
         if keys.shape[0] > cap:
-            keys, read, labels = keys[-cap:], read[-cap:], labels[-cap:]
+            keys, read, pos = keys[-cap:], read[-cap:], pos[-cap:]
         n = keys.shape[0]
         idx = (torch.arange(n) + self.next) % cap
         with torch.no_grad():
             self.keys[idx] = keys
             self.read[idx] = read
-            self.labels[idx] = labels
+            self.pos[idx] = pos
         self.next = int((self.next + n) % cap)
         self.size = min(cap, self.size + n)
         self.added += n
 
+    def _trim(self) -> None:
+        """Keep the stream to what stored positions can reach (at most twice the capacity, never the current sequence)."""
+        cap = self.cfg.capacity
+        if len(self.stream) <= 2 * cap:
+            return
+        oldest = int(self.pos[: self.size].min()) if self.size else self.offset + len(self.stream)
+        cut = min(oldest, self._seq_start, self.offset + len(self.stream) - cap) - self.offset
+        if cut > 0:
+            del self.stream[:cut]
+            self.offset += cut
+
     # -- drafting ----------------------------------------------------------------------
-    def votes(self, query: torch.Tensor, read_token: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(labels, weights) of the k stored neighbours of one key that read ``read_token``; None if none did."""
+    def retrieve(self, query: torch.Tensor, read_token: int) -> Retrieval | None:
+        """The k stored neighbours of one key that read ``read_token`` (None if none did)."""
         rows = torch.nonzero(self.read[: self.size] == read_token).flatten()
         if rows.numel() == 0:
             return None
         sims = self.keys[rows] @ query
         k = min(self.cfg.k, sims.numel())
         top, at = torch.topk(sims, k)
-        return self.labels[rows[at]], torch.softmax(top / self.cfg.temperature, dim=0)
+        weights = torch.softmax(top / self.cfg.temperature, dim=0)
+        conts = [self._continuation(int(p)) for p in self.pos[rows[at]]]
+        labels = torch.tensor([c[0] if c else SEP for c in conts], dtype=torch.long)
+        keep = labels != SEP  # a label trimmed from the stream
+        if not bool(keep.any()):
+            return None
+        weights = weights[keep] / weights[keep].sum()
+        conts = [c for c, ok in zip(conts, keep.tolist()) if ok]
+        return Retrieval(labels[keep], weights, build_weighted_trie(conts, weights.tolist()))
+
+    def _continuation(self, position: int) -> list[int]:
+        """Up to ``max_len`` stream tokens from ``position`` on, stopping at a separator."""
+        i = position - self.offset
+        if i < 0:
+            return []
+        cont = self.stream[i : i + self.cfg.max_len]
+        return cont[: cont.index(SEP)] if SEP in cont else cont
 
     def mix(
         self, logp: torch.Tensor, draft_to_target: torch.Tensor, target_to_draft: torch.Tensor,
-        keys: torch.Tensor, read_tokens: Sequence[int], k: int,
+        found: Retrieval | None, k: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k (target ids, log-probs) of ``(1 - w) * head + w * votes`` per row.
+        """Top-k (target ids, log-probs) of ``(1 - w) * head + w * votes`` for one row.
 
-        ``logp`` [m, draft vocab] is the head's distribution; ``draft_to_target`` maps its
-        columns to target ids and ``target_to_draft`` back (-1 outside the draft
-        vocabulary: a label there still gets its votes as a candidate). A row with no
-        neighbours keeps the head's distribution unchanged.
+        ``logp`` [draft vocab] is the head's distribution; ``draft_to_target`` maps its
+        entries to target ids and ``target_to_draft`` back (-1 outside the draft
+        vocabulary: a label there still gets its votes as a candidate). Without
+        neighbours the head's distribution is kept unchanged.
         """
+        out_t = torch.zeros(k, dtype=torch.long)
+        out_l = torch.full((k,), float("-inf"))
+        if found is None:
+            val, idx = torch.topk(logp.float(), min(k, logp.numel()))
+            out_t[: val.numel()], out_l[: val.numel()] = draft_to_target[idx], val
+            return out_t, out_l
         w = self.cfg.weight
-        out_t = torch.zeros((logp.shape[0], k), dtype=torch.long)
-        out_l = torch.full((logp.shape[0], k), float("-inf"))
-        for r in range(logp.shape[0]):
-            p = logp[r].float().exp()
-            found = self.votes(keys[r], int(read_tokens[r]))
-            if found is None:
-                val, idx = torch.topk(logp[r].float(), min(k, p.numel()))
-                out_t[r, : val.numel()], out_l[r, : val.numel()] = draft_to_target[idx], val
-                continue
-            labels, weights = found
-            mixed = p * (1.0 - w)
-            d = target_to_draft[labels]
-            inside = d >= 0
-            mixed.index_add_(0, d[inside], weights[inside] * w)
-            val, idx = torch.topk(mixed, min(k, mixed.numel()))
-            cand_t, cand_p = draft_to_target[idx], val
-            if not bool(inside.all()):  # labels outside the draft vocabulary compete on their votes
-                extra_t, inv = torch.unique(labels[~inside], return_inverse=True)
-                extra_p = torch.zeros(extra_t.numel()).index_add_(0, inv, weights[~inside] * w)
-                cand_t, cand_p = torch.cat([cand_t, extra_t]), torch.cat([cand_p, extra_p])
-                cand_p, order = torch.sort(cand_p, descending=True)
-                cand_t, cand_p = cand_t[order][:k], cand_p[:k]
-            n = cand_t.numel()
-            out_t[r, :n], out_l[r, :n] = cand_t, torch.log(cand_p.clamp(min=1e-30))
+        mixed = logp.float().exp() * (1.0 - w)
+        d = target_to_draft[found.labels]
+        inside = d >= 0
+        mixed.index_add_(0, d[inside], found.weights[inside] * w)
+        val, idx = torch.topk(mixed, min(k, mixed.numel()))
+        cand_t, cand_p = draft_to_target[idx], val
+        if not bool(inside.all()):  # labels outside the draft vocabulary compete on their votes
+            extra_t, inv = torch.unique(found.labels[~inside], return_inverse=True)
+            extra_p = torch.zeros(extra_t.numel()).index_add_(0, inv, found.weights[~inside] * w)
+            cand_t, cand_p = torch.cat([cand_t, extra_t]), torch.cat([cand_p, extra_p])
+            cand_p, order = torch.sort(cand_p, descending=True)
+            cand_t, cand_p = cand_t[order][:k], cand_p[:k]
+        n = cand_t.numel()
+        out_t[:n], out_l[:n] = cand_t, torch.log(cand_p.clamp(min=1e-30))
         return out_t, out_l
+
+    def children(self, node: TrieNode | None, k: int) -> tuple[list[int], list[float]]:
+        """The k best continuations below a retrieval-trie node, scored ``q(depth) * weight share``."""
+        return top_children(node, k, 0, self.reliability.table())
+
+    def calibrate(self, trie: TrieNode, committed: Sequence[int]) -> None:
+        """Score a retrieval trie's top continuations against the tokens the target committed after it.
+
+        The first level is the votes' (mixed with the head); from the second token on,
+        each step along the committed tokens is one trial of q(depth).
+        """
+        if not committed:
+            return
+        node = trie.children.get(int(committed[0]))
+        for tok in committed[1:]:
+            if node is None or not node.count or not node.children:
+                return
+            top, child = node.ranked()[0]
+            self.reliability.observe(node.depth, child.count / node.count, top == tok)
+            if top != tok:
+                return
+            node = child
 
     # -- persistence (files inside an online state directory) --------------------------
     def write_files(self, directory: Path) -> None:
         n = self.size
         order = (torch.arange(n) + (self.next - n)) % self.cfg.capacity  # oldest first
         save_file(
-            {"keys": self.keys[order].contiguous(), "read": self.read[order].contiguous(), "labels": self.labels[order].contiguous()},
+            {"keys": self.keys[order].contiguous(), "read": self.read[order].contiguous(),
+             "pos": (self.pos[order] - self.offset).contiguous(), "stream": torch.tensor(self.stream, dtype=torch.long)},
             str(directory / "knn.safetensors"),
         )
         meta = {"version": KNN_VERSION, "config": asdict(self.cfg), "hidden_size": self.hidden_size,
-                "head": self.fingerprint, "added": self.added}
+                "head": self.fingerprint, "added": self.added, "reliability": self.reliability.to_json()}
         (directory / "knn.json").write_text(json.dumps(meta, indent=2))
 
     def read_files(self, directory: Path) -> None:
         meta_path, path = directory / "knn.json", directory / "knn.safetensors"
         if not meta_path.is_file() or not path.is_file():
             raise LtdError(f"online state in {directory} has no kNN memory (made without knn); reset it with: ltd online reset {directory}")
+        fix = f"reset it with: ltd online reset {directory}"
         try:
             meta = json.loads(meta_path.read_text())
             t = load_file(str(path))
-            keys, read, labels = t["keys"], t["read"], t["labels"]
+            keys, read, pos, stream = t["keys"], t["read"], t["pos"], t["stream"]
         except (json.JSONDecodeError, OSError, SafetensorError, KeyError) as exc:
-            raise LtdError(f"kNN memory in {directory} is corrupt ({type(exc).__name__}); reset it with: ltd online reset {directory}") from None
+            raise LtdError(f"kNN memory in {directory} is corrupt ({type(exc).__name__}); {fix}") from None
         if meta.get("version") != KNN_VERSION or meta.get("hidden_size") != self.hidden_size:
-            raise LtdError(f"kNN memory in {directory} was made by another version or head size; reset it with: ltd online reset {directory}")
+            raise LtdError(f"kNN memory in {directory} was made by another version or head size; {fix}")
         if meta.get("head") != self.fingerprint:
-            raise LtdError(f"kNN memory in {directory} was built with another draft head; reset it with: ltd online reset {directory}")
+            raise LtdError(f"kNN memory in {directory} was built with another draft head; {fix}")
         n = keys.shape[0]
-        if keys.dim() != 2 or keys.shape[1] != self.hidden_size or read.shape != (n,) or labels.shape != (n,):
-            raise LtdError(f"kNN memory in {directory} has inconsistent tensors; reset it with: ltd online reset {directory}")
-        self.size = self.next = self.added = 0
-        self._store(keys.float(), read.long(), labels.long())
+        if keys.dim() != 2 or keys.shape[1] != self.hidden_size or read.shape != (n,) or pos.shape != (n,) or stream.dim() != 1 \
+                or (n and (int(pos.min()) < 0 or int(pos.max()) >= stream.numel())):
+            raise LtdError(f"kNN memory in {directory} has inconsistent tensors; {fix}")
+        try:
+            self.reliability.load_json(meta["reliability"])
+        except (KeyError, TypeError, ValueError):
+            raise LtdError(f"kNN memory in {directory} has corrupt reliability counts; {fix}") from None
+        self.size = self.next = 0
+        self.stream, self.offset = stream.tolist(), 0
+        if self.stream and self.stream[-1] != SEP:
+            self.stream.append(SEP)
+        self._seq_start, self._seq_len, self._waiting = len(self.stream), 0, []
+        self._store(keys.float(), read.long(), pos.long())
         self.added = int(meta.get("added", n))
         log.info("kNN memory: restored %d positions from %s", self.size, directory)
