@@ -144,3 +144,7 @@ def test_bench_private_online_drafter_keeps_the_hybrid_split(tiny_model):
     assert adapter.learner is None and drafter.model is shipped
     assert drafter.ngram is not engine.drafter.ngram and drafter.ngram.memory is adapter.memory
     assert engine.drafter.ngram.memory is None
+    # +knn: a private drafter object holds the kNN memory; the head is shared (kNN never changes it)
+    drafter, adapter = _private_online_drafter(engine, "knn")
+    assert drafter.model is not shipped and drafter.model.head is shipped.head
+    assert drafter.model.knn is adapter.knn and shipped.knn is None and drafter.model_depth == 1

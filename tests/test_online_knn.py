@@ -100,9 +100,9 @@ def test_calibration_learns_from_committed_tokens():
     assert mem.reliability.trials == 200 * found.trie.children[40].children[41].count / found.trie.children[40].count
 
 
-def _hybrid(tiny_model, seed=3):
+def _hybrid(tiny_model, seed=3, model_depth=None):
     head = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3], seed=seed)
-    return HybridDrafter(NgramDrafter(), Eagle3Drafter(head, tiny_model.get_input_embeddings()), model_depth=None)
+    return HybridDrafter(NgramDrafter(), Eagle3Drafter(head, tiny_model.get_input_embeddings()), model_depth=model_depth)
 
 
 def test_knn_is_lossless_and_a_repeated_request_accepts_more(tiny_model):
@@ -124,9 +124,12 @@ def test_knn_is_lossless_and_a_repeated_request_accepts_more(tiny_model):
 
 def test_knn_state_round_trips_and_bad_states_are_refused(tiny_model, tmp_path):
     backend = HFBackend(tiny_model)
-    drafter = _hybrid(tiny_model)
+    drafter = _hybrid(tiny_model, model_depth=1)  # deeper levels: n-grams and retrieved continuations
     adapter = OnlineAdapter(drafter, "knn+memory")
-    run_decode(backend, drafter, StaticController(3, 4, 6), PROMPT, 24)
+    ref = hf_greedy(tiny_model, PROMPT, 24)
+    for _ in range(3):
+        out, _ = run_decode(backend, drafter, StaticController(3, 4, 6), PROMPT, 24)
+        assert out == ref
     state = tmp_path / "state"
     adapter.save_state(state)
     again = OnlineAdapter(_hybrid(tiny_model), "knn+memory")
@@ -161,3 +164,28 @@ def test_knn_needs_a_head_and_valid_settings(tiny_model):
         OnlineAdapter(NgramDrafter(), "knn")
     with pytest.raises(LtdError, match="capacity >= 16"):
         KnnMemory(hidden_size=4, fingerprint="x", cfg=KnnConfig(capacity=4))
+
+
+def test_vote_share_follows_whether_the_votes_predict_the_target():
+    mem = _filled(KnnConfig(capacity=16, k=2, temperature=0.01, weight=0.5))
+    d2t = torch.tensor([0, 1, 40, 43])
+    t2d = torch.full((100,), -1, dtype=torch.long)
+    t2d[d2t] = torch.arange(4)
+    head = torch.log(torch.tensor([0.7, 0.1, 0.1, 0.1]))
+    query = _unit([[1, 0]])[0]  # nearest: the entry labelled 40
+    sim = mem.retrieve(query, 5).similarity
+    assert math.isclose(mem.vote_weight(sim), 0.5)
+    for _ in range(60):  # the target keeps taking 40, which the votes back and the head does not
+        mem.mix(head, d2t, t2d, mem.retrieve(query, 5), k=3)
+        mem.grade(40, t2d)
+    trusted = mem.vote_weight(sim)
+    assert trusted > 0.8
+    for _ in range(200):  # the domain changes: the target now takes 0, the head's favourite
+        mem.mix(head, d2t, t2d, mem.retrieve(query, 5), k=3)
+        mem.grade(0, t2d)
+    assert mem.vote_weight(sim) < 0.3
+    mem.grade(0, t2d)  # nothing drafted since the last grade: no update
+    fixed = _filled(KnnConfig(capacity=16, learn_weight=False, weight=0.4))
+    fixed.mix(head, d2t, t2d, fixed.retrieve(query, 5), k=3)
+    fixed.grade(0, t2d)
+    assert fixed.vote_weight(sim) == 0.4

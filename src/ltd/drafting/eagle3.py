@@ -422,8 +422,11 @@ class Eagle3Drafter:
     def _root_with_knn(self, out: torch.Tensor, t0: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Learn from the new entries, then draft the first level from head and neighbours' votes."""
         knn = self.knn
-        if self._retrieval is not None:  # what the target committed since the last root grades its trie
-            knn.calibrate(self._retrieval.trie, self._tokens[self._retrieved_at :])
+        committed = self._tokens[self._retrieved_at :] if self._retrieved_at else []
+        if committed:  # what the target committed since the last root grades its votes and trie
+            knn.grade(committed[0], self._maps()[1])
+            if self._retrieval is not None:
+                knn.calibrate(self._retrieval.trie, committed)
         normed = self.head.norm(out)
         keys = knn.keys_of(normed)
         knn.observe(t0, keys, self._tokens)  # every entry's state is a key; its label comes two tokens on

@@ -15,6 +15,14 @@ model cost, like the n-gram drafter's but found by the head's state instead of a
 suffix. A child's score is ``q(depth) * weight(child) / weight(parent)``, with q
 re-learned from what the target committed (:class:`ltd.online.reliability.OnlineReliability`).
 
+How far to trust the votes is learned too. The first drafted token of every cycle is
+graded by the target's next committed token, and the votes' share ``w`` follows the EM
+update of a two-component mixture: the running mean of the responsibility
+``w p_votes(y) / (w p_votes(y) + (1 - w) p_head(y))``, kept per bin of the nearest
+neighbour's similarity (a near-duplicate context deserves more trust than a far one)
+with a prior of ``weight`` worth 20 trials. When the stream changes domain, the old
+domain's neighbours stop predicting and their share falls.
+
 Neighbours must share the token the head entry read (``x_{j+1}``, the node being
 expanded). Why: the hidden state already encodes that token, so neighbours almost always
 share it anyway, and restricting to it turns a search over the whole store into a search
@@ -56,6 +64,9 @@ KNN_VERSION = 2
 # q(d): how often the top continuation at trie depth d (d = 1: the second drafted token) is
 # the target's, before any evidence; re-learned online per depth
 DEFAULT_CONTINUATION_RELIABILITY = (0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
+# upper edges of the nearest-neighbour cosine similarity bins the votes' share is learned in
+SIMILARITY_BINS = (0.5, 0.7, 0.8, 0.9, 0.95, 1.01)
+WEIGHT_PRIOR_TRIALS = 20.0
 KNN_FILES = ("knn.json", "knn.safetensors")
 
 
@@ -68,6 +79,7 @@ class KnnConfig:
     temperature: float = 0.02  # softmax temperature over cosine similarities
     weight: float = 0.5  # share of the votes in the draft distribution
     max_len: int = 8  # continuation tokens per neighbour in the retrieval trie
+    learn_weight: bool = True  # re-learn the votes' share per similarity bin (EM), else keep ``weight``
 
     def validate(self) -> None:
         if self.capacity < 16 or self.k < 1 or self.temperature <= 0 or not 0.0 < self.weight <= 1.0 or self.max_len < 1:
@@ -110,6 +122,17 @@ class Retrieval:
     labels: torch.Tensor  # target ids of the neighbours' labels
     weights: torch.Tensor  # their votes (sum 1)
     trie: TrieNode  # continuations from the label on, weighted by the votes
+    similarity: float  # cosine similarity of the nearest neighbour
+
+
+@dataclass
+class _Drafted:
+    """The first-level mixture of one root, kept until the target's token grades it."""
+
+    head_probs: torch.Tensor  # the head's distribution over the draft vocabulary
+    found: Retrieval
+    bin: int
+    weight: float
 
 
 class KnnMemory:
@@ -134,6 +157,9 @@ class KnnMemory:
         self._seq_len = 0  # tokens of the current sequence in the stream
         self._waiting: list[tuple[int, torch.Tensor]] = []  # (entry j, key) whose label is not committed yet
         self.reliability = OnlineReliability(DEFAULT_CONTINUATION_RELIABILITY)
+        self.weight_resp = torch.zeros(len(SIMILARITY_BINS), dtype=torch.float64)  # summed responsibilities
+        self.weight_trials = torch.zeros(len(SIMILARITY_BINS), dtype=torch.float64)
+        self._drafted: _Drafted | None = None
 
     def __len__(self) -> int:
         return self.size
@@ -177,6 +203,7 @@ class KnnMemory:
     def end_sequence(self) -> None:
         """A request ended: entries without a label are dropped, the stream gets a separator."""
         self._waiting = []
+        self._drafted = None
         if self._seq_len:
             self.stream.append(SEP)
             self._seq_start = self.offset + len(self.stream)
@@ -224,7 +251,35 @@ class KnnMemory:
             return None
         weights = weights[keep] / weights[keep].sum()
         conts = [c for c, ok in zip(conts, keep.tolist()) if ok]
-        return Retrieval(labels[keep], weights, build_weighted_trie(conts, weights.tolist()))
+        return Retrieval(labels[keep], weights, build_weighted_trie(conts, weights.tolist()), float(top[0]))
+
+    # -- the votes' share --------------------------------------------------------------
+    @staticmethod
+    def similarity_bin(similarity: float) -> int:
+        return next((i for i, edge in enumerate(SIMILARITY_BINS) if similarity < edge), len(SIMILARITY_BINS) - 1)
+
+    def vote_weight(self, similarity: float) -> float:
+        """The votes' share for a nearest neighbour this similar: learned (EM), or the configured one."""
+        if not self.cfg.learn_weight:
+            return self.cfg.weight
+        b = self.similarity_bin(similarity)
+        w = (float(self.weight_resp[b]) + WEIGHT_PRIOR_TRIALS * self.cfg.weight) / (float(self.weight_trials[b]) + WEIGHT_PRIOR_TRIALS)
+        return min(max(w, 0.01), 0.99)
+
+    def grade(self, token: int, target_to_draft: torch.Tensor) -> None:
+        """The target committed ``token`` after the last root: one EM step for that root's bin."""
+        drafted, self._drafted = self._drafted, None
+        if drafted is None:
+            return
+        d = int(target_to_draft[token])
+        p_head = float(drafted.head_probs[d]) if d >= 0 else 0.0
+        p_votes = float(drafted.found.weights[drafted.found.labels == token].sum())
+        w = drafted.weight
+        total = w * p_votes + (1.0 - w) * p_head
+        if total <= 0.0:
+            return
+        self.weight_resp[drafted.bin] += w * p_votes / total
+        self.weight_trials[drafted.bin] += 1.0
 
     def _continuation(self, position: int) -> list[int]:
         """Up to ``max_len`` stream tokens from ``position`` on, stopping at a separator."""
@@ -247,12 +302,15 @@ class KnnMemory:
         """
         out_t = torch.zeros(k, dtype=torch.long)
         out_l = torch.full((k,), float("-inf"))
+        self._drafted = None
         if found is None:
             val, idx = torch.topk(logp.float(), min(k, logp.numel()))
             out_t[: val.numel()], out_l[: val.numel()] = draft_to_target[idx], val
             return out_t, out_l
-        w = self.cfg.weight
-        mixed = logp.float().exp() * (1.0 - w)
+        w = self.vote_weight(found.similarity)
+        head_probs = logp.float().exp()
+        self._drafted = _Drafted(head_probs, found, self.similarity_bin(found.similarity), w)
+        mixed = head_probs * (1.0 - w)
         d = target_to_draft[found.labels]
         inside = d >= 0
         mixed.index_add_(0, d[inside], found.weights[inside] * w)
@@ -300,7 +358,8 @@ class KnnMemory:
             str(directory / "knn.safetensors"),
         )
         meta = {"version": KNN_VERSION, "config": asdict(self.cfg), "hidden_size": self.hidden_size,
-                "head": self.fingerprint, "added": self.added, "reliability": self.reliability.to_json()}
+                "head": self.fingerprint, "added": self.added, "reliability": self.reliability.to_json(),
+                "vote_weight": {"responsibility": self.weight_resp.tolist(), "trials": self.weight_trials.tolist()}}
         (directory / "knn.json").write_text(json.dumps(meta, indent=2))
 
     def read_files(self, directory: Path) -> None:
@@ -324,8 +383,13 @@ class KnnMemory:
             raise LtdError(f"kNN memory in {directory} has inconsistent tensors; {fix}")
         try:
             self.reliability.load_json(meta["reliability"])
+            resp = torch.tensor(meta["vote_weight"]["responsibility"], dtype=torch.float64)
+            trials = torch.tensor(meta["vote_weight"]["trials"], dtype=torch.float64)
+            if resp.shape != self.weight_resp.shape or trials.shape != resp.shape or bool((resp < 0).any()) or bool((resp > trials).any()):
+                raise ValueError("vote weight counts")
+            self.weight_resp, self.weight_trials = resp, trials
         except (KeyError, TypeError, ValueError):
-            raise LtdError(f"kNN memory in {directory} has corrupt reliability counts; {fix}") from None
+            raise LtdError(f"kNN memory in {directory} has corrupt learned counts; {fix}") from None
         self.size = self.next = 0
         self.stream, self.offset = stream.tolist(), 0
         if self.stream and self.stream[-1] != SEP:
