@@ -117,6 +117,22 @@ def reliability(reliabilities: Sequence[float], match_length: int) -> float:
     return float(reliabilities[table_index(match_length, len(reliabilities))])
 
 
+def grade_trie(node: TrieNode | None, committed: Sequence[int], calibration, offset: int = 0) -> None:
+    """Walk a trie along the tokens the target committed while its top child was right.
+
+    Each step is one trial of q(offset + depth) for ``calibration.observe`` (an
+    :class:`ltd.online.reliability.OnlineReliability`), given the top child's count share.
+    """
+    for tok in committed:
+        if node is None or not node.count or not node.children:
+            return
+        top, child = node.ranked()[0]
+        calibration.observe(offset + node.depth, child.count / node.count, top == tok)
+        if top != tok:
+            return
+        node = child
+
+
 def top_children(
     node: TrieNode | None, k: int, match_length: int = 1, reliabilities: Sequence[float] = DEFAULT_RELIABILITY
 ) -> tuple[list[int], list[float]]:
@@ -196,14 +212,7 @@ class NgramDrafter:
         is one trial of q(n + depth), as ``scripts/ngram_calibration.py`` measures it.
         """
         start, n, node = drafted
-        for d, tok in enumerate(self._tokens[start:]):
-            if not node.count or not node.children:
-                return
-            top, child = node.ranked()[0]
-            self.calibration.observe(n + d, child.count / node.count, top == tok)
-            if top != tok:
-                return
-            node = child
+        grade_trie(node, self._tokens[start:], self.calibration, n)
 
     def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         arr = np.asarray(self._tokens, dtype=np.int64)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ltd.drafting.ngram import SEP, TrieNode, table_index, top_children
+from ltd.drafting.ngram import SEP, TrieNode, grade_trie, top_children
 from ltd.errors import LtdError
 from ltd.online.reliability import OnlineReliability
 
@@ -336,17 +336,8 @@ class KnnMemory:
         The first level is the votes' (mixed with the head); from the second token on,
         each step along the committed tokens is one trial of q(depth).
         """
-        if not committed:
-            return
-        node = trie.children.get(int(committed[0]))
-        for tok in committed[1:]:
-            if node is None or not node.count or not node.children:
-                return
-            top, child = node.ranked()[0]
-            self.reliability.observe(node.depth, child.count / node.count, top == tok)
-            if top != tok:
-                return
-            node = child
+        if committed:
+            grade_trie(trie.children.get(int(committed[0])), committed[1:], self.reliability)
 
     # -- persistence (files inside an online state directory) --------------------------
     def write_files(self, directory: Path) -> None:
