@@ -189,3 +189,34 @@ def test_vote_share_follows_whether_the_votes_predict_the_target():
     fixed.mix(head, d2t, t2d, fixed.retrieve(query, 5), k=3)
     fixed.grade(0, t2d)
     assert fixed.vote_weight(sim) == 0.4
+
+
+@pytest.mark.e2e
+def test_cli_generate_keeps_its_knn_memory_across_runs(tmp_path):
+    """``ltd generate --online knn --online-state DIR`` on the embedded model and its shipped
+    head: each run restores the store, adds its own positions and saves it; the text equals
+    plain greedy decoding every time."""
+    import contextlib
+    import io
+
+    from ltd import cli
+    from ltd.engine import Engine, GenerateConfig
+
+    torch.set_num_threads(1)
+    engine = Engine.load("smollm2-135m")  # the default hybrid drafter with the shipped head
+    prompt = "Write a Python function that returns the square of a number."
+    ref = engine.generate(engine.encode(prompt), GenerateConfig(method="hf", max_new_tokens=24)).text
+    state = tmp_path / "state"
+    argv = ["generate", "--model", "smollm2-135m", "--method", "static", "--depth", "3", "--size", "3", "--prompt", prompt,
+            "--max-new-tokens", "24", "--threads", "1", "--json", "--online", "knn", "--online-state", str(state)]
+    stored = []
+    for _ in range(2):
+        out = io.StringIO()
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+            mp.setattr(Engine, "load", staticmethod(lambda *a, **k: engine))
+            assert cli.main(argv) == 0
+        assert json.loads(out.getvalue())["text"] == ref
+        engine.online = None  # the next run restores from the state directory alone
+        stored.append(json.loads((state / "knn.json").read_text())["added"])
+    assert 0 < stored[0] < stored[1]
+    assert json.loads((state / "adapter.json").read_text())["variant"] == "knn"
