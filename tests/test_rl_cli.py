@@ -102,6 +102,22 @@ def test_profile_record_train_oracle(tmp_path, models, questions, capsys):
     assert rows["ar"]["live_speedup_vs_ar"] == 1.0
 
 
+def test_record_with_an_adapting_drafter(tmp_path, models, questions):
+    """``record --online VARIANT`` traces the drafter as it learns along the prompts, and says so."""
+    target, drafter = models
+    common = ["--model", target, "--data-dir", str(questions), "--max-depth", "3", "--topk", "3", "--max-size", "8",
+              "--max-new-tokens", "20", "--no-progress", "--raw"]
+    assert run("record", *common, "--drafter", "ngram", "--online", "memory", "--out", str(tmp_path / "m")) == 0
+    man = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert man["online"] == "memory" and len(man["sequences"]) == 3
+    assert run("record", *common, "--drafter", "ngram", "--out", str(tmp_path / "f")) == 0
+    assert "online" not in json.loads((tmp_path / "f" / "manifest.json").read_text())
+    # a variant the drafter cannot adapt is refused in one line (a small LM has no EAGLE-3 head)
+    with pytest.raises(LtdError, match="EAGLE-3 head") as info:
+        run("record", *common, "--drafter", drafter, "--online", "knn", "--out", str(tmp_path / "k"))
+    assert "\n" not in str(info.value)
+
+
 def test_user_errors_are_one_line(tmp_path, questions):
     def refuse(match, *argv):
         with pytest.raises(LtdError, match=match) as info:

@@ -75,6 +75,14 @@ def _load_engine(args):
     return engine, spec
 
 
+def _online_arg(p: argparse.ArgumentParser) -> None:
+    from ltd.online import VARIANTS
+
+    p.add_argument("--online", default=None, choices=VARIANTS,
+                   help="record the drafter as it adapts online (e.g. knn), learning along the prompts in order, "
+                        "so policies fit the drafter that serves with --online; a resumed run starts it afresh")
+
+
 def _prompt_args(p: argparse.ArgumentParser, default_suite: str | None) -> None:
     from ltd.bench.suites import SUITES
 
@@ -151,6 +159,9 @@ def run_record(args) -> int:
     prompts = [engine.encode(q.turns[0], chat=not args.raw) for q in questions]
     keys = [q.key for q in questions]
     meta = {"model": args.model, "drafter": spec, "backend": getattr(args, "backend", "hf"), "chat": not args.raw, **source}
+    if args.online:  # the drafter learns along the prompts, in order, as it would while serving
+        engine.enable_online(args.online)
+        meta["online"] = args.online
     path = record(engine, prompts, max_depth=args.max_depth, topk=args.topk, max_new_tokens=args.max_new_tokens,
                   out_dir=args.out, max_size=args.max_size, keys=keys, meta=meta, progress=not args.no_progress)
     man = json.loads(Path(path).read_text())
@@ -392,7 +403,7 @@ def run_tune(args) -> int:
     run_record(_subcommand(["record", *model, *prompts, "--limit", str(args.limit), "--max-depth", str(args.max_depth),
                             "--topk", str(args.topk), "--max-size", str(args.max_size),
                             "--max-new-tokens", str(args.max_new_tokens), "--out", str(traces)]
-                           + ["--no-progress"] * args.no_progress))
+                           + ["--online", args.online] * bool(args.online) + ["--no-progress"] * args.no_progress))
     print(f"[3/3] training the depth and size policies -> {policy}")
     run_train(_subcommand(["train-policy", "--env", "replay", "--stage", "both", "--traces", str(traces),
                            "--latency", str(latency), "--sizes", args.sizes, "--min-depth", "1",
@@ -431,6 +442,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--max-size", type=int, default=64, help="largest verification size V to support (prunes the stored trees; default 64)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--out", required=True, help="trace directory (resumable: finished prompts are skipped)")
+    _online_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_record)
 
@@ -511,5 +523,6 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--contexts", default="128,512", help="context lengths the profile measures (default 128,512)")
     p.add_argument("--repeats", type=int, default=15, help="profile rounds over the verify grid (default 15)")
     p.add_argument("--cycles", type=int, default=20, help="real cycles the profile times (default 20)")
+    _online_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_tune)
