@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ltd.drafting.ngram import candidate_tensors, trie_node_of
 from ltd.errors import LtdError
 from ltd.fileio import atomic_write
 from ltd.tree import Tree, ancestor_mask
@@ -446,19 +447,7 @@ class Eagle3Drafter:
         """Children of ``nodes`` from the kNN retrieval trie (no model work); None without a kNN memory."""
         if self.knn is None:
             return None
-        rows = [self.knn.children(self._trie_node(tree, int(node)), k) for node in nodes.tolist()]
-        toks = torch.tensor([r[0] for r in rows], dtype=torch.long).reshape(len(rows), k)
-        logps = torch.tensor([r[1] for r in rows], dtype=torch.float32).reshape(len(rows), k)
-        return toks, logps
-
-    def _trie_node(self, tree: Tree, node: int):
-        """The retrieval-trie node of a tree node, found by its tokens (None off the trie)."""
-        if node in self._trie_memo:
-            return self._trie_memo[node]
-        parent = self._trie_node(tree, int(tree.parents[node]))
-        found = parent.children.get(int(tree.tokens[node])) if parent is not None else None
-        self._trie_memo[node] = found
-        return found
+        return candidate_tensors([self.knn.children(trie_node_of(tree, int(node), self._trie_memo), k) for node in nodes.tolist()], k)
 
     def _maps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(draft id -> target id, target id -> draft id or -1), on the CPU, built once."""

@@ -152,6 +152,24 @@ def top_children(
     return toks + [PAD_TOKEN] * pad, logps + [-math.inf] * pad
 
 
+def trie_node_of(tree: Tree, node: int, memo: dict[int, TrieNode | None]) -> TrieNode | None:
+    """The trie node reached by a tree node's path of tokens; ``memo`` maps tree nodes to
+    trie nodes and starts as ``{0: trie root}``. None where the trie lacks the path."""
+    if node in memo:
+        return memo[node]
+    parent = trie_node_of(tree, int(tree.parents[node]), memo)
+    found = parent.children.get(int(tree.tokens[node])) if parent is not None else None
+    memo[node] = found
+    return found
+
+
+def candidate_tensors(rows: Sequence[tuple[list[int], list[float]]], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (k tokens, k log-probs), as :func:`top_children` gives them, as [m, k] tensors."""
+    toks = torch.tensor([r[0] for r in rows], dtype=torch.long).reshape(len(rows), k)
+    logps = torch.tensor([r[1] for r in rows], dtype=torch.float32).reshape(len(rows), k)
+    return toks, logps
+
+
 class NgramDrafter:
     """Drafts a scored tree of continuations seen earlier in the sequence."""
 
@@ -235,19 +253,11 @@ class NgramDrafter:
         Looking nodes up by their path, not by where they sit in the tree, keeps this
         correct for trees built from several drafters' candidates.
         """
-        if node in self._memo:
-            return self._memo[node]
-        parent = self.trie_node(tree, int(tree.parents[node]))
-        found = parent.children.get(int(tree.tokens[node])) if parent is not None else None
-        self._memo[node] = found
-        return found
+        return trie_node_of(tree, node, self._memo)
 
     def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         n, q = self.last_match_length, self.current_reliabilities
-        rows = [top_children(self.trie_node(tree, int(node)), k, n, q) for node in nodes.tolist()]
-        toks = torch.tensor([r[0] for r in rows], dtype=torch.long).reshape(len(rows), k)
-        logps = torch.tensor([r[1] for r in rows], dtype=torch.float32).reshape(len(rows), k)
-        return toks, logps
+        return candidate_tensors([top_children(self.trie_node(tree, int(node)), k, n, q) for node in nodes.tolist()], k)
 
     def end(self) -> None:
         self._trie = None
