@@ -164,6 +164,10 @@ def test_knn_needs_a_head_and_valid_settings(tiny_model):
         OnlineAdapter(NgramDrafter(), "knn")
     with pytest.raises(LtdError, match="capacity >= 16"):
         KnnMemory(hidden_size=4, fingerprint="x", cfg=KnnConfig(capacity=4))
+    with pytest.raises(LtdError, match="has none"):
+        OnlineAdapter(_hybrid(tiny_model), "memory", knn_config=KnnConfig())
+    adapter = OnlineAdapter(_hybrid(tiny_model), "knn", knn_config=KnnConfig(k=3))
+    assert adapter.knn.cfg.k == 3
 
 
 def test_vote_share_follows_whether_the_votes_predict_the_target():

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ltd.drafting.hybrid import merge_candidates
 from ltd.drafting.ngram import candidate_tensors, trie_node_of
 from ltd.errors import LtdError
 from ltd.fileio import atomic_write
@@ -487,8 +488,6 @@ class Eagle3Drafter:
         toks, logps = self._topk(out[0], k)
         found = self.retrieved(tree, nodes, k) if self._retrieval is not None else None
         if found is not None:
-            from ltd.drafting.hybrid import merge_candidates
-
             return merge_candidates(toks, logps, *found, k)
         return toks, logps
 

@@ -22,7 +22,7 @@ from itertools import product
 
 from ltd.errors import LtdError
 from ltd.fileio import atomic_dir
-from ltd.online.knn import KNN_FILES, KnnMemory, head_fingerprint
+from ltd.online.knn import KNN_FILES, KnnConfig, KnnMemory, head_fingerprint
 from ltd.online.learner import GRADIENT_VARIANTS, LEARNER_FILES, OnlineConfig, OnlineLearner, adaptable_head
 from ltd.online.memory import MEMORY_FILES, StreamMemory
 from ltd.online.reliability import OnlineReliability
@@ -68,17 +68,19 @@ def ngram_part(drafter):
 class OnlineAdapter:
     """The online adaptation of one drafter: optional gradient learner, optional stream memory."""
 
-    def __init__(self, drafter, variant: str, **overrides) -> None:
+    def __init__(self, drafter, variant: str, knn_config: KnnConfig | None = None, **overrides) -> None:
         parts = parse_variant(variant)
         self.variant = variant
         self.learner = OnlineLearner(drafter, OnlineConfig(variant=parts.gradient, **overrides)) if parts.gradient else None
         if overrides and self.learner is None:
             raise LtdError(f"online settings {sorted(overrides)} apply to the head learner; variant {variant!r} has none")
+        if knn_config is not None and not parts.knn:
+            raise LtdError(f"kNN settings apply to the kNN memory; variant {variant!r} has none")
         self.knn = None
         if parts.knn:
             head_drafter = adaptable_head(drafter)
             head = head_drafter.head
-            self.knn = KnnMemory(head.config.hidden_size, head_fingerprint(head))
+            self.knn = KnnMemory(head.config.hidden_size, head_fingerprint(head), knn_config)
             head_drafter.knn = self.knn
         self.ngram = ngram_part(drafter) if parts.memory else None
         self.memory = None
