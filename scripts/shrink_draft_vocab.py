@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             for col in ("top_ids", "input_ids"):
                 ids = sh[col][:, 0] if sh[col].dim() == 2 else sh[col]
                 counts += torch.bincount(ids.long(), minlength=head.config.vocab_size)[: head.config.vocab_size]
-        own = head.draft_to_target(torch.arange(head.config.draft_vocab_size))
+        own, _ = head.vocab_maps()
         keep = own[torch.argsort(counts[own], descending=True, stable=True)[: args.size]]
         small = shrink_draft_vocab(head, keep)
     except (LtdError, FileNotFoundError, KeyError) as exc:

@@ -251,6 +251,14 @@ class Eagle3Head(nn.Module):
     def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         return draft_ids + self.d2t[draft_ids]
 
+    def vocab_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target id of every draft id, draft id of every target id or -1), on the CPU."""
+        n = self.config.draft_vocab_size
+        d2t = self.draft_to_target(torch.arange(n, device=self.d2t.device)).cpu()
+        t2d = torch.full((self.config.vocab_size,), -1, dtype=torch.long)
+        t2d[d2t] = torch.arange(n)
+        return d2t, t2d
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -451,13 +459,9 @@ class Eagle3Drafter:
         return candidate_tensors([self.knn.children(trie_node_of(tree, int(node), self._trie_memo), k) for node in nodes.tolist()], k)
 
     def _maps(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(draft id -> target id, target id -> draft id or -1), on the CPU, built once."""
+        """The head's vocabulary maps (:meth:`Eagle3Head.vocab_maps`), built once."""
         if self._vocab_maps is None:
-            cfg = self.head.config
-            d2t = self.head.draft_to_target(torch.arange(cfg.draft_vocab_size, device=self.head.d2t.device)).cpu()
-            t2d = torch.full((cfg.vocab_size,), -1, dtype=torch.long)
-            t2d[d2t] = torch.arange(cfg.draft_vocab_size)
-            self._vocab_maps = (d2t, t2d)
+            self._vocab_maps = self.head.vocab_maps()
         return self._vocab_maps
 
     @torch.inference_mode()
@@ -519,13 +523,14 @@ def shrink_draft_vocab(head: Eagle3Head, keep_target_ids: torch.Tensor) -> Eagle
     with a large draft vocabulary can be cut to a size budget without retraining, dropping
     the rarest tokens, whose rows the selection seldom reaches anyway.
     """
-    current = head.draft_to_target(torch.arange(head.config.draft_vocab_size, device=head.d2t.device)).cpu()
+    _, row_of = head.vocab_maps()
     keep = torch.unique(keep_target_ids.to(torch.long).cpu())  # sorted
-    row_of = {int(t): i for i, t in enumerate(current.tolist())}
-    missing = [int(t) for t in keep.tolist() if int(t) not in row_of]
-    if missing:
-        raise LtdError(f"cannot shrink the draft vocabulary to tokens it lacks (e.g. target id {missing[0]}); keep a subset of it")
-    rows = torch.tensor([row_of[int(t)] for t in keep.tolist()], dtype=torch.long)
+    rows = torch.full_like(keep, -1)
+    inside = (keep >= 0) & (keep < row_of.numel())  # ids outside the target vocabulary are lacking too
+    rows[inside] = row_of[keep[inside]]
+    if bool((rows < 0).any()):
+        missing = int(keep[rows < 0][0])
+        raise LtdError(f"cannot shrink the draft vocabulary to tokens it lacks (e.g. target id {missing}); keep a subset of it")
     cfg = Eagle3Config.from_json_dict({**head.config.to_json_dict(), "draft_vocab_size": int(keep.numel())})
     small = Eagle3Head(cfg).to(dtype=head.lm_head.weight.dtype)
     state = {k: v for k, v in head.state_dict().items() if k not in ("lm_head.weight", "d2t", "t2d")}

@@ -110,10 +110,7 @@ class OnlineLearner:
             self.head = copy.deepcopy(drafter.head).float()
             self._serving = dict(drafter.head.named_parameters())
         self.embed = drafter.embed
-        hc = self.head.config
-        self.t2d_index = torch.full((hc.vocab_size,), -1, dtype=torch.long)
-        ids = torch.arange(hc.draft_vocab_size)
-        self.t2d_index[self.head.draft_to_target(ids).cpu()] = ids
+        _, self.t2d_index = self.head.vocab_maps()
         self.params = self._select_params()
         self._names = [n for n, _ in self.params]
         self.train_cfg = TrainConfig(unroll=self.cfg.unroll)

@@ -232,9 +232,7 @@ def train_head(
         head = init_random_head(mcfg, seed=cfg.seed, draft_ids=vocab)
         state = {"step": 0, "best": 0.0}
     head.train()
-    t2d_index = torch.full((head.config.vocab_size,), -1, dtype=torch.long)
-    draft_ids = torch.arange(head.config.draft_vocab_size)
-    t2d_index[head.draft_to_target(draft_ids)] = draft_ids
+    _, t2d_index = head.vocab_maps()
 
     seqs = [s for sh in feature_shards for s in split_sequences(sh)]
     eval_seqs = [s for sh in eval_shards for s in split_sequences(sh)][: cfg.eval_sequences]
