@@ -122,6 +122,38 @@ def test_knn_is_lossless_and_a_repeated_request_accepts_more(tiny_model):
     assert mean_accepted(r2) > mean_accepted(r0) and mean_accepted(r2) >= 3.0
 
 
+@pytest.mark.parametrize("node_votes,model_depth", [(0, 1), (2, 1), (2, None)])
+def test_nodes_the_root_trie_misses_ask_the_store_with_their_own_state(tiny_model, node_votes, model_depth):
+    """A drafted node below which the root's neighbours have no continuation asks the store
+    itself (with the head at the root only, @1, or at every level): its retrieval trie is
+    rooted at its depth, and it is graded by the committed tokens. Output is unchanged."""
+    backend = HFBackend(tiny_model)
+    drafter = _hybrid(tiny_model, model_depth=model_depth)
+    adapter = OnlineAdapter(drafter, "knn", knn_config=KnnConfig(node_votes=node_votes))
+    model, asked = drafter.model, []
+    real = adapter.knn.retrieve
+
+    def spy(query, read_token, depth=0):
+        found = real(query, read_token, depth)
+        asked.append((depth, read_token, found))
+        return found
+
+    adapter.knn.retrieve = spy
+    prompt = PROMPT * 3
+    ref = hf_greedy(tiny_model, prompt, 32)
+    for _ in range(2):
+        out, _ = run_decode(backend, drafter, StaticController(3, 4, 6), prompt, 32)
+        assert out == ref
+    deeper = [(d, t, f) for d, t, f in asked if d > 0]
+    if node_votes == 0:
+        assert not deeper
+        return
+    assert deeper and {d for d, _, _ in deeper} <= {1, 2}  # a 3-deep tree expands nodes at depths 1 and 2
+    found = [(d, f) for d, _, f in deeper if f is not None]
+    assert found and all(f.trie.depth == d and all(c.depth == d + 1 for c in f.trie.children.values()) for d, f in found)
+    assert adapter.knn.reliability.trials > 0  # graded by the committed tokens
+
+
 def test_knn_state_round_trips_and_bad_states_are_refused(tiny_model, tmp_path):
     backend = HFBackend(tiny_model)
     drafter = _hybrid(tiny_model, model_depth=1)  # deeper levels: n-grams and retrieved continuations

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ltd.drafting.hybrid import merge_candidates
-from ltd.drafting.ngram import candidate_tensors, trie_node_of
+from ltd.drafting.ngram import candidate_tensors, grade_trie, trie_node_of
 from ltd.errors import LtdError
 from ltd.fileio import atomic_write
 from ltd.tree import Tree, ancestor_mask
@@ -384,6 +384,7 @@ class Eagle3Drafter:
         self._retrieval = None  # the kNN memory's Retrieval at the last root (--online knn)
         self._retrieved_at = 0  # sequence length at that root
         self._trie_memo: dict[int, object] = {}
+        self._node_tries: list[tuple[list[int], object]] = []  # (tokens down to a node, its own retrieval trie)
 
     def sync(self, tokens: Sequence[int], features: torch.Tensor | None) -> None:
         self._tokens = list(tokens)
@@ -437,6 +438,10 @@ class Eagle3Drafter:
             knn.grade(committed[0], self._maps()[1])
             if self._retrieval is not None:
                 knn.calibrate(self._retrieval.trie, committed)
+            for path, trie in self._node_tries:  # the tries asked below drafted nodes the target took
+                if committed[: len(path)] == path:
+                    grade_trie(trie, committed[len(path) :], knn.reliability)
+        self._node_tries = []
         normed = self.head.norm(out)
         keys = knn.keys_of(normed)
         knn.observe(t0, keys, self._tokens)  # every entry's state is a key; its label comes two tokens on
@@ -456,7 +461,38 @@ class Eagle3Drafter:
         """Children of ``nodes`` from the kNN retrieval trie (no model work); None without a kNN memory."""
         if self.knn is None:
             return None
+        self._ask_at_nodes(tree, nodes)
         return candidate_tensors([self.knn.children(trie_node_of(tree, int(node), self._trie_memo), k) for node in nodes.tolist()], k)
+
+    @torch.inference_mode()
+    def _ask_at_nodes(self, tree: Tree, nodes: torch.Tensor) -> None:
+        """Where the root's neighbours say nothing below a node, the node's own head state asks the store.
+
+        Why: below a first-level token the root's neighbours did not vote for (the head's
+        or the n-gram's), the retrieval trie is empty and, with the head limited to the root
+        (``@1``), nothing drafts the second level unless the n-gram has a match. One head
+        layer over the best few such nodes (no output layer) gives their states, and their
+        own neighbours' continuations fill the gap, scored by the same q(depth).
+        """
+        budget = self.knn.cfg.node_votes
+        if budget <= 0:
+            return
+        lacking = [
+            n for n in nodes.tolist()
+            if int(tree.parents[n]) in self._node_hidden and not getattr(trie_node_of(tree, n, self._trie_memo), "children", None)
+        ]
+        lacking = sorted(lacking, key=lambda n: -float(tree.scores[n]))[:budget]
+        if not lacking:
+            return
+        fresh = [n for n in lacking if n not in self._node_hidden]  # a full-depth head already ran the others
+        if fresh:
+            self._advance(tree, torch.tensor(fresh))
+        keys = self.knn.keys_of(self.head.norm(torch.stack([self._node_hidden[n] for n in lacking])))
+        for j, n in enumerate(lacking):
+            found = self.knn.retrieve(keys[j], int(tree.tokens[n]), depth=int(tree.depths[n]))
+            if found is not None:
+                self._trie_memo[n] = found.trie
+                self._node_tries.append(([int(tree.tokens[i]) for i in tree.path_to(n)[1:]], found.trie))
 
     def _maps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's vocabulary maps (:meth:`Eagle3Head.vocab_maps`), built once."""
@@ -466,6 +502,14 @@ class Eagle3Drafter:
 
     @torch.inference_mode()
     def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        toks, logps = self._topk(self._advance(tree, nodes), k)
+        found = self.retrieved(tree, nodes, k) if self._retrieval is not None else None
+        if found is not None:
+            return merge_candidates(toks, logps, *found, k)
+        return toks, logps
+
+    def _advance(self, tree: Tree, nodes: torch.Tensor) -> torch.Tensor:
+        """Run the head on drafted ``nodes`` (their parents' states known); returns their states [m, H]."""
         node_list = nodes.tolist()
         m = len(node_list)
         base = len(self._spec_parent)
@@ -489,11 +533,7 @@ class Eagle3Drafter:
         self._spec_parent.extend(parents_entry)
         for j, node in enumerate(node_list):
             self._node_hidden[node] = out[0, j]
-        toks, logps = self._topk(out[0], k)
-        found = self.retrieved(tree, nodes, k) if self._retrieval is not None else None
-        if found is not None:
-            return merge_candidates(toks, logps, *found, k)
-        return toks, logps
+        return out[0]
 
     def end(self) -> None:
         self._spec_k, self._spec_v, self._spec_parent = [], [], []

@@ -15,6 +15,13 @@ model cost, like the n-gram drafter's but found by the head's state instead of a
 suffix. A child's score is ``q(depth) * weight(child) / weight(parent)``, with q
 re-learned from what the target committed (:class:`ltd.online.reliability.OnlineReliability`).
 
+Below a first-level token the root's neighbours did not vote for (one the head or the
+n-gram drafter proposed), their trie is empty; with the head drafting the root only
+(``@1``) nothing would draft the second level unless the n-gram drafter matched. There the
+drafted node asks the store itself: one head layer (no output layer) gives its state, and
+its own neighbours' continuations fill the gap, scored by the same q(depth) and graded
+the same way (``node_votes`` nodes per draft step, best-scored first).
+
 How far to trust the votes is learned too. The first drafted token of every cycle is
 graded by the target's next committed token, and the votes' share ``w`` follows the EM
 update of a two-component mixture: the running mean of the responsibility
@@ -83,11 +90,16 @@ class KnnConfig:
     weight: float = 0.5  # share of the votes in the draft distribution
     max_len: int = 8  # continuation tokens per neighbour in the retrieval trie
     learn_weight: bool = True  # re-learn the votes' share per similarity bin (EM), else keep ``weight``
+    # deeper nodes the root's neighbours say nothing below that ask the store with their own
+    # head state, per draft step (best-scored first); 0 keeps the head to the root
+    node_votes: int = 2
 
     def validate(self) -> None:
-        if self.capacity < 16 or self.k < 1 or self.temperature <= 0 or not 0.0 < self.weight <= 1.0 or self.max_len < 1:
+        if self.capacity < 16 or self.k < 1 or self.temperature <= 0 or not 0.0 < self.weight <= 1.0 or self.max_len < 1 \
+                or self.node_votes < 0:
             raise LtdError(
-                f"kNN memory needs capacity >= 16, k >= 1, temperature > 0, 0 < weight <= 1 and max_len >= 1, got {asdict(self)}"
+                "kNN memory needs capacity >= 16, k >= 1, temperature > 0, 0 < weight <= 1, max_len >= 1 and "
+                f"node_votes >= 0, got {asdict(self)}"
             )
 
 
@@ -101,9 +113,13 @@ def head_fingerprint(head) -> str:
     return h.hexdigest()[:16]
 
 
-def build_weighted_trie(continuations: Sequence[Sequence[int]], weights: Sequence[float]) -> TrieNode:
-    """Merge continuations into a trie whose counts are the summed weights of the paths through each node."""
-    root = TrieNode()
+def build_weighted_trie(continuations: Sequence[Sequence[int]], weights: Sequence[float], depth: int = 0) -> TrieNode:
+    """Merge continuations into a trie whose counts are the summed weights of the paths through each node.
+
+    ``depth`` is the root's: a retrieval at a drafted node of depth d roots its trie there,
+    so q(depth) scores its continuations like the root trie's at the same tree depth.
+    """
+    root = TrieNode(depth=depth)
     for cont, w in zip(continuations, weights):
         if not cont:
             continue
@@ -238,8 +254,9 @@ class KnnMemory:
             self.offset += cut
 
     # -- drafting ----------------------------------------------------------------------
-    def retrieve(self, query: torch.Tensor, read_token: int) -> Retrieval | None:
-        """The k stored neighbours of one key that read ``read_token`` (None if none did)."""
+    def retrieve(self, query: torch.Tensor, read_token: int, depth: int = 0) -> Retrieval | None:
+        """The k stored neighbours of one key that read ``read_token`` (None if none did);
+        ``depth`` is the tree depth of the node whose state the key is (0: the root)."""
         rows = torch.nonzero(self.read[: self.size] == read_token).flatten()
         if rows.numel() == 0:
             return None
@@ -254,7 +271,7 @@ class KnnMemory:
             return None
         weights = weights[keep] / weights[keep].sum()
         conts = [c for c, ok in zip(conts, keep.tolist()) if ok]
-        return Retrieval(labels[keep], weights, build_weighted_trie(conts, weights.tolist()), float(top[0]))
+        return Retrieval(labels[keep], weights, build_weighted_trie(conts, weights.tolist(), depth), float(top[0]))
 
     # -- the votes' share --------------------------------------------------------------
     @staticmethod
