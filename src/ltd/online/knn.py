@@ -82,11 +82,13 @@ KNN_FILES = ("knn.json", "knn.safetensors")
 
 @dataclass
 class KnnConfig:
-    """kNN memory settings; defaults from the offline replay (session 11)."""
+    """kNN memory settings; defaults from the offline replay (session 11), temperature and
+    node_votes from live accepted lengths on 80 humaneval prompts (session 12,
+    ``scripts/knn_settings.py``)."""
 
     capacity: int = 32768  # stored positions (the oldest go first)
     k: int = 16  # neighbours that vote
-    temperature: float = 0.02  # softmax temperature over cosine similarities
+    temperature: float = 0.05  # softmax temperature over cosine similarities (0.02: -1.0%, 0.1: -0.5%)
     weight: float = 0.5  # share of the votes in the draft distribution
     max_len: int = 8  # continuation tokens per neighbour in the retrieval trie
     learn_weight: bool = True  # re-learn the votes' share per similarity bin (EM), else keep ``weight``
