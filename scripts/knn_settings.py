@@ -6,6 +6,8 @@ machine. Each setting starts from an empty memory and the shipped head; the repo
 the mean accepted length over the second half of the stream, and its ratio to frozen.
 
     .venv/bin/python scripts/knn_settings.py --suite qa --limit 16 --out benchmarks/knn-settings-s11/qa.json
+    .venv/bin/python scripts/knn_settings.py --suite humaneval --limit 80 --max-new-tokens 128 \
+        --settings default,no-node-votes,temperature-0.02 --out benchmarks/knn-settings-s12/humaneval80.json
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ from ltd.online.learner import adaptable_head
 
 SETTINGS = {
     "default": KnnConfig(),
-    "votes-only": KnnConfig(max_len=1),  # no retrieved continuations below the first token
+    "votes-only": KnnConfig(max_len=1, node_votes=0),  # no retrieved continuations below the first token
     "fixed-share": KnnConfig(learn_weight=False),
+    "no-node-votes": KnnConfig(node_votes=0),  # only the root's neighbours draft below the first level
+    "temperature-0.02": KnnConfig(temperature=0.02),
+    "temperature-0.1": KnnConfig(temperature=0.1),
 }
 
 
@@ -47,8 +52,13 @@ def main() -> None:
     ap.add_argument("--tree", default="3x8x3", help="static DxKxV")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--settings", default="default,votes-only,fixed-share", help=f"comma list of {', '.join(SETTINGS)}")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown setting(s) {', '.join(unknown)}; choose from {', '.join(SETTINGS)}")
     torch.set_num_threads(args.threads)
     depth, topk, size = (int(x) for x in args.tree.split("x"))
     engine = Engine.load("smollm2-135m")
@@ -57,7 +67,8 @@ def main() -> None:
     frozen = second_half(engine, prompts, cfg, None)
     rows = {"frozen": {"accepted_second_half": round(frozen, 4)}}
     print(f"{args.suite} frozen {frozen:.3f}", flush=True)
-    for name, knn in SETTINGS.items():
+    for name in names:
+        knn = SETTINGS[name]
         acc = second_half(engine, prompts, cfg, knn)
         rows[name] = {"settings": asdict(knn), "accepted_second_half": round(acc, 4), "vs_frozen": round(acc / frozen, 4)}
         print(f"{args.suite} {name} {acc:.3f} ({acc / frozen:.3f}x)", flush=True)
