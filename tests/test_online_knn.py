@@ -74,6 +74,29 @@ def test_ring_keeps_the_newest_and_the_stream_is_trimmed_behind_it():
     assert sorted(mem.labels.tolist()) == [t for r in (7, 8, 9) for t in [100 + r * 10 + i for i in range(2, 8)]][-16:]
 
 
+def test_per_token_index_matches_a_search_of_the_ring_after_overwrites():
+    """Queries search each read token's contiguous copy of its keys; after the ring has
+    overwritten most slots (stale copies masked, then compacted), every retrieval must be
+    what a search over the ring's live entries gives."""
+    gen = torch.Generator().manual_seed(0)
+    mem = KnnMemory(hidden_size=8, fingerprint="x", cfg=KnnConfig(capacity=64, k=4, temperature=0.05))
+    for r in range(40):
+        seq = torch.randint(0, 5, (12,), generator=gen).tolist()  # five read tokens: big, shared buckets
+        mem.observe(0, torch.nn.functional.normalize(torch.randn(12, 8, generator=gen), dim=-1), seq)
+        mem.end_sequence()
+        for tok in range(5):
+            query = torch.nn.functional.normalize(torch.randn(8, generator=gen), dim=0)
+            rows = torch.nonzero(mem.read[: len(mem)] == tok).flatten()
+            found = mem.retrieve(query, tok)
+            if rows.numel() == 0:
+                assert found is None
+                continue
+            top = torch.topk(mem.keys[rows] @ query, min(4, rows.numel())).values
+            assert math.isclose(found.similarity, float(top[0]), rel_tol=1e-5)
+            assert all(tok not in mem._buckets or mem._buckets[tok].n <= 2 * mem._buckets[tok].live + 64 for tok in range(5))
+    assert mem.added > 4 * 64 and sum(b.live for b in mem._buckets.values()) == len(mem) == 64
+
+
 def test_mix_adds_votes_to_the_head_distribution():
     mem = _filled(KnnConfig(capacity=16, k=4, weight=0.5, temperature=1e3))  # near-equal votes
     found = mem.retrieve(_unit([[1, 0]])[0], read_token=5)  # 40 and 43, half each
