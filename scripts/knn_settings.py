@@ -7,7 +7,7 @@ the mean accepted length over the second half of the stream, and its ratio to fr
 
     .venv/bin/python scripts/knn_settings.py --suite qa --limit 16 --out benchmarks/knn-settings-s11/qa.json
     .venv/bin/python scripts/knn_settings.py --suite humaneval --limit 80 --max-new-tokens 128 \
-        --settings default,no-node-votes,temperature-0.02 --out benchmarks/knn-settings-s12/humaneval80.json
+        --settings default,node-votes,temperature-0.02 --out benchmarks/knn-settings-s12/humaneval80.json
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from ltd.online.learner import adaptable_head
 
 SETTINGS = {
     "default": KnnConfig(),
-    "votes-only": KnnConfig(max_len=1, node_votes=0),  # no retrieved continuations below the first token
+    "votes-only": KnnConfig(max_len=1),  # no retrieved continuations below the first token
     "fixed-share": KnnConfig(learn_weight=False),
-    "no-node-votes": KnnConfig(node_votes=0),  # only the root's neighbours draft below the first level
+    "node-votes": KnnConfig(node_votes=2),  # nodes below which the root's neighbours say nothing ask the store
     "temperature-0.02": KnnConfig(temperature=0.02),
     "temperature-0.1": KnnConfig(temperature=0.1),
 }

@@ -20,7 +20,8 @@ n-gram drafter proposed), their trie is empty; with the head drafting the root o
 (``@1``) nothing would draft the second level unless the n-gram drafter matched. There the
 drafted node asks the store itself: one head layer (no output layer) gives its state, and
 its own neighbours' continuations fill the gap, scored by the same q(depth) and graded
-the same way (``node_votes`` nodes per draft step, best-scored first).
+the same way (``node_votes`` nodes per draft step, best-scored first; off by default, as
+the head layer costs more than it gains on our CPU).
 
 How far to trust the votes is learned too. The first drafted token of every cycle is
 graded by the target's next committed token, and the votes' share ``w`` follows the EM
@@ -82,19 +83,20 @@ KNN_FILES = ("knn.json", "knn.safetensors")
 
 @dataclass
 class KnnConfig:
-    """kNN memory settings; defaults from the offline replay (session 11), temperature and
-    node_votes from live accepted lengths on 80 humaneval prompts (session 12,
-    ``scripts/knn_settings.py``)."""
+    """kNN memory settings; defaults from the offline replay (session 11), the temperature
+    and node_votes from a live 80-prompt humaneval stream (session 12)."""
 
     capacity: int = 32768  # stored positions (the oldest go first)
     k: int = 16  # neighbours that vote
-    temperature: float = 0.05  # softmax temperature over cosine similarities (0.02: -1.0%, 0.1: -0.5%)
+    temperature: float = 0.05  # softmax temperature over cosine similarities (0.02: -1.0% accepted, 0.1: -0.5%)
     weight: float = 0.5  # share of the votes in the draft distribution
     max_len: int = 8  # continuation tokens per neighbour in the retrieval trie
     learn_weight: bool = True  # re-learn the votes' share per similarity bin (EM), else keep ``weight``
     # deeper nodes the root's neighbours say nothing below that ask the store with their own
-    # head state, per draft step (best-scored first); 0 keeps the head to the root
-    node_votes: int = 2
+    # head state, per draft step (best-scored first). Off by default: on the 80-prompt
+    # humaneval stream 2 gained 0.4% accepted and cost ~1.7 ms per cycle (a head layer and
+    # two more retrievals; session 12 profile), a loss here; it may pay where the head is cheap
+    node_votes: int = 0
 
     def validate(self) -> None:
         if self.capacity < 16 or self.k < 1 or self.temperature <= 0 or not 0.0 < self.weight <= 1.0 or self.max_len < 1 \
