@@ -7,7 +7,7 @@ the mean accepted length over the second half of the stream, and its ratio to fr
 
     .venv/bin/python scripts/knn_settings.py --suite qa --limit 16 --out benchmarks/knn-settings-s11/qa.json
     .venv/bin/python scripts/knn_settings.py --suite humaneval --limit 80 --max-new-tokens 128 \
-        --settings default,node-votes,temperature-0.02 --out runs/knn-settings-humaneval80.json
+        --settings default,node-votes,temperature-0.02 --out benchmarks/knn-settings-s12/humaneval80.json
 """
 
 from __future__ import annotations

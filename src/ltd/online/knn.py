@@ -88,14 +88,15 @@ class KnnConfig:
 
     capacity: int = 32768  # stored positions (the oldest go first)
     k: int = 16  # neighbours that vote
-    temperature: float = 0.05  # softmax temperature over cosine similarities (0.02: -1.0% accepted, 0.1: -0.5%)
+    temperature: float = 0.05  # softmax temperature over cosine similarities (benchmarks/knn-settings-s12)
     weight: float = 0.5  # share of the votes in the draft distribution
     max_len: int = 8  # continuation tokens per neighbour in the retrieval trie
     learn_weight: bool = True  # re-learn the votes' share per similarity bin (EM), else keep ``weight``
     # deeper nodes the root's neighbours say nothing below that ask the store with their own
     # head state, per draft step (best-scored first). Off by default: on the 80-prompt
-    # humaneval stream 2 gained 0.4% accepted and cost ~1.7 ms per cycle (a head layer and
-    # two more retrievals; session 12 profile), a loss here; it may pay where the head is cheap
+    # humaneval stream 2 gained 0.4% accepted (benchmarks/knn-settings-s12) and cost ~1.7 ms
+    # per cycle (a head layer and two more queries; session 12 scratch profile), a loss
+    # here; it may pay where the head is cheap
     node_votes: int = 0
 
     def validate(self) -> None:
