@@ -4,7 +4,7 @@
 (humaneval then gsm8k) needs them per suite. Reads the runs of a ``results.json`` (prompts
 in file order, one repeat):
 
-    .venv/bin/python scripts/stream_halves.py benchmarks/online-memory/results.json
+    .venv/bin/python scripts/stream_halves.py benchmarks/online-knn-80prompts-2026-11-28/results.json
 """
 
 from __future__ import annotations

@@ -258,6 +258,16 @@ def cmd_peers(args) -> int:
     return 0
 
 
+def cmd_drafter(args) -> int:
+    """Tools for draft heads: ``shrink-vocab`` cuts a head's draft vocabulary to its N most frequent tokens."""
+    from ltd.train.vocab import shrink_head_vocab
+
+    small = shrink_head_vocab(args.head, args.features, args.size, args.out)
+    size_mb = (Path(args.out) / "model.safetensors").stat().st_size / 1e6
+    print(f"draft vocabulary -> {small.config.draft_vocab_size} tokens; {args.out}/model.safetensors {size_mb:.1f} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ltd", description="Lossless tree speculative decoding that learns to draft")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
@@ -338,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
     p.add_argument("--force", action="store_true", help="rebuild even when a build exists")
     p.set_defaults(func=cmd_peers)
+
+    p = sub.add_parser("drafter", help="tools for EAGLE-3 draft heads")
+    p.add_argument("action", choices=["shrink-vocab"], help="shrink-vocab: keep the N most frequent draft tokens")
+    p.add_argument("--head", required=True, help="EAGLE-3 head directory")
+    p.add_argument("--features", required=True, help="the feature cache it was trained on (token frequencies)")
+    p.add_argument("--size", type=int, required=True, help="new draft vocabulary size")
+    p.add_argument("--out", required=True, help="directory to write the smaller head to")
+    p.set_defaults(func=cmd_drafter)
 
     from ltd.bench import cli as bench_cli
     from ltd.rl import cli as rl_cli

@@ -2,7 +2,7 @@
 
 The best static tree of `ltd bench --grid` for smollm2's default drafter (hybrid@1) on this
 project's CPU machine, with the measured kernel plan of ltd.backends.hf_kernels
-(benchmarks/smollm2-grid-s8; also the best of six suites, benchmarks/smollm2-s8b). Since
+(benchmarks/smollm2-grid-plan2-2026-11-27; also the best of six suites, benchmarks/smollm2-plan2-2026-11-27). Since
 plan version 2 pads one row to two, verifying one draft token costs what a plain step
 does, so the cheapest tree wins here; other hardware and drafters should run the grid.
 """
@@ -23,7 +23,7 @@ KERNELS_HELP = (
 # so the head's precision is a speed/acceptance trade of its own: on this project's CPU
 # (AVX2, no native bf16) the head's root step costs 1.6-2.2 ms in bfloat16 against
 # 4.0-6.4 ms in float32, since it is memory-bound, at the same acceptance
-# (scripts/head_dtype.py, benchmarks/head-dtype). auto = bfloat16 (float16 on a GPU
+# (scripts/head_dtype.py, benchmarks/head-dtype-2026-11-27). auto = bfloat16 (float16 on a GPU
 # without bf16); with --online the head learns through float32 master weights.
 HEAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_HEAD_DTYPE = "auto"

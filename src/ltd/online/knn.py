@@ -42,9 +42,9 @@ drafter learns a user's domain as it serves. On humaneval (80 prompts, SmolLM2-1
 shipped head) the votes raised prequential step-1 agreement with the target from 32% to
 66% in an offline replay (session 11 scratch). Live, much of that overlaps what the
 n-gram drafter already copies from the context: 1.05x accepted tokens per cycle on
-a 24-prompt humaneval stream at 3x8x3 (``benchmarks/online-knn-s11``), 1.11x over all 80
-humaneval prompts and on gsm8k after them (``benchmarks/online-knn-s12``), while on general questions
-the retrieved continuations cost 1.7% (``benchmarks/knn-settings-s11``). It changes
+a 24-prompt humaneval stream at 3x8x3 (``benchmarks/online-knn-24prompts-2026-11-27``), 1.11x over all 80
+humaneval prompts and on gsm8k after them (``benchmarks/online-knn-80prompts-2026-11-28``), while on general questions
+the retrieved continuations cost 1.7% (``benchmarks/knn-settings-16prompts-2026-11-28``). It changes
 drafts only, never the output.
 
 Keys depend on the head's weights: a store saved with one head is refused by another
@@ -89,13 +89,13 @@ class KnnConfig:
 
     capacity: int = 32768  # stored positions (the oldest go first)
     k: int = 16  # neighbours that vote
-    temperature: float = 0.05  # softmax temperature over cosine similarities (benchmarks/knn-settings-s12)
+    temperature: float = 0.05  # softmax temperature over cosine similarities (benchmarks/knn-settings-80prompts-2026-11-28)
     weight: float = 0.5  # share of the votes in the draft distribution
     max_len: int = 8  # continuation tokens per neighbour in the retrieval trie
     learn_weight: bool = True  # re-learn the votes' share per similarity bin (EM), else keep ``weight``
     # deeper nodes the root's neighbours say nothing below that ask the store with their own
     # head state, per draft step (best-scored first). Off by default: on the 80-prompt
-    # humaneval stream 2 gained 0.4% accepted (benchmarks/knn-settings-s12) and cost ~1.7 ms
+    # humaneval stream 2 gained 0.4% accepted (benchmarks/knn-settings-80prompts-2026-11-28) and cost ~1.7 ms
     # per cycle (a head layer and two more queries; session 12 scratch profile), a loss
     # here; it may pay where the head is cheap
     node_votes: int = 0

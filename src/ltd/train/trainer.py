@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ltd.drafting.eagle3 import Eagle3Config, Eagle3Head, init_random_head
 from ltd.errors import LtdError
+from ltd.train.vocab import token_counts
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,7 @@ class TrainConfig:
 
 def build_draft_vocab(shards: list[dict[str, torch.Tensor]], size: int, vocab_size: int) -> torch.Tensor:
     """The ``size`` most frequent target next tokens (sorted ids): the reduced draft vocabulary."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for sh in shards:
-        counts += torch.bincount(sh["top_ids"][:, 0].long(), minlength=vocab_size)[:vocab_size]
-        counts += torch.bincount(sh["input_ids"].long(), minlength=vocab_size)[:vocab_size]
+    counts = token_counts(shards, vocab_size)
     size = min(size, vocab_size)
     top = torch.topk(counts, size).indices
     return torch.sort(top).values
