@@ -23,7 +23,7 @@ KERNELS_HELP = (
 # so the head's precision is a speed/acceptance trade of its own: on this project's CPU
 # (AVX2, no native bf16) the head's root step costs 1.6-2.2 ms in bfloat16 against
 # 4.0-6.4 ms in float32, since it is memory-bound, at the same acceptance
-# (scripts/head_dtype.py, benchmarks/head-dtype-2026-11-27). auto = bfloat16 (float16 on a GPU
+# (experiments/head_dtype.py, benchmarks/head-dtype-2026-11-27). auto = bfloat16 (float16 on a GPU
 # without bf16); with --online the head learns through float32 master weights.
 HEAD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_HEAD_DTYPE = "auto"

@@ -192,7 +192,7 @@ def sdpa_gqa_in_place() -> Iterator[None]:
     heads. On the CPU, SDPA with ``enable_gqa`` and a mask gives bit-identical outputs
     without the copy: for SmolLM2 (9 query, 3 key/value heads) one layer's attention of
     2-9 tree nodes costs 0.04-0.08 ms against 0.08-0.12 ms at 128 tokens of context, and
-    0.18-0.40 against 0.31-0.53 ms at 700 (1 thread, scripts/session8_costs.py).
+    0.18-0.40 against 0.31-0.53 ms at 700 (1 thread, experiments/gqa_catchup_costs.py).
     transformers reads this switch at every call,
     so it is on only around the backend's own forwards; ``model.generate`` (the ``hf``
     baseline) runs untouched.

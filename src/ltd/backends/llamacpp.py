@@ -30,7 +30,7 @@ The backend therefore keeps sequential decoding's layout, position p in cell p:
   speculative cell is freed, and ``llama_state_seq_set_data`` restores them into the
   first free cells, n+j onwards (llama.cpp's single-sequence restore takes free cells from
   its search head, in the saved cell order). No model forward; 0.9-1.4 ms at 300
-  tokens of context on SmolLM2 with 1 thread (``scripts/llamacpp_exactness.py``).
+  tokens of context on SmolLM2 with 1 thread (``experiments/llamacpp_exactness.py``).
 
 With batch-size-independent kernels (:func:`exact_kernels`) a node's logits are then
 bit-identical to plain one-token decoding whenever its path is in sequential cells:

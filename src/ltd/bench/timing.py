@@ -1,4 +1,4 @@
-"""Median wall time of a callable: the micro-benchmarks in scripts/ share one timer, so
+"""Median wall time of a callable: the micro-benchmarks in experiments/ share one timer, so
 their numbers are taken the same way (warm-up calls first, then the median of repeats,
 which a shared, noisy machine disturbs least)."""
 

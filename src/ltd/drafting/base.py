@@ -71,7 +71,7 @@ class ReversedDrafter:
 
     A stress test for backends that place the first-child chain specially (llama.cpp's
     exact cell layout): with the order reversed, the accepted path rarely is that chain.
-    Used by tests and ``scripts/llamacpp_exactness.py``; never a good drafter.
+    Used by tests and ``experiments/llamacpp_exactness.py``; never a good drafter.
     """
 
     def __init__(self, inner: Drafter) -> None:

@@ -40,7 +40,7 @@ DEFAULT_MAX_LEN = 16
 DEFAULT_MAX_MATCHES = 64  # most recent occurrences kept: bounds the trie's cost per cycle
 # q(m) for an effective match length m = 1, 2, ... (the last entry for longer ones): the
 # share of top continuations the target confirmed after a match of m tokens, on 528
-# ShareGPT prompts answered by SmolLM2-135M itself (scripts/ngram_calibration.py,
+# ShareGPT prompts answered by SmolLM2-135M itself (experiments/ngram_calibration.py,
 # benchmarks/ngram-calibration-2026-11-27). Another target's text may differ: rerun the script on its
 # regenerated answers and pass the table as ``reliabilities``.
 DEFAULT_RELIABILITY = (0.37, 0.52, 0.63, 0.90, 0.93, 0.95, 0.96, 0.97)
@@ -227,7 +227,7 @@ class NgramDrafter:
         """Score the last trie's top children against the tokens the target committed after it.
 
         Walks the trie along the committed tokens while its top child was right: each step
-        is one trial of q(n + depth), as ``scripts/ngram_calibration.py`` measures it.
+        is one trial of q(n + depth), as ``experiments/ngram_calibration.py`` measures it.
         """
         start, n, node = drafted
         grade_trie(node, self._tokens[start:], self.calibration, n)
