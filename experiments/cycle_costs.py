@@ -8,9 +8,9 @@ context. ``ltd`` in ``--trees`` runs the shipped LTD policies too; its cycles ar
 with the depth and size the policies chose and their calls charged as the profile prices
 them, so its row says whether live LTD pays costs that replay does not see.
 
-    .venv/bin/python experiments/cycle_costs.py --latency runs/latency.json --suite alpaca \\
+    .venv/bin/python experiments/cycle_costs.py --latency runs/avx2/latency.json --suite alpaca \\
         --trees 1x8x1,2x8x1,3x8x3 --threads 2 --out benchmarks/cycle-costs-avx2-2026-11-27
-    .venv/bin/python experiments/cycle_costs.py --latency runs/latency.json --suite humaneval \\
+    .venv/bin/python experiments/cycle_costs.py --latency runs/avx512/latency.json --suite humaneval \\
         --trees 2x8x1,ltd --threads 2 --out benchmarks/cycle-costs-avx512-2026-11-27
 """
 

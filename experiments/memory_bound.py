@@ -13,7 +13,7 @@ continuation found along *any* remembered path after those occurrences, capped a
 an arbiter that always knew which of the two to verify, at no cost. A memory that drafts
 this way cannot beat it at that tree.
 
-    .venv/bin/python experiments/memory_bound.py --traces runs/traces-humaneval \\
+    .venv/bin/python experiments/memory_bound.py --traces runs/avx512/traces-humaneval \\
         --trees 1x1,3x3,4x5,8x8 --out benchmarks/memory-bound-2026-11-27
 """
 

@@ -14,8 +14,8 @@ If this rule cannot beat the static tree, the drafter's confidence carries no us
 signal for a size choice at this machine's costs, and a learned policy is bounded by
 the same fact.
 
-    .venv/bin/python experiments/size_choice_ceiling.py --calibrate runs/traces-bf16 \
-        --latency runs/latency-bf16.json --traces runs/traces-{gsm8k,humaneval,mt_bench,qa,sum} \
+    .venv/bin/python experiments/size_choice_ceiling.py --calibrate runs/bf16head/traces-bf16 \
+        --latency runs/bf16head/latency-bf16.json --traces runs/bf16head/traces-{gsm8k,humaneval,mt_bench,qa,sum} \
         --out benchmarks/size-ceiling-2026-11-27
 """
 
