@@ -17,8 +17,8 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 # llama-cpp-python is compiled from its sdist without llamafile's sgemm, whose logits depend
-# on the batch size: with it, greedy trees can leave plain decoding at near-ties (README,
-# "Batch-size numerics"). The wheel is built once (about 10 minutes on 2 cores) into a cache
+# on the batch size: with it, greedy trees can leave plain decoding at near-ties
+# (docs/design.md, "Exact build"). The wheel is built once (about 10 minutes on 2 cores) into a cache
 # keyed by the flags, since pip's own wheel cache ignores CMAKE_ARGS. LTD_LLAMACPP_BUILD=stock
 # keeps pip's default build instead (faster batches, not exact).
 LCP_VERSION=0.3.36
