@@ -147,7 +147,7 @@ def _text_of_content(value: Any) -> str:
         for part in value:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise ValueError('content parts must be {"type": "text", "text": "..."}; only text is supported')
-            texts.append(part["text"])
+            texts.append(_no_lone_surrogates(part["text"]))
         return "\n".join(texts)
     raise ValueError("content must be a string or a list of text parts")
 
