@@ -220,6 +220,10 @@ def test_method_defaults_to_static_with_a_drafter_else_ar():
     (["--max-tokens-limit", "0"], "--max-tokens-limit"),
     (["--default-max-tokens", "5000"], "--default-max-tokens"),
     (["--size", "0"], "size"),
+    (["--drain-timeout", "-1"], "--drain-timeout"),
+    (["--save-every", "-5"], "--save-every"),
+    (["--max-body-bytes", "10"], "--max-body-bytes"),
+    (["--api-key", " "], "--api-key"),
 ])
 def test_bad_serve_flags_are_one_line_errors(flags, match):
     parser = argparse.ArgumentParser()

@@ -151,31 +151,15 @@ def _never_5xx(server, path: str, body) -> None:
         assert "error" in r.json(), r.text[:300]
 
 
-FUZZ = hsettings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZED = [(CHAT, CHAT_BODIES[0]), (CHAT, CHAT_BODIES[1]), (COMPLETIONS, COMPLETION_BODIES[0]), (COMPLETIONS, COMPLETION_BODIES[1])]
 
 
-@FUZZ
-@given(body=CHAT_BODIES[0])
-def test_fuzzed_near_valid_chat_bodies_never_get_a_5xx(server, body):
-    _never_5xx(server, CHAT, body)
-
-
-@FUZZ
-@given(body=CHAT_BODIES[1])
-def test_fuzzed_chat_bodies_of_anything_never_get_a_5xx(server, body):
-    _never_5xx(server, CHAT, body)
-
-
-@FUZZ
-@given(body=COMPLETION_BODIES[0])
-def test_fuzzed_near_valid_completion_bodies_never_get_a_5xx(server, body):
-    _never_5xx(server, COMPLETIONS, body)
-
-
-@FUZZ
-@given(body=COMPLETION_BODIES[1])
-def test_fuzzed_completion_bodies_of_anything_never_get_a_5xx(server, body):
-    _never_5xx(server, COMPLETIONS, body)
+@pytest.mark.parametrize("path,bodies_", FUZZED, ids=["chat-near-valid", "chat-anything", "completions-near-valid",
+                                                      "completions-anything"])
+@hsettings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_bodies_never_get_a_5xx(server, path, bodies_, data):
+    _never_5xx(server, path, data.draw(bodies_, label="body"))
 
 
 # -- size: body limit, character limit, tokenizing inside the bounded work -------------
@@ -281,21 +265,18 @@ def test_an_unhandled_error_is_a_json_500_counted_as_500():
 
 
 def test_retry_after_grows_with_the_queue_and_the_time_per_request():
-    engine = FakeEngine(reply="a" * 400, delay=0.02)
-    srv = start_server(engine, queue_size=2)
+    srv = start_server(FakeEngine(reply="a" * 400, delay=0.02), queue_size=2)
     worker = worker_of(srv)
     worker._mean_seconds = 3.0  # recent requests took 3 s each
-    body = chat_body(max_tokens=300)
+    threads = [threading.Thread(target=post_raw, args=(srv.url, CHAT, chat_body(max_tokens=300))) for _ in range(3)]
+    for t in threads:
+        t.start()
+        time.sleep(0.1)
     try:
-        threads = [threading.Thread(target=post_raw, args=(srv.url, CHAT, body)) for _ in range(3)]
-        for t in threads:
-            t.start()
-            time.sleep(0.1)
         wait_until(lambda: worker.busy and worker.queue_depth() == 2, what="one running, two waiting")
-        r = post_raw(srv.url, CHAT, body)
+        r = post_raw(srv.url, CHAT, chat_body())
         assert r.status_code == 429
         assert int(r.headers["Retry-After"]) == math.ceil(3.0 * 3), r.headers  # three requests ahead, 3 s each
-        worker.cancel_active("cancelled")
     finally:
         srv.stop()
         for t in threads:

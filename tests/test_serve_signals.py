@@ -133,31 +133,33 @@ def test_sigterm_drains_answers_everyone_and_saves_state_that_reloads(model_dir,
         srv.kill()
 
 
-def test_sigint_saves_too_and_the_warmup_learns_nothing(model_dir, tmp_path):
-    state = tmp_path / "state"
-    srv = ServerProcess(model_dir, state, tmp_path / "server.log", "--save-every", "0")
+@pytest.fixture
+def running(model_dir, tmp_path, request):
+    """A healthy server with the flags of ``@pytest.mark.parametrize("running", [...], indirect=True)``."""
+    srv = ServerProcess(model_dir, tmp_path / "state", tmp_path / "server.log", *request.param)
+    srv.state = tmp_path / "state"
     try:
         srv.wait_healthy()
-        srv.proc.send_signal(signal.SIGINT)
-        srv.proc.wait(60)
-        assert state.is_dir(), srv.log()
-        assert memory_of(state) == 0, "the start-up warm-up was learned"
+        yield srv
     finally:
         srv.kill()
 
 
-def test_periodic_save_lands_on_disk_while_serving(model_dir, tmp_path):
-    state = tmp_path / "state"
-    srv = ServerProcess(model_dir, state, tmp_path / "server.log", "--save-every", "0.5")
-    try:
-        srv.wait_healthy()
-        r = httpx.post(srv.url + "/v1/completions", timeout=60,
-                       json={"model": str(model_dir), "prompt": PROMPT, "max_tokens": 20, "temperature": 0})
-        assert r.status_code == 200, r.text
-        end = time.monotonic() + 20
-        while not (state.is_dir() and memory_of(state) >= 20):  # the prompt and the reply
-            assert time.monotonic() < end, f"no periodic save with the request in it:\n{srv.log()}"
-            time.sleep(0.2)
-        assert srv.proc.poll() is None  # saved while still serving
-    finally:
-        srv.kill()
+@pytest.mark.parametrize("running", [("--save-every", "0")], indirect=True)
+def test_sigint_saves_too_and_the_warmup_learns_nothing(running):
+    running.proc.send_signal(signal.SIGINT)
+    running.proc.wait(60)
+    assert running.state.is_dir(), running.log()
+    assert memory_of(running.state) == 0, "the start-up warm-up was learned"
+
+
+@pytest.mark.parametrize("running", [("--save-every", "0.5")], indirect=True)
+def test_periodic_save_lands_on_disk_while_serving(running, model_dir):
+    r = httpx.post(running.url + "/v1/completions", timeout=60,
+                   json={"model": str(model_dir), "prompt": PROMPT, "max_tokens": 20, "temperature": 0})
+    assert r.status_code == 200, r.text
+    end = time.monotonic() + 20
+    while not (running.state.is_dir() and memory_of(running.state) >= 20):  # the prompt and the reply
+        assert time.monotonic() < end, f"no periodic save with the request in it:\n{running.log()}"
+        time.sleep(0.2)
+    assert running.proc.poll() is None  # saved while still serving
