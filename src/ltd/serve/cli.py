@@ -62,7 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated extra Host header names to serve besides localhost, 127.0.0.1, [::1] and "
                         "--host ('*' = any; guards against DNS rebinding)")
     p.add_argument("--api-key", default=None,
-                   help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV}, else none)")
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV}, else none; "
+                        f"prefer the variable: a flag shows in ps)")
     p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
@@ -131,15 +132,21 @@ def settings_from_args(args: argparse.Namespace, method: str) -> ServeSettings:
     return settings
 
 
-def _check_bind(host: str, port: int, api_key: str | None = None) -> None:
+def _check_bind(settings: ServeSettings, port: int) -> None:
     if not 0 <= port <= 65535:
         raise LtdError(f"--port must be between 0 and 65535, got {port}")
+    host = settings.bind_host
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
-    if not loopback and api_key is None:
+    if loopback:
+        return
+    if settings.api_key is None:
         log.warning("binding to %s without --api-key: anyone who can reach this port can use it", host)
+    if not settings.allowed_hosts:
+        log.warning("binding to %s: only requests whose Host is localhost, 127.0.0.1, [::1] or %s are served; "
+                    "add the names clients use with --allowed-hosts", host, host)
 
 
 def load_engine(args: argparse.Namespace, settings: ServeSettings, spec: str):
@@ -180,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     backend = getattr(args, "backend", "hf")
     method, spec = resolve_method(args.model, args.drafter, args.method, backend)
     settings = settings_from_args(args, method)
-    _check_bind(args.host, args.port, settings.api_key)
+    _check_bind(settings, args.port)
     if logging.getLogger("ltd.serve").getEffectiveLevel() > logging.INFO:
         logging.getLogger("ltd.serve").setLevel(logging.INFO)  # start, disconnects, shutdown and saves are worth a line
 
