@@ -600,9 +600,16 @@ def figures(res: dict) -> list[tuple[str, str]]:
                  ("sigterm: queued request got", f"{q.get('status')}" + (" JSON" if q.get("json") else "")
                   + (f", Retry-After {q['retry_after']}" if q.get("retry_after") else "")),
                  ("sigterm: exit code / seconds to exit", f"{t.get('exit_code')} / {t.get('seconds_to_exit')}"),
-                 ("sigterm: online state on disk reloads", ("yes, " + str(t.get("state_memory_tokens")) + " memory tokens")
-                  if t.get("state_reloads") else f"no ({t.get('state_error', 'missing')[:80]})")]
+                 ("sigterm: online state on disk reloads", sigterm_state(t))]
     return rows
+
+
+def sigterm_state(t: dict) -> str:
+    if t.get("state_reloads"):
+        return f"yes, {t.get('state_memory_tokens')} memory tokens"
+    if not t.get("state_on_disk"):
+        return "no: nothing was saved"
+    return f"no ({t.get('state_error', '')[:80]})"
 
 
 def write_report(path: Path, res: dict, before: dict | None) -> None:

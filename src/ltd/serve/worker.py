@@ -246,9 +246,9 @@ class Worker:
     # -- submission --------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         """Queue a job or raise :class:`QueueFull` at once (never blocks)."""
-        if self._stopping.is_set() or self._closed.is_set() or not self.alive:
-            raise WorkerStopped("the server is shutting down")
-        with self._submit_lock:
+        with self._submit_lock:  # close() drains the queue under this lock: no job slips in after it
+            if self._stopping.is_set() or self._closed.is_set() or not self.alive:
+                raise WorkerStopped("the server is shutting down")
             # With queue_size 0 a job may only start when the worker is idle.
             if self.queue_size == 0 and (self._active is not None or self._queue.qsize() > 0):
                 raise QueueFull(0, self.retry_after())
