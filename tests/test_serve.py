@@ -19,6 +19,7 @@ import argparse
 import httpx
 import openai
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -67,9 +68,13 @@ class FakeEngine:
         self.backend = SimpleNamespace(max_context=max_context, vocab_size=EOS + 1)
         self.prompt_tokenizer = None  # HF's tokenizer encodes, as on the hf backend
         self.cycles_run = 0
+        self.methods: list[str] = []  # the method of every request, in order
 
     def stream(self, prompt, cfg):
         cfg.validate()
+        self.methods.append(cfg.method)
+        if cfg.seed is not None:  # as ltd.cycle seeds its sampler: out-of-range seeds raise here
+            torch.Generator().manual_seed(cfg.seed)
         tokens = self.reply[: cfg.max_new_tokens]
         yield CycleResult(new_tokens=tokens[:1], cycle=0)
         i, cycle = 1, 1
@@ -215,6 +220,10 @@ def test_method_defaults_to_static_with_a_drafter_else_ar():
     (["--max-tokens-limit", "0"], "--max-tokens-limit"),
     (["--default-max-tokens", "5000"], "--default-max-tokens"),
     (["--size", "0"], "size"),
+    (["--drain-timeout", "-1"], "--drain-timeout"),
+    (["--save-every", "-5"], "--save-every"),
+    (["--max-body-bytes", "10"], "--max-body-bytes"),
+    (["--api-key", " "], "--api-key"),
 ])
 def test_bad_serve_flags_are_one_line_errors(flags, match):
     parser = argparse.ArgumentParser()

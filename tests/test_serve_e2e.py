@@ -149,3 +149,29 @@ def test_models_health_metrics(server, client):
     assert values["ltd_tokens_per_second"] > 0
     assert values["ltd_queue_depth"] == 0
     assert values['ltd_requests_total{endpoint="/v1/chat/completions",status="200"}'] >= 1
+
+
+def _metric_values(url: str) -> dict[str, float]:
+    values = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_speculation_off_gives_the_same_text_at_one_token_per_cycle(server, client, references):
+    prompt = CHAT_PROMPTS[0]
+    before = _metric_values(server.url)
+    off = client.chat.completions.create(model=MODEL, messages=messages(prompt), max_tokens=MAX_TOKENS, temperature=0,
+                                         extra_body={"speculation": "off"})
+    after = _metric_values(server.url)
+    auto = client.chat.completions.create(model=MODEL, messages=messages(prompt), max_tokens=MAX_TOKENS, temperature=0,
+                                          extra_body={"speculation": "auto"})
+    assert off.choices[0].message.content == auto.choices[0].message.content == references[prompt]["text"]
+    cycles = after["ltd_cycles_total"] - before["ltd_cycles_total"]
+    added = after["ltd_cycle_tokens_total"] - before["ltd_cycle_tokens_total"]
+    assert cycles >= 1 and added / cycles == 1.0  # plain decoding: one token per cycle, no drafts accepted
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=messages(prompt), max_tokens=2, extra_body={"speculation": "no"})
+    assert info.value.body["param"] == "speculation"

@@ -1,7 +1,10 @@
 """The FastAPI application: OpenAI-compatible routes over one decode worker.
 
-Handlers validate, encode the prompt, hand a :class:`~ltd.serve.worker.Job` to the
-worker and turn its events into a JSON response or server-sent events. A streamed
+Handlers validate, hand a :class:`~ltd.serve.worker.Job` to the worker (which
+tokenizes the prompt inside its bounded work, :mod:`ltd.serve.prompt`) and turn its
+events into a JSON response or server-sent events. :func:`create_app` only wires the
+pieces: middleware (metrics, then the guard of :mod:`ltd.serve.guard`), error
+handlers, routes and the lifespan that starts the worker and saves online state. A streamed
 response starts only when the first event arrives, so a request that fails before
 producing text (timeout in the queue, prompt the model rejects) still gets a proper
 HTTP status instead of a 200 with an error inside the stream.
@@ -14,7 +17,8 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,8 +28,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ltd.errors import LtdError
 from ltd.serve import schemas
 from ltd.serve.metrics import CONTENT_TYPE, ServerMetrics
-from ltd.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest, bad_request
+from ltd.serve.guard import Draining, GuardMiddleware
+from ltd.serve.lifecycle import Shutdown
+from ltd.serve.prompt import InvalidPrompt, PromptPlan, check_chars, longest_token_chars
+from ltd.serve.schemas import ApiError, ChatCompletionRequest, CompletionRequest, bad_request, clip
 from ltd.serve.settings import ServeSettings
+from ltd.serve.state import StateSaver
 from ltd.serve.text import TextCodec
 from ltd.serve.worker import Event, Failed, Finished, Job, QueueFull, TextDelta, Worker, WorkerStopped
 
@@ -42,9 +50,10 @@ FAILURE_STATUS = {
 }
 
 
-def _failure(event: Failed) -> ApiError:
+def _failure(event: Failed, retry_after: int = 1) -> ApiError:
     status, type_ = FAILURE_STATUS.get(event.kind, (500, "server_error"))
-    return ApiError(status, event.message, type_, None, event.kind)
+    headers = {"Retry-After": str(retry_after)} if status == 503 else None
+    return ApiError(status, event.message, type_, event.param, event.code or event.kind, headers)
 
 
 def sse(data: dict | str) -> str:
@@ -54,11 +63,15 @@ def sse(data: dict | str) -> str:
 
 
 class MetricsMiddleware:
-    """Counts every HTTP response by endpoint and status, timed to its last byte.
+    """Counts every HTTP response by endpoint and the status it was sent with, timed to
+    its last byte.
 
     A plain ASGI middleware rather than ``@app.middleware``: Starlette's
     BaseHTTPMiddleware wraps ``receive``, which would hide client disconnects from
-    the streaming responses, and it times a stream only to its first byte.
+    the streaming responses, and it times a stream only to its first byte. An
+    exception no handler caught is answered here (JSON 500), so the 500 that is sent
+    is also the 500 that is counted; a request whose client left before any response
+    counts as 499.
     """
 
     def __init__(self, app, metrics: ServerMetrics) -> None:
@@ -72,20 +85,26 @@ class MetricsMiddleware:
         path = scope.get("path", "")
         endpoint = path if path in ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
         start = time.monotonic()
-        state = {"status": 500, "done": False}
+        state = {"status": CLIENT_CLOSED, "started": False}
 
         async def send_wrapper(message) -> None:
             if message["type"] == "http.response.start":
-                state["status"] = message["status"]
+                state["status"], state["started"] = message["status"], True
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                state["done"] = True
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except Exception:
+            if state["started"]:
+                raise
+            log.exception("unhandled error on %s", path)
+            body = schemas.error_body("internal server error; see the server log", "server_error")
+            try:
+                await JSONResponse(body, status_code=500)(scope, receive, send_wrapper)
+            except OSError:  # the client is gone too
+                pass
         finally:
-            status = state["status"] if state["done"] else CLIENT_CLOSED
-            self.metrics.record_request(endpoint, status, time.monotonic() - start)
+            self.metrics.record_request(endpoint, state["status"], time.monotonic() - start)
 
 
 async def _watch_disconnect(request: Request, job: Job) -> None:
@@ -94,7 +113,7 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            log.info("job %d: client disconnected", job.id)
+            log.info("request %s: client disconnected; generation cancelled", job.request_id)
             job.cancel("cancelled")
             return
 
@@ -150,41 +169,98 @@ class _Formatter:
         return schemas.dump(cls(id=self.id, created=self.created, model=self.model, choices=[], usage=usage))
 
 
+@dataclass
+class _Server:
+    """What the routes of one app share."""
+
+    settings: ServeSettings
+    codec: TextCodec
+    metrics: ServerMetrics
+    worker: Worker
+    draining: Draining
+    shutdown: Shutdown
+    saver: StateSaver | None
+    max_context: int
+    vocab_size: int
+    max_chars: int  # a prompt with more characters cannot fit the context
+
+
 def create_app(engine, settings: ServeSettings, codec: TextCodec | None = None) -> FastAPI:
     """The server for one loaded engine.
 
     ``engine`` is an :class:`ltd.engine.Engine` (or anything with its ``stream``,
-    ``generate``, ``target.tokenizer``, ``target.eos_token_ids`` and
-    ``backend.max_context``/``vocab_size``). The worker thread starts and stops with
-    the app's lifespan.
+    ``generate``, ``target.tokenizer``, ``target.eos_token_ids``,
+    ``backend.max_context``/``vocab_size`` and optionally ``online``). The worker
+    thread starts and stops with the app's lifespan; ``app.state.shutdown`` is the
+    drain sequence a :class:`ltd.serve.lifecycle.GracefulServer` runs on SIGTERM.
     """
+    srv = _build(engine, settings, codec)
+    docs = settings.docs
+    app = FastAPI(
+        title="ltd", description="OpenAI-compatible server over lossless speculative decoding", lifespan=_lifespan(srv),
+        docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None,
+    )
+    app.state.worker = srv.worker
+    app.state.metrics = srv.metrics
+    app.state.settings = settings
+    app.state.shutdown = srv.shutdown
+    app.state.saver = srv.saver
+    _add_middleware(app, srv)
+    _add_error_handlers(app)
+    _add_generation_routes(app, srv)
+    _add_info_routes(app, srv)
+    return app
+
+
+def _build(engine, settings: ServeSettings, codec: TextCodec | None) -> _Server:
     settings.validate()
     codec = codec or TextCodec(engine.target.tokenizer, engine.prompt_tokenizer)
     metrics = ServerMetrics()
-    worker = Worker(engine, codec, engine.target.eos_token_ids, settings.queue_size, metrics)
+    online = getattr(engine, "online", None)
+    saver = StateSaver(online, settings.online_state, settings.save_every) if online is not None and settings.online_state else None
+    worker = Worker(engine, codec, engine.target.eos_token_ids, settings.queue_size, metrics, saver)
+    draining = Draining()
     max_context = int(engine.backend.max_context)
-    vocab_size = int(engine.backend.vocab_size)
+    return _Server(
+        settings=settings, codec=codec, metrics=metrics, worker=worker, draining=draining,
+        shutdown=Shutdown(worker, draining, settings.drain_timeout), saver=saver, max_context=max_context,
+        vocab_size=int(engine.backend.vocab_size), max_chars=max_context * longest_token_chars(codec.tokenizer),
+    )
 
+
+def _lifespan(srv: _Server):
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        worker.start()
-        log.info("serving %s (method %s, queue %d, timeout %.0f s)", settings.model_name, settings.method,
-                 settings.queue_size, settings.timeout)
+        srv.worker.start()
+        s = srv.settings
+        log.info("serving %s (method %s, queue %d, timeout %.0f s, body limit %d bytes)", s.model_name, s.method,
+                 s.queue_size, s.timeout, s.body_limit(srv.max_context))
         try:
             yield
         finally:
-            await asyncio.to_thread(worker.stop)
+            await asyncio.to_thread(srv.worker.stop)
+            if srv.saver is not None:  # after the worker stopped: nothing changes the state any more
+                await asyncio.to_thread(srv.saver.save, "shutdown")
 
-    app = FastAPI(title="ltd", description="OpenAI-compatible server over lossless speculative decoding", lifespan=lifespan)
-    app.state.worker = worker
-    app.state.metrics = metrics
-    app.state.settings = settings
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return lifespan
 
-    # -- errors --------------------------------------------------------------------------
+
+def _add_middleware(app: FastAPI, srv: _Server) -> None:
+    app.add_middleware(GuardMiddleware, settings=srv.settings, body_limit=srv.settings.body_limit(srv.max_context),
+                       draining=srv.draining, retry_after=srv.worker.retry_after)
+    # Added last, so outermost: the guard's refusals are counted too.
+    app.add_middleware(MetricsMiddleware, metrics=srv.metrics)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(InvalidPrompt)
+    async def _invalid_prompt(request: Request, exc: InvalidPrompt) -> JSONResponse:
+        err = bad_request(exc.message, exc.param, exc.code)
+        return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -197,145 +273,130 @@ def create_app(engine, settings: ServeSettings, codec: TextCodec | None = None) 
         return JSONResponse(schemas.error_body(str(exc.detail), type_), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return JSONResponse(schemas.error_body("internal server error; see the server log", "server_error"), status_code=500)
 
-    # -- helpers -------------------------------------------------------------------------
-    def check_model(name: str) -> None:
-        if name != settings.model_name:
-            raise ApiError(400, f"The model '{name}' does not exist; this server serves '{settings.model_name}'.",
-                           "invalid_request_error", "model", "model_not_found")
+def _check_common(srv: _Server, body) -> tuple[int | None, str]:
+    """Model and max_tokens checks both endpoints share; returns (max_tokens, its name)."""
+    if body.model != srv.settings.model_name:
+        raise ApiError(400, f"The model '{clip(body.model)}' does not exist; this server serves '{srv.settings.model_name}'.",
+                       "invalid_request_error", "model", "model_not_found")
+    value, param = body.requested_max_tokens()
+    if value is not None and value > srv.settings.max_tokens_limit:
+        raise bad_request(f"{param} is {value}, above this server's limit of {srv.settings.max_tokens_limit}", param)
+    return value, param
 
-    def check_max_tokens(value: int | None, param: str) -> None:
-        if value is not None and value > settings.max_tokens_limit:
-            raise bad_request(f"{param} is {value}, above this server's limit of {settings.max_tokens_limit}", param)
 
-    async def encode(fn: Callable, arg, param: str) -> list[int]:
-        try:
-            ids = await asyncio.to_thread(fn, arg)
-        except LtdError as exc:
-            raise bad_request(str(exc), param) from None
-        if not ids:
-            raise bad_request("the prompt encodes to no tokens", param)
-        return ids
+def _add_generation_routes(app: FastAPI, srv: _Server) -> None:
+    s = srv.settings
 
-    def fit_context(prompt: list[int], max_tokens: int | None, prompt_param: str, tokens_param: str) -> int:
-        """The request's max_tokens, checked against the context; an absent one is the
-        server default, shortened to the room the prompt leaves (as OpenAI does)."""
-        if len(prompt) + 1 > max_context:
-            raise bad_request(f"the prompt has {len(prompt)} tokens but the model's context is {max_context}", prompt_param,
-                              "context_length_exceeded")
-        if max_tokens is None:
-            return min(settings.default_max_tokens, max_context - len(prompt))
-        if len(prompt) + max_tokens > max_context:
-            raise bad_request(
-                f"the prompt ({len(prompt)} tokens) plus {tokens_param} ({max_tokens}) exceeds the model's context of "
-                f"{max_context} tokens; shorten the prompt or lower {tokens_param}",
-                tokens_param, "context_length_exceeded",
-            )
-        return max_tokens
-
-    async def generate(request: Request, body, prompt: list[int], max_tokens: int, chat: bool) -> Response:
-        try:
-            cfg = settings.generate_config(max_tokens, body.temperature, body.top_p, body.seed)
-            cfg.validate()
-        except LtdError as exc:
-            raise bad_request(str(exc)) from None
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        job = Job(prompt, cfg, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), body.stop_strings, settings.timeout)
-        try:
-            worker.submit(job)
-        except QueueFull as exc:
-            raise ApiError(429, str(exc), "rate_limit_error", None, "queue_full",
-                           headers={"Retry-After": str(exc.retry_after)}) from None
-        except WorkerStopped as exc:
-            raise ApiError(503, str(exc), "server_error", None, "unavailable") from None
-        fmt = _Formatter(chat, settings.model_name)
-        watcher = asyncio.create_task(_watch_disconnect(request, job))
-        try:
-            if body.stream:
-                first = await _next_event(events, job)
-                if isinstance(first, Failed):
-                    raise _failure(first)
-                return StreamingResponse(
-                    _stream(first, events, job, fmt, body.include_usage),
-                    media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-                )
-            parts: list[str] = []
-            while True:
-                event = await _next_event(events, job)
-                if isinstance(event, TextDelta):
-                    parts.append(event.text)
-                elif isinstance(event, Finished):
-                    usage = schemas.Usage.of(event.prompt_tokens, event.completion_tokens)
-                    return JSONResponse(fmt.response("".join(parts), event.finish_reason, usage))
-                else:
-                    raise _failure(event)
-        except asyncio.CancelledError:
-            job.cancel("cancelled")
-            raise
-        finally:
-            # From here on Starlette's StreamingResponse watches for the disconnect and
-            # cancels _stream, whose finally cancels the job.
-            watcher.cancel()
-
-    # -- routes --------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        check_model(body.model)
-        value, param = body.requested_max_tokens()
-        check_max_tokens(value, param)
-        prompt = await encode(codec.encode_chat, [m.for_template() for m in body.messages], "messages")
-        max_tokens = fit_context(prompt, value, "messages", param)
-        return await generate(request, body, prompt, max_tokens, chat=True)
+        value, param = _check_common(srv, body)
+        messages = [m.for_template() for m in body.messages]
+        check_chars(sum(len(m["content"]) for m in messages), srv.max_chars, "messages")
+        plan = PromptPlan(srv.codec.encode_chat, messages, "messages", value, param, srv.max_context, s.default_max_tokens)
+        return await _generate(srv, request, body, plan, chat=True)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_model(body.model)
-        value, param = body.requested_max_tokens()
-        check_max_tokens(value, param)
+        value, param = _check_common(srv, body)
         if isinstance(body.prompt, str):
-            prompt = await encode(codec.encode_text, body.prompt, "prompt")
+            check_chars(len(body.prompt), srv.max_chars, "prompt")
+            plan = PromptPlan(srv.codec.encode_text, body.prompt, "prompt", value, param, srv.max_context, s.default_max_tokens)
         else:
-            bad = [t for t in body.prompt if not 0 <= t < vocab_size]
+            bad = [t for t in body.prompt if not 0 <= t < srv.vocab_size]
             if bad:
-                raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})", "prompt")
-            prompt = list(body.prompt)
-        max_tokens = fit_context(prompt, value, "prompt", param)
-        return await generate(request, body, prompt, max_tokens, chat=False)
+                raise bad_request(f"token id {clip(bad[0])} is outside the vocabulary (0..{srv.vocab_size - 1})", "prompt")
+            plan = PromptPlan(None, body.prompt, "prompt", value, param, srv.max_context, s.default_max_tokens)
+        return await _generate(srv, request, body, plan, chat=False)
+
+
+def _add_info_routes(app: FastAPI, srv: _Server) -> None:
+    s, metrics, worker = srv.settings, srv.metrics, srv.worker
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        card = schemas.ModelCard(id=settings.model_name, created=int(metrics.started))
+        card = schemas.ModelCard(id=s.model_name, created=int(metrics.started))
         return schemas.ModelList(data=[card]).model_dump()
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict:
-        if model_id != settings.model_name:
-            raise ApiError(404, f"The model '{model_id}' does not exist", "invalid_request_error", "model", "model_not_found")
-        return schemas.ModelCard(id=settings.model_name, created=int(metrics.started)).model_dump()
+        if model_id != s.model_name:
+            raise ApiError(404, f"The model '{clip(model_id)}' does not exist", "invalid_request_error", "model", "model_not_found")
+        return schemas.ModelCard(id=s.model_name, created=int(metrics.started)).model_dump()
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        ok = worker.alive and not srv.draining.active
         body = {
-            "status": "ok" if worker.alive else "unavailable",
-            "model": settings.model_name,
-            "method": settings.method,
+            "status": "ok" if ok else ("draining" if srv.draining.active else "unavailable"),
+            "model": s.model_name,
+            "method": s.method,
             "busy": worker.busy,
             "queue_depth": worker.queue_depth(),
-            "queue_size": settings.queue_size,
+            "queue_size": s.queue_size,
         }
-        return JSONResponse(body, status_code=200 if worker.alive else 503)
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def prometheus_metrics() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
-    return app
+
+async def _generate(srv: _Server, request: Request, body, plan: PromptPlan, chat: bool) -> Response:
+    """Queue the job (the worker tokenizes the prompt) and answer from its events."""
+    s = srv.settings
+    try:
+        cfg = s.generate_config(1, body.temperature, body.top_p, body.seed, body.speculation)  # max_tokens: by the worker
+        cfg.validate()
+    except LtdError as exc:
+        raise bad_request(str(exc)) from None
+    fmt = _Formatter(chat, s.model_name)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    job = Job([], cfg, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), body.stop_strings, s.timeout,
+              prepare=plan.resolve, request_id=fmt.id)
+    try:
+        srv.worker.submit(job)
+    except QueueFull as exc:
+        raise ApiError(429, str(exc), "rate_limit_error", None, "queue_full",
+                       headers={"Retry-After": str(exc.retry_after)}) from None
+    except WorkerStopped as exc:
+        raise ApiError(503, str(exc), "server_error", None, "unavailable",
+                       headers={"Retry-After": str(srv.worker.retry_after())}) from None
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
+    headers = {"X-Request-Id": fmt.id}
+    try:
+        if body.stream:
+            first = await _next_event(events, job)
+            if isinstance(first, Failed):
+                raise _failure(first, srv.worker.retry_after())
+            return StreamingResponse(
+                _stream(first, events, job, fmt, body.include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
+            )
+        return await _collect(srv, events, job, fmt, headers)
+    except asyncio.CancelledError:
+        job.cancel("cancelled")
+        raise
+    finally:
+        # From here on Starlette's StreamingResponse watches for the disconnect and
+        # cancels _stream, whose finally cancels the job.
+        watcher.cancel()
+
+
+async def _collect(srv: _Server, events: asyncio.Queue, job: Job, fmt: "_Formatter", headers: dict) -> JSONResponse:
+    """The non-streamed answer: every text delta, then the finish or the failure."""
+    parts: list[str] = []
+    while True:
+        event = await _next_event(events, job)
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        elif isinstance(event, Finished):
+            usage = schemas.Usage.of(event.prompt_tokens, event.completion_tokens)
+            return JSONResponse(fmt.response("".join(parts), event.finish_reason, usage), headers=headers)
+        else:
+            raise _failure(event, srv.worker.retry_after())
 
 
 async def _stream(first: Event, events: asyncio.Queue, job: Job, fmt: _Formatter, include_usage: bool) -> AsyncIterator[str]:
@@ -366,4 +427,5 @@ async def _stream(first: Event, events: asyncio.Queue, job: Job, fmt: _Formatter
             event = await _next_event(events, job)
     finally:
         if not finished:
+            log.info("request %s: client disconnected during the stream; generation cancelled", job.request_id)
             job.cancel("cancelled")

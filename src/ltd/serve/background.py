@@ -37,9 +37,11 @@ class BackgroundServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
+        from ltd.serve.server import GracefulServer
+
         config = uvicorn.Config(self.app, log_level=self.log_level, access_log=False, lifespan="on",
                                 timeout_graceful_shutdown=2)
-        self._server = uvicorn.Server(config)
+        self._server = GracefulServer(config, getattr(self.app.state, "shutdown", None))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, name="ltd-uvicorn", daemon=True)
         self._thread.start()
         end = time.monotonic() + timeout
@@ -51,6 +53,15 @@ class BackgroundServer:
                 raise RuntimeError(f"the server did not start within {timeout:.0f} s")
             time.sleep(0.02)
         return self
+
+    def drain(self, timeout: float = 30.0) -> None:
+        """What SIGTERM does to ``ltd serve``: drain, shut down, save; waits for the end."""
+        self._server.request_drain()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError(f"the server did not shut down within {timeout:.0f} s")
+            self._thread = None
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._server is not None:

@@ -19,6 +19,7 @@ from ltd.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
 
+API_KEY_ENV = "LTD_API_KEY"
 WARMUP_PROMPT = "Hello"
 WARMUP_TOKENS = 2
 
@@ -28,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServeSettings(model_name="")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, HF id or local dir (default {DEFAULT_MODEL})")
     p.add_argument("--model-name", default=None, help="model id clients send and /v1/models lists (default: --model)")
-    add_online_args(p, "serving", "directory to restore (at start) and save (at exit) online state")
+    add_online_args(p, "serving", "directory to restore (at start) and save (periodically and at exit) online state")
+    p.add_argument("--save-every", type=float, default=d.save_every, metavar="SECONDS",
+                   help=f"save --online-state this often, between requests (0 = only at exit; default {d.save_every:.0f})")
     p.add_argument("--drafter", default=None,
                    help="none | ngram[:N] | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter; ngram on llamacpp)")
     p.add_argument("--method", default=None, choices=["hf", "llama.cpp", "ar", "static"],
@@ -40,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=d.depth, help=f"draft depth D (default {d.depth})")
     p.add_argument("--topk", type=int, default=d.topk, help=f"branching K per draft step (default {d.topk})")
     p.add_argument("--size", type=int, default=d.size, help=f"verified nodes V (default {d.size})")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; the server has no authentication)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--queue-size", type=int, default=d.queue_size,
                    help=f"requests that may wait behind the one being decoded; more get 429 (default {d.queue_size})")
@@ -50,6 +53,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"largest max_tokens a request may ask for (default {d.max_tokens_limit})")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
                    help=f"max_tokens when a request gives none (default {d.default_max_tokens})")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body; more gets 413 (default: 8 bytes per context token + 64 KiB)")
+    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout, metavar="SECONDS",
+                   help=f"on SIGTERM/SIGINT, how long the running generation may finish before it is cancelled "
+                        f"(default {d.drain_timeout:.0f})")
+    p.add_argument("--allowed-hosts", default="",
+                   help="comma-separated extra Host header names to serve besides localhost, 127.0.0.1, [::1] and "
+                        "--host ('*' = any; guards against DNS rebinding)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV}, else none; "
+                        f"prefer the variable: a flag shows in ps)")
+    p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
@@ -104,20 +119,55 @@ def settings_from_args(args: argparse.Namespace, method: str) -> ServeSettings:
         timeout=args.timeout,
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens,
+        max_body_bytes=args.max_body_bytes,
+        bind_host=args.host,
+        allowed_hosts=tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
+        api_key=args.api_key if args.api_key is not None else (os.environ.get(API_KEY_ENV) or None),
+        docs=args.docs,
+        drain_timeout=args.drain_timeout,
+        online_state=args.online_state if args.online else None,
+        save_every=args.save_every,
     )
     settings.validate()
     return settings
 
 
-def _check_bind(host: str, port: int) -> None:
+def _check_bind(settings: ServeSettings, port: int) -> None:
     if not 0 <= port <= 65535:
         raise LtdError(f"--port must be between 0 and 65535, got {port}")
+    host = settings.bind_host
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
-    if not loopback:
-        log.warning("binding to %s: the server has no authentication; anyone who can reach this port can use it", host)
+    if loopback:
+        return
+    if settings.api_key is None:
+        log.warning("binding to %s without --api-key: anyone who can reach this port can use it", host)
+    if not settings.allowed_hosts:
+        log.warning("binding to %s: only requests whose Host is localhost, 127.0.0.1, [::1] or %s are served; "
+                    "add the names clients use with --allowed-hosts", host, host)
+
+
+def load_engine(args: argparse.Namespace, settings: ServeSettings, spec: str):
+    """Load the engine, warm it up, then turn online learning on.
+
+    The warm-up runs before online learning is attached, so the start-up generation
+    leaves the learned state (kNN memory, stream memory, head weights) exactly as it
+    was restored: a restart must not teach the drafter "Hello" every time.
+    """
+    from ltd.engine import Engine
+
+    backend = getattr(args, "backend", "hf")
+    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=backend,
+                         threads=args.threads, kernels=args.kernels, head_dtype=args.head_dtype)
+    if not args.no_warmup:
+        # One-time costs (kernel selection, allocator growth) should not land on the first client.
+        engine.generate(engine.encode(WARMUP_PROMPT), settings.generate_config(WARMUP_TOKENS, 0.0, 1.0, None))
+        engine.drafter.reset()  # forget the warm-up sequence, or the first request would hand it to the memory
+    if args.online:
+        engine.enable_online(args.online, state_dir=args.online_state)
+    return engine
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,22 +179,19 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise LtdError(f"ltd serve needs the serve extras ({exc.name} is missing): pip install -e '.[serve]'") from None
 
-    from ltd.engine import Engine
     from ltd.runtime import apply_threads, check_device
+    from ltd.serve.server import GracefulServer
 
     apply_threads(args.threads)
     check_device(args.device)
     backend = getattr(args, "backend", "hf")
     method, spec = resolve_method(args.model, args.drafter, args.method, backend)
     settings = settings_from_args(args, method)
-    _check_bind(args.host, args.port)
+    _check_bind(settings, args.port)
+    if logging.getLogger("ltd.serve").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("ltd.serve").setLevel(logging.INFO)  # start, disconnects, shutdown and saves are worth a line
 
-    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=backend, threads=args.threads, kernels=args.kernels, head_dtype=args.head_dtype)
-    if args.online:
-        engine.enable_online(args.online, state_dir=args.online_state)
-    if not args.no_warmup:
-        # One-time costs (kernel selection, allocator growth) should not land on the first client.
-        engine.generate(engine.encode(WARMUP_PROMPT), settings.generate_config(WARMUP_TOKENS, 0.0, 1.0, None))
+    engine = load_engine(args, settings, spec)
     app = create_app(engine, settings)
     log.info("model %s, drafter %s, method %s: http://%s:%d/v1", args.model, spec, method, args.host, args.port)
     config = uvicorn.Config(
@@ -155,12 +202,11 @@ def run(args: argparse.Namespace) -> int:
         access_log=not args.no_access_log,
         timeout_graceful_shutdown=5,
     )
-    try:
-        uvicorn.Server(config).run()
-    finally:
-        if engine.online is not None and args.online_state:
-            engine.online.save_state(args.online_state)  # a restart keeps what was learned
-            log.info("online state saved to %s", args.online_state)
+    # SIGTERM/SIGINT drain the server; the app's lifespan then saves the online state.
+    GracefulServer(config, app.state.shutdown).run()
+    saver = app.state.saver
+    if saver is not None and saver.last_reason != "shutdown":  # a second signal skipped the lifespan's save
+        saver.save("exit")
     return 0
 
 

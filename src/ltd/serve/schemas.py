@@ -18,13 +18,34 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 MAX_STOP_STRINGS = 4
+ECHO_CHARS = 100  # a client's value quoted in an error message is cut to this length
 
+
+def _no_lone_surrogates(value: str) -> str:
+    """JSON may carry ``"\ud800"`` alone, which is no character: tokenizers and the
+    UTF-8 response encoder fail on it, so it is refused here, naming the field."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text holds an unpaired UTF-16 surrogate at position {exc.start}; send valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, Field(strict=True), AfterValidator(_no_lone_surrogates)]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 Temperature = Annotated[float, Field(strict=True, ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(strict=True, ge=0.0, le=1.0)]
+# torch.manual_seed takes [-2**63, 2**64 - 1]; outside it raises deep in the decoder.
+Seed = Annotated[int, Field(strict=True, ge=-(2**63), le=2**64 - 1)]
+
+
+def clip(value: object, limit: int = ECHO_CHARS) -> str:
+    """A client's value for an error message, cut so a huge one is not sent back whole."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 # -- errors --------------------------------------------------------------------------
@@ -120,13 +141,13 @@ class StreamOptions(BaseModel):
 def _text_of_content(value: Any) -> str:
     """Message content: a string, or a list of ``{"type": "text", "text": ...}`` parts."""
     if isinstance(value, str):
-        return value
+        return _no_lone_surrogates(value)
     if isinstance(value, list):
         texts = []
         for part in value:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise ValueError('content parts must be {"type": "text", "text": "..."}; only text is supported')
-            texts.append(part["text"])
+            texts.append(_no_lone_surrogates(part["text"]))
         return "\n".join(texts)
     raise ValueError("content must be a string or a list of text parts")
 
@@ -136,7 +157,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str
-    name: StrictStr | None = None
+    name: Text | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -153,13 +174,15 @@ class _SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: StrictStr
+    model: Text
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     stream: StrictBool = False
+    # "off" decodes this request plainly (no drafting); the output is the same.
+    speculation: Literal["auto", "off"] = "auto"
     stream_options: StreamOptions | None = None
     n: StrictInt | None = None
     frequency_penalty: float | None = None
@@ -169,12 +192,14 @@ class _SamplingRequest(BaseModel):
     @field_validator("stop", mode="before")
     @classmethod
     def _stop(cls, value: Any) -> Any:
-        if value is None or isinstance(value, str):
+        if value is None:
             return value
+        if isinstance(value, str):
+            return _no_lone_surrogates(value)
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
             if len(value) > MAX_STOP_STRINGS:
                 raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(value)}")
-            return value
+            return [_no_lone_surrogates(s) for s in value]
         raise ValueError(f"stop must be a string or a list of up to {MAX_STOP_STRINGS} strings")
 
     @field_validator("n")
@@ -259,7 +284,7 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: str | list[int]
     echo: StrictBool | None = None
-    suffix: StrictStr | None = None
+    suffix: Text | None = None
     best_of: StrictInt | None = None
     logprobs: StrictInt | None = None
 
@@ -272,7 +297,7 @@ class CompletionRequest(_SamplingRequest):
         if isinstance(value, str):
             if not value:
                 raise ValueError("the prompt is empty")
-            return value
+            return _no_lone_surrogates(value)
         if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
             return value
         raise ValueError("prompt must be a non-empty string or a list of token ids (one prompt per request)")

@@ -10,6 +10,9 @@ The worker consumes :meth:`ltd.engine.Engine.stream` (the one generator that dri
 cycle) and checks between cycles whether the job was cancelled (client gone, deadline
 passed) or hit a stop string; it then closes the generator, which is the only way a
 generation ends early.
+
+The worker also tokenizes each prompt (:mod:`ltd.serve.prompt` says why) and, between
+jobs, gives the online-state saver its chance (:mod:`ltd.serve.state`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from ltd.cycle import CycleResult
 from ltd.engine import GenerateConfig
 from ltd.errors import LtdError
 from ltd.serve.metrics import ServerMetrics
+from ltd.serve.prompt import InvalidPrompt
+from ltd.serve.state import StateSaver
 from ltd.serve.text import TextCodec, TextStream
 
 log = logging.getLogger(__name__)
@@ -69,6 +74,8 @@ class Failed:
 
     kind: str  # "invalid_request" | "timeout" | "cancelled" | "unavailable" | "server_error"
     message: str
+    param: str | None = None  # the request field at fault (invalid_request)
+    code: str | None = None
 
 
 Event = TextDelta | Finished | Failed
@@ -104,9 +111,13 @@ class Job:
         notify: Callable[[Event], None],
         stop: Sequence[str] = (),
         timeout: float = 300.0,
+        prepare: Callable[[], tuple[list[int], int]] | None = None,
+        request_id: str = "",
     ) -> None:
         self.id = next(_job_ids)
+        self.request_id = request_id or f"job-{self.id}"
         self.prompt = list(prompt)
+        self.prepare = prepare  # (prompt ids, max_tokens) made by the worker; may raise InvalidPrompt
         self.config = config
         self.stop = tuple(stop)
         self.arrival = time.monotonic()
@@ -157,8 +168,10 @@ class Worker:
         eos_token_ids: Sequence[int],
         queue_size: int,
         metrics: ServerMetrics | None = None,
+        saver: StateSaver | None = None,
     ) -> None:
         self.engine = engine
+        self.saver = saver
         self.codec = codec
         self.eos = frozenset(int(e) for e in eos_token_ids)
         # queue.Queue(0) would be unbounded; a zero-size queue means "no waiting".
@@ -170,6 +183,7 @@ class Worker:
         self.metrics.busy = lambda: int(self._active is not None)
         self._active: Job | None = None
         self._stopping = threading.Event()
+        self._closed = threading.Event()  # no new jobs (draining); the running one goes on
         self._thread: threading.Thread | None = None
         self._submit_lock = threading.Lock()
         self._mean_seconds = 1.0
@@ -189,17 +203,34 @@ class Worker:
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the running job, fail the waiting ones, and join the thread."""
         self._stopping.set()
-        if self._active is not None:
-            self._active.cancel("unavailable")
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            job.emit(Failed("unavailable", "the server is shutting down"))
+        self.close()
+        self.cancel_active()
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def close(self) -> int:
+        """Accept no more jobs and fail the waiting ones (503); the running job goes on.
+        Returns how many waiting jobs were failed."""
+        self._closed.set()
+        failed = 0
+        with self._submit_lock:
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                failed += 1
+                job.emit(Failed("unavailable", "the server is shutting down; retry on another instance or after the restart"))
+        return failed
+
+    def cancel_active(self, reason: str = "unavailable") -> bool:
+        """Stop the running job at its next cycle boundary; False when none runs."""
+        job = self._active
+        if job is None:
+            return False
+        job.cancel(reason)
+        return True
 
     @property
     def alive(self) -> bool:
@@ -215,9 +246,9 @@ class Worker:
     # -- submission --------------------------------------------------------------------
     def submit(self, job: Job) -> None:
         """Queue a job or raise :class:`QueueFull` at once (never blocks)."""
-        if self._stopping.is_set() or not self.alive:
-            raise WorkerStopped("the server is shutting down")
-        with self._submit_lock:
+        with self._submit_lock:  # close() drains the queue under this lock: no job slips in after it
+            if self._stopping.is_set() or self._closed.is_set() or not self.alive:
+                raise WorkerStopped("the server is shutting down")
             # With queue_size 0 a job may only start when the worker is idle.
             if self.queue_size == 0 and (self._active is not None or self._queue.qsize() > 0):
                 raise QueueFull(0, self.retry_after())
@@ -227,13 +258,18 @@ class Worker:
                 raise QueueFull(self._queue.qsize(), self.retry_after()) from None
 
     def retry_after(self) -> int:
-        """Seconds until a queue slot is likely free: about one job's duration."""
-        return max(1, min(MAX_RETRY_AFTER, math.ceil(self._mean_seconds)))
+        """Seconds until the work ahead is likely done: the waiting jobs plus the running
+        one, each taking the recent mean time per request. A client told "one job's time"
+        while eight wait only finds the queue full again."""
+        ahead = self._queue.qsize() + (self._active is not None)
+        return max(1, min(MAX_RETRY_AFTER, math.ceil(self._mean_seconds * max(ahead, 1))))
 
     # -- the thread --------------------------------------------------------------------
     def _run(self) -> None:
         log.info("decode worker started")
         while not self._stopping.is_set():
+            if self.saver is not None:
+                self.saver.tick()
             try:
                 job = self._queue.get(timeout=IDLE_POLL_SECONDS)
             except queue.Empty:
@@ -258,6 +294,12 @@ class Worker:
             return
         started = time.monotonic()
         progress = _Progress()
+        if job.prepare is not None:
+            try:
+                job.prompt, job.config.max_new_tokens = job.prepare()
+            except InvalidPrompt as exc:  # the client's mistake, found by tokenizing: no generation ran
+                job.emit(Failed("invalid_request", exc.message, exc.param, exc.code))
+                return
         text = TextStream(self.codec.decode, job.stop)
         finish_reason: str | None = None
         outcome = "completed"
@@ -333,7 +375,8 @@ class Worker:
             self.errors += 1
         else:  # cancelled by the client, or by shutdown
             self.cancelled += 1
-            job.emit(Failed(outcome, "the request was cancelled"))
+            why = "the server is shutting down" if outcome == "unavailable" else "the request was cancelled"
+            job.emit(Failed(outcome, why))
             outcome = "cancelled"
         self.metrics.record_generation(
             outcome, len(job.prompt), progress.generated, progress.cycles, progress.cycle_tokens, seconds, progress.ttft
