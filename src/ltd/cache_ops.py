@@ -33,13 +33,20 @@ def truncate(cache: DynamicCache, length: int) -> None:
 def keep_positions(cache: DynamicCache, start: int, keep: torch.Tensor) -> None:
     """Keep positions [0, start) and then ``start + keep`` (in that order); drop the rest.
 
-    This is the commit of an accepted tree path: one gather per layer copies the accepted
-    entries right after the committed context.
+    This is the commit of an accepted tree path (``keep`` ascending, ``keep[j] >= j``): the
+    accepted entries are copied in place to positions ``start ..`` of each layer's own
+    storage, which already holds them and the committed context, and the layer is then
+    cut to a view. Only the accepted rows move; the committed context is not copied.
     """
     keep = keep.to(torch.long)
-    for layer in cache.layers:
-        if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-            continue
-        idx = (start + keep).to(layer.keys.device)
-        layer.keys = torch.cat([layer.keys[:, :, :start], layer.keys.index_select(2, idx)], dim=2)
-        layer.values = torch.cat([layer.values[:, :, :start], layer.values.index_select(2, idx)], dim=2)
+    end = start + int(keep.numel())
+    with torch.inference_mode():  # the cache holds inference tensors: edit them in that mode
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                continue
+            idx = (start + keep).to(layer.keys.device)
+            # index_select copies first, so overlapping source and destination rows are safe
+            layer.keys[:, :, start:end] = layer.keys.index_select(2, idx)
+            layer.values[:, :, start:end] = layer.values.index_select(2, idx)
+            layer.keys = layer.keys[:, :, :end]
+            layer.values = layer.values[:, :, :end]
