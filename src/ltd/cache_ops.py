@@ -3,22 +3,66 @@
 transformers changes its cache API between releases (5.24's ``DynamicCache.crop`` takes
 only a negative count, 5.23 took a length), so all surgery goes through these helpers and
 touches only the per-layer ``keys``/``values`` tensors, shape [batch, heads, seq, dim].
+
+Full-attention layers are :class:`PreallocatedLayer`: they write new entries into spare
+room of one buffer (as gpt-fast's and EAGLE's caches do) instead of ``torch.cat``-ing
+the whole cache on every forward, and ``keys``/``values`` are views of the filled part.
+A commit then copies only the accepted rows, in place; a rollback is a shorter view.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+MIN_CAPACITY = 256  # positions a layer's first buffer holds; it doubles when full
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A :class:`DynamicLayer` whose entries live in a buffer with room to grow.
+
+    ``keys``/``values`` stay what every transformers cache method reads (the filled part,
+    [batch, heads, seq, dim]); they are views of ``_key_buffer``/``_value_buffer``, so
+    shortening them (rollback, commit) moves no data and the next :meth:`update` writes
+    right after them. Growing doubles the buffer (one copy, amortised).
+    """
+
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        length = self.keys.shape[-2] if self.keys.numel() else 0
+        if self._key_buffer is None or length + n > self._key_buffer.shape[-2]:
+            self._grow(key_states, value_states, length + n)
+        self._key_buffer[:, :, length : length + n] = key_states
+        self._value_buffer[:, :, length : length + n] = value_states
+        self.keys = self._key_buffer[:, :, : length + n]
+        self.values = self._value_buffer[:, :, : length + n]
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
+        old = 0 if self._key_buffer is None else self._key_buffer.shape[-2]
+        capacity = max(needed, 2 * old, MIN_CAPACITY)
+        keys = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
+        values = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
+        if self.keys.numel():
+            length = self.keys.shape[-2]
+            keys[:, :, :length] = self.keys
+            values[:, :, :length] = self.values
+        self._key_buffer, self._value_buffer = keys, values
 
 
 def new_cache(config) -> DynamicCache:
-    """An empty dynamic cache for a model config."""
-    return DynamicCache(config=config)
-
-
-def cache_length(cache: DynamicCache) -> int:
-    """Tokens held by the cache."""
-    return int(cache.get_seq_length())
+    """An empty cache for a model config; its full-attention layers preallocate."""
+    cache = DynamicCache(config=config)
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is DynamicLayer:  # sliding-window and other layer kinds stay as they are
+            cache.layers[i] = PreallocatedLayer()
+    return cache
 
 
 def truncate(cache: DynamicCache, length: int) -> None:
