@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-MIN_CAPACITY = 256  # positions a layer's first buffer holds; it doubles when full
+MIN_CAPACITY = 256  # positions a layer's first buffer holds at least
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -25,7 +25,8 @@ class PreallocatedLayer(DynamicLayer):
     ``keys``/``values`` stay what every transformers cache method reads (the filled part,
     [batch, heads, seq, dim]); they are views of ``_key_buffer``/``_value_buffer``, so
     shortening them (rollback, commit) moves no data and the next :meth:`update` writes
-    right after them. Growing doubles the buffer (one copy, amortised).
+    right after them. A buffer is made twice as long as what it must hold (one copy when
+    it grows, amortised over as many positions as it held).
     """
 
     _key_buffer: torch.Tensor | None = None
@@ -46,7 +47,7 @@ class PreallocatedLayer(DynamicLayer):
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
         old = 0 if self._key_buffer is None else self._key_buffer.shape[-2]
-        capacity = max(needed, 2 * old, MIN_CAPACITY)
+        capacity = max(2 * needed, 2 * old, MIN_CAPACITY)  # room for a prefill's continuation
         keys = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
         values = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
         if self.keys.numel():
