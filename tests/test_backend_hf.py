@@ -231,3 +231,29 @@ def test_speculative_entries_never_leak_into_committed_context(tiny_model):
     out = b.score([33], [-1]).logits[0]
     full, _ = sequential(tiny_model, PROMPT + [70, 72, 33])
     torch.testing.assert_close(out, full[-1], atol=ATOL, rtol=0)
+
+
+def test_preallocated_cache_grows_and_commits_in_place(tiny_model, monkeypatch):
+    """With a 4-position first buffer every few scores outgrow it: entries must survive
+    each growth, non-prefix commits copy only the accepted rows into the same buffer, and
+    the result matches a plain prefill of the committed text."""
+    from ltd import cache_ops
+
+    monkeypatch.setattr(cache_ops, "MIN_CAPACITY", 4)
+    b = committed_backend(tiny_model, PROMPT[:2])
+    text = list(PROMPT[:2])
+    for step in range(6):
+        tokens = random_tokens(7, step, 96)
+        parents = random_parents(7, step)
+        b.score(tokens, parents)
+        keep = root_path(parents, 6)  # the path to the last node: not a prefix
+        assert keep != list(range(len(keep)))
+        buffers = [layer._key_buffer for layer in b.cache.layers]
+        b.commit(keep)
+        text += [tokens[i] for i in keep]
+        # the commit moved rows inside each layer's own buffer, allocating nothing
+        assert all(layer._key_buffer is buf for layer, buf in zip(b.cache.layers, buffers))
+        assert all(layer.keys.shape[2] == len(text) for layer in b.cache.layers)
+    assert all(isinstance(layer, cache_ops.PreallocatedLayer) for layer in b.cache.layers)
+    ref = committed_backend(tiny_model, text)
+    torch.testing.assert_close(b.score([5, 6], [-1, 0]).logits, ref.score([5, 6], [-1, 0]).logits, atol=ATOL, rtol=0)

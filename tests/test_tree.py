@@ -225,3 +225,32 @@ def test_greedy_accept_stops_before_inexact_logits(tree: Tree, seed: int, bias: 
     assert all(bool(exact[i]) for i in got.path)
     same = cycle_accept(state, Verified(selection=sel, logits=logits, features=None))
     assert (same.path, same.bonus) == (full.path, full.bonus)
+
+
+def _ancestor_mask_loop(parents: torch.Tensor) -> torch.Tensor:
+    """The former Python-loop construction (each row copies its parent's row): the
+    reference the tensor construction must equal."""
+    n = int(parents.numel())
+    mask = torch.zeros((n, n), dtype=torch.bool)
+    for i, p in enumerate(parents.tolist()):
+        if p >= 0:
+            mask[i] = mask[p]
+        mask[i, i] = True
+    return mask
+
+
+@given(tree=trees(max_nodes=80), cut=st.integers(min_value=0, max_value=80))
+def test_tensor_ancestor_mask_equals_the_loop(tree: Tree, cut: int) -> None:
+    """Pointer doubling gives the loop's mask on trees and on forests (the backend's
+    speculative entries: orphans re-rooted at -1), deep chains included."""
+    assume(cut < len(tree))
+    parents = tree.parents[cut:] - cut
+    parents = torch.where(parents < 0, torch.full_like(parents, -1), parents)
+    assert torch.equal(ancestor_mask(parents), _ancestor_mask_loop(parents))
+    assert torch.equal(ancestor_mask(parents, check=False), _ancestor_mask_loop(parents))
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 64, 65, 200])
+def test_tensor_ancestor_mask_of_a_chain_is_lower_triangular(n: int) -> None:
+    parents = torch.arange(-1, n - 1)
+    assert torch.equal(ancestor_mask(parents), torch.ones((n, n), dtype=torch.bool).tril())

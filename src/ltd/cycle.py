@@ -2,15 +2,28 @@
 
 ``draft -> select -> verify -> accept -> commit``. Only :func:`draft` and :func:`verify`
 touch models (through the drafter and the backend); :func:`commit` is the only place
-caches change for good. :func:`decode` is the one generator that drives the cycle; the
-CLI, the benchmark, the RL environments and the server all consume it.
+caches change for good.
+
+Every caller drives the cycle through the same stepwise form, so the rules about what a
+cycle commits and where output stops live here once::
+
+    state, first = start(target, drafter, prompt, max_new_tokens=..., eos_token_ids=...)
+    while not state.done:
+        session = begin(state, topk)          # room formula: how deep a draft may go
+        while session.can_step and <continue?>:
+            session.step()                    # one draft step
+        result = finish(state, session, size) # select, verify, accept, commit, EOS/max cut
+
+:func:`decode` (CLI, benchmark, server) asks a controller at each ``<continue?>`` and for
+the size; the RL live environments ask an agent; the profiler passes a ``timer`` to time
+each stage; the trace recorder uses :func:`begin` and the draft steps alone.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Collection, Iterator, Protocol, Sequence
 
 import torch
 
@@ -20,6 +33,18 @@ from ltd.control import Controller, DraftStepState
 from ltd.drafting.base import Drafter
 from ltd.errors import LtdError
 from ltd.tree import Selection, Tree, select as select_tree
+
+
+StageTimer = Callable[[str, float], None]
+"""A timing hook: called with a stage name (``draft``, ``select``, ``verify``, ``accept``,
+``commit``) and the seconds that stage took. The profiler passes one; decoding passes none."""
+
+
+class StageTimes(dict):
+    """A :data:`StageTimer` that sums the seconds of each stage: ``times["verify"]``."""
+
+    def __call__(self, stage: str, seconds: float) -> None:
+        self[stage] = self.get(stage, 0.0) + seconds
 
 
 class CommitListener(Protocol):
@@ -39,7 +64,9 @@ class DecodeState:
     """Everything the cycle knows about one sequence.
 
     ``tokens`` is prompt + generated text; its last token is *pending*: chosen by the
-    target, not yet processed by it, and the root of the next draft tree.
+    target, not yet processed by it, and the root of the next draft tree. ``produced``
+    counts the output tokens handed out so far (after the cut to ``max_new_tokens`` and
+    the first end-of-sequence token); ``done`` says the output is complete.
     """
 
     target: Backend
@@ -49,6 +76,11 @@ class DecodeState:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     generator: torch.Generator | None = None
     listeners: Sequence[CommitListener] = ()
+    max_new_tokens: int | None = None  # None: no limit but the context
+    eos_token_ids: frozenset[int] = frozenset()
+    produced: int = 0
+    done: bool = False
+    cycles: int = 0  # cycles finished since the prefill
 
     @property
     def pending(self) -> int:
@@ -91,8 +123,14 @@ def start(
     sampling: SamplingConfig | None = None,
     seed: int | None = None,
     listeners: Sequence[CommitListener] = (),
+    max_new_tokens: int | None = None,
+    eos_token_ids: Collection[int] = (),
 ) -> tuple[DecodeState, CycleResult]:
-    """Prefill the prompt and choose the first token (cycle 0)."""
+    """Prefill the prompt and choose the first token (cycle 0).
+
+    With ``max_new_tokens`` and ``eos_token_ids`` the state stops the output there (see
+    :func:`finish`); the first token already counts.
+    """
     t0 = time.perf_counter()
     sampling = sampling or SamplingConfig()
     prompt = list(prompt)
@@ -112,11 +150,15 @@ def start(
     out = target.score(prompt, list(range(-1, len(prompt) - 1)), drafter.feature_layers, last_only=not listeners)
     target.commit(list(range(len(prompt))))
     first = _choose(out.logits[-1], sampling, generator)
-    state = DecodeState(target, drafter, prompt + [first], len(prompt), sampling, generator, tuple(listeners))
+    state = DecodeState(
+        target, drafter, prompt + [first], len(prompt), sampling, generator, tuple(listeners),
+        max_new_tokens=max_new_tokens, eos_token_ids=frozenset(int(e) for e in eos_token_ids),
+    )
     drafter.sync(state.tokens, out.features)
     for listener in state.listeners:
         listener.on_commit(prompt, out.logits, out.features)
-    return state, CycleResult(new_tokens=[first], cycle=0, total_seconds=time.perf_counter() - t0)
+    first_tokens = emit(state, [first])
+    return state, CycleResult(new_tokens=first_tokens, cycle=0, total_seconds=time.perf_counter() - t0)
 
 
 def _choose(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
@@ -134,8 +176,9 @@ class DraftSession:
     drives it with a controller; the live RL environment drives it with agent actions.
     """
 
-    def __init__(self, state: DecodeState, topk: int, max_depth: int) -> None:
+    def __init__(self, state: DecodeState, topk: int, max_depth: int, timer: StageTimer | None = None) -> None:
         self.state = state
+        self.timer = timer
         self.topk = topk
         self.max_depth = max_depth
         self.tree = Tree.root(state.pending)
@@ -173,24 +216,44 @@ class DraftSession:
             self.last_scores = cum.reshape(-1)
         self.step_count += 1
         self.step_seconds.append(time.perf_counter() - t0)
+        if self.timer is not None:
+            self.timer("draft", self.step_seconds[-1])
 
     def finish(self) -> Tree:
-        """Release the drafter's speculative state and return the tree."""
+        """Release the drafter's speculative state and return the tree (idempotent)."""
         if self._open:
             self.state.drafter.end()
             self._open = False
         return self.tree
 
 
-def draft(state: DecodeState, controller: Controller, topk: int, max_depth: int) -> Tree:
-    """Expand a draft tree step by step while the controller says continue."""
-    session = DraftSession(state, topk, max_depth)
+def draft_room(state: DecodeState) -> int:
+    """Draft levels that fit the context: the root and the deepest drafted node need a
+    position each after the committed context (``context_length - 1`` tokens)."""
+    return state.target.max_context - state.context_length
+
+
+def begin(state: DecodeState, topk: int, max_depth: int | None = None, timer: StageTimer | None = None) -> DraftSession:
+    """Open a cycle: a draft session at most ``max_depth`` levels deep (default: as deep as
+    the context allows)."""
+    room = draft_room(state)
+    depth = room if max_depth is None else min(max_depth, room)
+    return DraftSession(state, topk, max(0, depth), timer)
+
+
+def draft(session: DraftSession, controller: Controller) -> Tree:
+    """Draft step by step while the controller says continue; returns the finished tree."""
     try:
         while session.can_step and controller.continue_drafting(session.observe()):
             session.step()
     finally:
         tree = session.finish()
     return tree
+
+
+def size_state(tree: Tree, context_length: int, topk: int) -> DraftStepState:
+    """What a controller sees when it chooses the verification size of a drafted tree."""
+    return DraftStepState(tree.max_depth, torch.empty(0), context_length, tree, topk)
 
 
 def select(tree: Tree, size: int) -> Selection:
@@ -243,31 +306,78 @@ def commit(state: DecodeState, verified: Verified, accepted: Accepted) -> list[i
     return new
 
 
-def run_cycle(state: DecodeState, controller: Controller, topk: int, cycle: int) -> CycleResult:
-    """draft -> select -> verify -> accept -> commit, timed."""
+def emit(state: DecodeState, new: Sequence[int]) -> list[int]:
+    """The output cut: the part of a cycle's ``new`` tokens that the output keeps.
+
+    Keeps at most ``max_new_tokens - produced`` tokens, up to and including the first
+    end-of-sequence token (kept, like transformers' ``generate``), and marks the state
+    done when either limit is reached or the context has no room for another cycle.
+    """
+    cut = list(new)
+    if state.max_new_tokens is not None:
+        cut = cut[: max(state.max_new_tokens - state.produced, 0)]
+    for i, tok in enumerate(cut):
+        if tok in state.eos_token_ids:
+            cut = cut[: i + 1]
+            state.done = True
+            break
+    state.produced += len(cut)
+    if state.max_new_tokens is not None and state.produced >= state.max_new_tokens:
+        state.done = True
+    if draft_room(state) < 1:
+        state.done = True
+    return cut
+
+
+def finish(state: DecodeState, session: DraftSession, size: int, timer: StageTimer | None = None) -> CycleResult:
+    """Close a cycle: select ``size`` drafted nodes, verify, accept, commit, cut the output.
+
+    The result's ``new_tokens`` are the tokens the output keeps (see :func:`emit`);
+    ``verify_seconds`` and ``total_seconds`` cover this call, ``draft_seconds`` the
+    session's draft steps. ``timer`` (if given) is told each stage's seconds.
+    """
     t0 = time.perf_counter()
-    # Leave room in the context for the root and the deepest drafted node.
-    room = state.target.max_context - state.target.committed_length - 1
-    tree = draft(state, controller, topk, max_depth=room)
+    tree = session.finish()
+    size = max(int(size), 0) if tree.num_drafted else 0
     t1 = time.perf_counter()
-    step_state = DraftStepState(tree.max_depth, torch.empty(0), state.context_length, tree, topk)
-    size = controller.choose_size(step_state) if tree.num_drafted else 0
     selection = select(tree, size)
-    verified = verify(state, selection)
-    accepted = accept(state, verified)
-    new = commit(state, verified, accepted)
     t2 = time.perf_counter()
-    result = CycleResult(
-        new_tokens=new,
-        cycle=cycle,
+    verified = verify(state, selection)
+    t3 = time.perf_counter()
+    accepted = accept(state, verified)
+    t4 = time.perf_counter()
+    new = commit(state, verified, accepted)
+    t5 = time.perf_counter()
+    if timer is not None:
+        for stage, seconds in (("select", t2 - t1), ("verify", t3 - t2), ("accept", t4 - t3), ("commit", t5 - t4)):
+            timer(stage, seconds)
+    state.cycles += 1
+    draft_seconds = sum(session.step_seconds)
+    return CycleResult(
+        new_tokens=emit(state, new),
+        cycle=state.cycles,
         depth=tree.max_depth,
         drafted=tree.num_drafted,
         size=selection.tree.num_drafted,
         num_accepted=accepted.num_accepted,
-        draft_seconds=t1 - t0,
-        verify_seconds=t2 - t1,
-        total_seconds=t2 - t0,
+        draft_seconds=draft_seconds,
+        verify_seconds=t5 - t0,
+        total_seconds=draft_seconds + t5 - t0,
     )
+
+
+def run_cycle(state: DecodeState, controller: Controller, topk: int) -> CycleResult:
+    """One controller-driven cycle: draft, choose the size, finish; timed."""
+    t0 = time.perf_counter()
+    session = begin(state, topk)
+    tree = draft(session, controller)
+    t1 = time.perf_counter()
+    size = controller.choose_size(size_state(tree, state.context_length, topk)) if tree.num_drafted else 0
+    result = finish(state, session, size)
+    t2 = time.perf_counter()
+    result.draft_seconds = t1 - t0
+    result.verify_seconds = t2 - t1
+    result.total_seconds = t2 - t0
     controller.observe_result(result)
     return result
 
@@ -297,23 +407,7 @@ def decode(
             f"prompt ({len(prompt)} tokens) + max-new-tokens ({max_new_tokens}) exceeds the model's context of "
             f"{target.max_context}; shorten the prompt or lower --max-new-tokens"
         )
-    eos = set(int(e) for e in eos_token_ids)
-    state, first = start(target, drafter, prompt, sampling, seed, listeners)
-    produced = 0
-    result = first
-    cycle = 0
-    while True:
-        room = max_new_tokens - produced
-        cut = result.new_tokens[:room]
-        for i, tok in enumerate(cut):
-            if tok in eos:
-                cut = cut[: i + 1]
-                break
-        produced += len(cut)
-        done = produced >= max_new_tokens or (cut and cut[-1] in eos)
-        result.new_tokens = cut
-        yield result
-        if done:
-            return
-        cycle += 1
-        result = run_cycle(state, controller, topk, cycle)
+    state, result = start(target, drafter, prompt, sampling, seed, listeners, max_new_tokens, eos_token_ids)
+    yield result
+    while not state.done:
+        yield run_cycle(state, controller, topk)

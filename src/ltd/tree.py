@@ -153,23 +153,30 @@ def _close_under_parents(tree: Tree, top: torch.Tensor, size: int) -> torch.Tens
     return torch.tensor(admitted, dtype=torch.long)
 
 
-def ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
+def ancestor_mask(parents: torch.Tensor, check: bool = True) -> torch.Tensor:
     """Boolean [n, n] matrix: entry (i, j) is True when j is i or an ancestor of i.
 
     ``parents`` uses -1 for nodes attached to the committed context. Index order must be
-    topological (parent < child), which lets each row copy its parent's row.
+    topological (parent < child); ``check=False`` skips that check for callers that
+    validated already (it reads one value back from the device).
+
+    Built with tensor ops on ``parents``' device by pointer doubling: after round r each
+    row holds the node's ancestors up to distance 2^r - 1 and ``jump`` points 2^r up, so
+    ceil(log2(n)) rounds of two gathers cover any depth, with no Python loop over nodes.
     """
     n = int(parents.numel())
-    mask = torch.zeros((n, n), dtype=torch.bool)
-    plist = parents.tolist()
-    for i in range(n):
-        p = plist[i]
-        if p >= 0:
-            if p >= i:
-                raise ValueError("parents must precede children")
-            mask[i] = mask[p]
-        mask[i, i] = True
-    return mask
+    device = parents.device
+    parents = parents.reshape(-1).to(torch.long)
+    if check and n and bool((parents >= torch.arange(n, device=device)).any()):
+        raise ValueError("parents must precede children")
+    # Row n is a sentinel: no ancestors, and it jumps to itself.
+    sentinel = torch.full((1,), n, dtype=torch.long, device=device)
+    jump = torch.cat([torch.where(parents >= 0, parents, sentinel), sentinel])
+    mask = torch.eye(n + 1, n, dtype=torch.bool, device=device)
+    for _ in range(max(n - 1, 0).bit_length()):  # depths are at most n - 1 < 2^rounds
+        mask = mask | mask[jump]
+        jump = jump[jump]
+    return mask[:n]
 
 
 def depths_from_parents(parents: torch.Tensor) -> torch.Tensor:

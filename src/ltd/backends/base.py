@@ -13,6 +13,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from ltd.errors import LtdError
+
 
 @dataclass
 class TreeOutput:
@@ -34,13 +36,21 @@ class TreeOutput:
     exact: torch.Tensor | None = None
 
 
+def as_int_list(x: Sequence[int] | torch.Tensor) -> list[int]:
+    """Token ids, parents or indices as a flat list of Python ints."""
+    return x.reshape(-1).tolist() if isinstance(x, torch.Tensor) else [int(v) for v in x]
+
+
 class SpeculativeCounters:
-    """``committed_length`` and ``speculative_length`` for backends that keep ``_committed``
-    (tokens in the committed cache) and ``_spec_parents`` (one entry per speculative node),
-    as both of ours do."""
+    """Bookkeeping and input checks shared by backends that keep ``_committed`` (tokens in
+    the committed cache), ``_spec_parents`` and ``_spec_depths`` (one entry per
+    speculative node), as both of ours do: one copy of the rules every backend enforces."""
 
     _committed: int
     _spec_parents: list[int]
+    _spec_depths: list[int]
+    vocab_size: int
+    max_context: int
 
     @property
     def committed_length(self) -> int:
@@ -49,6 +59,48 @@ class SpeculativeCounters:
     @property
     def speculative_length(self) -> int:
         return len(self._spec_parents)
+
+    def _check_nodes(
+        self, tokens: Sequence[int] | torch.Tensor, parents: Sequence[int] | torch.Tensor
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Validate a score() call's nodes; returns (tokens, parents, depths) as lists.
+
+        A parent must be -1 or an earlier speculative entry (this call's included), every
+        token must be in the vocabulary, and the deepest node must fit the context. Depths
+        count from the committed context (a node with parent -1 has depth 0).
+        """
+        toks, pars = as_int_list(tokens), as_int_list(parents)
+        n = len(toks)
+        if n == 0:
+            raise ValueError("score() needs at least one node")
+        if len(pars) != n:
+            raise ValueError("tokens and parents differ in length")
+        spec = self.speculative_length
+        if any(p >= spec + i or p < -1 for i, p in enumerate(pars)):
+            raise ValueError("a parent must be an earlier speculative entry or -1")
+        if min(toks) < 0 or max(toks) >= self.vocab_size:
+            raise ValueError("token id outside the model's vocabulary")
+        depths: list[int] = []
+        for p in pars:
+            depths.append(0 if p < 0 else (self._spec_depths[p] if p < spec else depths[p - spec]) + 1)
+        if self._committed + max(depths) + 1 > self.max_context:
+            raise LtdError(
+                f"context of {self._committed + max(depths) + 1} tokens exceeds the model's limit of "
+                f"{self.max_context}; use a shorter prompt or fewer --max-new-tokens"
+            )
+        return toks, pars, depths
+
+    def _check_path(self, keep: Sequence[int] | torch.Tensor) -> list[int]:
+        """Validate a commit: ``keep`` must be speculative entries forming a root path, in order."""
+        keep_l = as_int_list(keep)
+        prev = -1
+        for k in keep_l:
+            if not 0 <= k < self.speculative_length:
+                raise ValueError("commit index outside the speculative entries")
+            if self._spec_parents[k] != prev:
+                raise ValueError("committed entries must form a path from the context")
+            prev = k
+        return keep_l
 
 
 class Backend(Protocol):

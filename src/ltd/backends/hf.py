@@ -24,14 +24,9 @@ from ltd.backends.hf_kernels import (
     resolve_plan,
     sdpa_gqa_in_place,
 )
-from ltd.errors import LtdError
-from ltd.tree import ancestor_mask, depths_from_parents
+from ltd.tree import ancestor_mask
 
 log = logging.getLogger(__name__)
-
-
-def _as_long(x: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    return x.to(torch.long).reshape(-1) if isinstance(x, torch.Tensor) else torch.tensor(list(x), dtype=torch.long)
 
 
 class HFBackend(SpeculativeCounters):
@@ -77,37 +72,19 @@ class HFBackend(SpeculativeCounters):
         feature_layers: Sequence[int] | None = None,
         last_only: bool = False,
     ) -> TreeOutput:
-        tokens_t = _as_long(tokens)
-        parents_t = _as_long(parents)
-        n = int(tokens_t.numel())
-        if n == 0:
-            raise ValueError("score() needs at least one node")
-        if parents_t.numel() != n:
-            raise ValueError("tokens and parents differ in length")
+        toks, pars, new_depths = self._check_nodes(tokens, parents)
+        n = len(toks)
         spec = self.speculative_length
-        all_parents = torch.tensor(self._spec_parents + parents_t.tolist(), dtype=torch.long)
-        depths = depths_from_parents(all_parents)
-        new_depths = depths[spec:]
-        total = self._committed + spec + n
-        if self._committed + int(new_depths.max()) + 1 > self.max_context:
-            raise LtdError(
-                f"context of {total} tokens exceeds the model's limit of {self.max_context}; "
-                "use a shorter prompt or fewer --max-new-tokens"
-            )
-        positions = (self._committed + new_depths).unsqueeze(0).to(self.device)
-        is_chain = spec == 0 and bool(torch.equal(parents_t, torch.arange(-1, n - 1)))
-        if is_chain:
+        positions = torch.tensor([new_depths], dtype=torch.long, device=self.device) + self._committed
+        if spec == 0 and pars == list(range(-1, n - 1)):
             mask = None  # plain causal attention: the fast path (prefill, catch-up)
         else:
-            anc = ancestor_mask(all_parents)[spec:]  # [n, spec + n]
-            allowed = torch.cat([torch.ones((n, self._committed), dtype=torch.bool), anc], dim=1)
-            mask = torch.zeros((1, 1, n, total), dtype=self.dtype, device=self.device)
-            mask.masked_fill_(~allowed.to(self.device).view(1, 1, n, total), torch.finfo(self.dtype).min)
+            mask = self._tree_mask(pars)
         planned = self._kernel_state is not None and self.kernel_plan is not None
         with (self._kernel_state.use(self.kernel_plan) if planned else contextlib.nullcontext(),
               sdpa_gqa_in_place() if planned and self._gqa_in_place else contextlib.nullcontext()):
             out = self.model(
-                input_ids=tokens_t.unsqueeze(0).to(self.device),
+                input_ids=torch.tensor([toks], dtype=torch.long, device=self.device),
                 position_ids=positions,
                 attention_mask=mask,
                 cache=self.cache,
@@ -115,35 +92,38 @@ class HFBackend(SpeculativeCounters):
                 output_hidden_states=feature_layers is not None,
                 logits_to_keep=1 if last_only else 0,
             )
-        self._spec_parents.extend(parents_t.tolist())
-        self._spec_depths.extend(new_depths.tolist())
+        self._spec_parents.extend(pars)
+        self._spec_depths.extend(new_depths)
         features = None
         if feature_layers is not None:
             hs = out.hidden_states
             features = torch.cat([hs[i][0] for i in feature_layers], dim=-1)
         return TreeOutput(logits=out.logits[0].float(), features=features)
 
+    def _tree_mask(self, parents: list[int]) -> torch.Tensor:
+        """The additive [1, 1, n, context] mask of a score() call's nodes, built on the
+        model's device: each node sees the committed context, its ancestors and itself."""
+        spec, n = self.speculative_length, len(parents)
+        total = self._committed + spec + n
+        all_parents = torch.tensor(self._spec_parents + parents, dtype=torch.long, device=self.device)
+        anc = ancestor_mask(all_parents, check=False)[spec:]  # [n, spec + n]; parents checked already
+        mask = torch.full((1, 1, n, total), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        mask[..., : self._committed] = 0
+        mask[0, 0, :, self._committed :].masked_fill_(anc, 0)
+        return mask
+
     # -- cache surgery -----------------------------------------------------------------
     def commit(self, keep: Sequence[int] | torch.Tensor) -> None:
-        keep_t = _as_long(keep)
-        spec = self.speculative_length
-        if keep_t.numel():
-            if int(keep_t.max()) >= spec or int(keep_t.min()) < 0:
-                raise ValueError("commit index outside the speculative entries")
-            # A committed chain must be a root path: each kept node's parent is the previous.
-            prev = -1
-            for k in keep_t.tolist():
-                if self._spec_parents[k] != prev:
-                    raise ValueError("committed entries must form a path from the context")
-                prev = k
-        if bool(torch.equal(keep_t, torch.arange(keep_t.numel()))):
+        keep_l = self._check_path(keep)
+        k = len(keep_l)
+        if keep_l == list(range(k)):
             # a prefix of the speculative entries (a chain, or a rejected draft): already
-            # in place, so a view drops the rest instead of copying the whole cache
-            if keep_t.numel() < spec:
-                cache_ops.truncate(self.cache, self._committed + int(keep_t.numel()))
+            # in place, so a view drops the rest
+            if k < self.speculative_length:
+                cache_ops.truncate(self.cache, self._committed + k)
         else:
-            cache_ops.keep_positions(self.cache, self._committed, keep_t)
-        self._committed += int(keep_t.numel())
+            cache_ops.keep_positions(self.cache, self._committed, torch.tensor(keep_l, dtype=torch.long))
+        self._committed += k
         self._spec_parents = []
         self._spec_depths = []
 

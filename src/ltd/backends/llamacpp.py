@@ -57,7 +57,6 @@ import torch
 
 from ltd.backends.base import SpeculativeCounters, TreeOutput
 from ltd.errors import LtdError
-from ltd.tree import depths_from_parents
 
 log = logging.getLogger(__name__)
 
@@ -403,39 +402,41 @@ class LlamaCppBackend(SpeculativeCounters):
                 "the llamacpp backend gives no hidden features, which EAGLE-3 drafters need; "
                 "use --drafter with a small model or ngram, or --backend hf"
             )
-        toks = tokens.reshape(-1).tolist() if isinstance(tokens, torch.Tensor) else [int(t) for t in tokens]
-        pars = parents.reshape(-1).tolist() if isinstance(parents, torch.Tensor) else [int(p) for p in parents]
-        n = len(toks)
-        if n == 0:
-            raise ValueError("score() needs at least one node")
-        if len(pars) != n:
-            raise ValueError("tokens and parents differ in length")
-        spec = self.speculative_length
-        all_parents = self._spec_parents + pars
-        if any(p >= spec + i or p < -1 for i, p in enumerate(pars)):
-            raise ValueError("a parent must be an earlier speculative entry or -1")
-        depths = depths_from_parents(torch.tensor(all_parents, dtype=torch.long)).tolist()
-        new_depths = depths[spec:]
-        if self._committed + max(new_depths) + 1 > self.max_context:
-            raise LtdError(
-                f"context of {self._committed + max(new_depths) + 1} tokens exceeds the model's limit of "
-                f"{self.max_context}; use a shorter prompt or fewer --max-new-tokens"
-            )
+        toks, pars, new_depths = self._check_nodes(tokens, parents)
+        n, spec = len(toks), self.speculative_length
         if self._committed + spec + n > self.n_ctx:
             raise LtdError(
                 f"{spec + n} speculative entries do not fit the llama.cpp KV cache of {self.n_ctx} cells; "
                 "use a smaller draft tree"
             )
-        if any(t < 0 or t >= self.vocab_size for t in toks):
-            raise ValueError("token id outside the model's vocabulary")
+        tip_before, free_before = dict(self._tip), list(self._free)
+        seq_lists = self._assign_sequences(pars)
+        order = _chain_first(pars, spec)
+        self._fill_batch(toks, new_depths, seq_lists, order, last_only)
+        rc = self.lc.llama_decode(self.ctx, self._batch)
+        if rc != 0:
+            self._undo(spec, tip_before, free_before)
+            raise LtdError(f"llama.cpp decode failed (code {rc}: {_last_error()}); use a smaller draft tree or context")
+        self._spec_parents.extend(pars)
+        self._spec_depths.extend(new_depths)
+        cells = [0] * n
+        for slot, i in enumerate(order):
+            cells[i] = spec + slot  # the free cells after the context, taken in batch order
+        self._spec_cell.extend(cells)
+        return self._read_output(order, cells, new_depths, last_only)
 
-        # Assign path sequences; collect the seq ids of every batch token and the copies to make.
+    def _assign_sequences(self, pars: list[int]) -> list[list[int]]:
+        """Give each new node its path sequence (module docstring) and share the cached part
+        of new paths into them; returns each node's sequence ids, the attending one first.
+
+        On failure (too many branches) the call's sequences are released again.
+        """
+        spec, n = self.speculative_length, len(pars)
         tip_before, free_before = dict(self._tip), list(self._free)
         seq_lists: list[list[int]] = [[] for _ in range(n)]
         copies: list[tuple[int, int, int]] = []  # (src seq, dst seq, end position exclusive)
         try:
-            for i in range(n):
-                p = pars[i]
+            for i, p in enumerate(pars):
                 if p >= 0 and self._tip.get(self._spec_seq[p]) == p:
                     s = self._spec_seq[p]  # first child: extend the parent's sequence
                 else:
@@ -445,7 +446,7 @@ class LlamaCppBackend(SpeculativeCounters):
                         seq_lists[a - spec].append(s)
                         a = pars[a - spec]
                     if a >= 0:  # the rest of the path is cached: share its cells
-                        copies.append((self._spec_seq[a], s, self._committed + depths[a] + 1))
+                        copies.append((self._spec_seq[a], s, self._committed + self._spec_depths[a] + 1))
                     elif self._committed:
                         copies.append((0, s, self._committed))
                 self._spec_seq.append(s)
@@ -456,13 +457,16 @@ class LlamaCppBackend(SpeculativeCounters):
             raise
         for src, dst, end in copies:
             self.lc.llama_memory_seq_cp(self.mem, src, dst, -1, end)
+        return seq_lists
 
-        order = _chain_first(pars, spec)
+    def _fill_batch(self, toks: list[int], depths: list[int], seq_lists: list[list[int]], order: list[int], last_only: bool) -> None:
+        """Write the nodes into the llama batch in ``order``; logits for all, or the last only."""
+        n = len(toks)
         self._ensure_batch(n)
         b = self._batch
         for slot, i in enumerate(order):
             b.token[slot] = toks[i]
-            b.pos[slot] = self._committed + new_depths[i]
+            b.pos[slot] = self._committed + depths[i]
             seqs = seq_lists[i]
             b.n_seq_id[slot] = len(seqs)
             row = b.seq_id[slot]
@@ -470,16 +474,10 @@ class LlamaCppBackend(SpeculativeCounters):
                 row[j] = s
             b.logits[slot] = 1 if (not last_only or i == n - 1) else 0
         b.n_tokens = n
-        rc = self.lc.llama_decode(self.ctx, b)
-        if rc != 0:
-            self._undo(spec, tip_before, free_before)
-            raise LtdError(f"llama.cpp decode failed (code {rc}: {_last_error()}); use a smaller draft tree or context")
-        self._spec_parents.extend(pars)
-        self._spec_depths.extend(new_depths)
-        cells = [0] * n
-        for slot, i in enumerate(order):
-            cells[i] = spec + slot  # the free cells after the context, taken in batch order
-        self._spec_cell.extend(cells)
+
+    def _read_output(self, order: list[int], cells: list[int], depths: list[int], last_only: bool) -> TreeOutput:
+        """The decoded logits in entry order, and which nodes are exact (module docstring)."""
+        n = len(order)
         rows = 1 if last_only else n
         ptr = self.lc.llama_get_logits(self.ctx)
         out = np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size))
@@ -489,7 +487,7 @@ class LlamaCppBackend(SpeculativeCounters):
         exact = None
         if self._exact_kernels and self._context_exact and self.mark_exact:
             # a node's path sits in the cells sequential decoding would use iff its cell is its depth
-            flags = [cells[i] == new_depths[i] for i in range(n)]
+            flags = [cells[i] == depths[i] for i in range(n)]
             exact = torch.tensor(flags[-1:] if last_only else flags, dtype=torch.bool)
         return TreeOutput(logits=logits, features=None, exact=exact)
 
@@ -512,15 +510,7 @@ class LlamaCppBackend(SpeculativeCounters):
         self._tip = {}
 
     def commit(self, keep: Sequence[int] | torch.Tensor) -> None:
-        keep_l = keep.reshape(-1).tolist() if isinstance(keep, torch.Tensor) else [int(k) for k in keep]
-        spec = self.speculative_length
-        prev = -1
-        for k in keep_l:
-            if not 0 <= k < spec:
-                raise ValueError("commit index outside the speculative entries")
-            if self._spec_parents[k] != prev:
-                raise ValueError("committed entries must form a path from the context")
-            prev = k
+        keep_l = self._check_path(keep)
         n, k = self._committed, len(keep_l)
         j = 0  # accepted entries already in the cells sequential decoding would use
         while j < k and self._spec_cell[keep_l[j]] == j:

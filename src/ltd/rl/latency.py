@@ -221,9 +221,9 @@ def _measure_verify(target, feature_layers, tokens: Sequence[int], contexts: Seq
 
 def _measure_cycles(target, drafter, topk: int, max_depth: int, size: int, context: int, cycles: int, rng, controller=None):
     """Real cycles (draft to max depth, select, verify, accept, commit): per-step draft
-    times, per-cycle overhead, and optionally the controller's per-call costs."""
-    from ltd.control import DraftStepState
-    from ltd.cycle import DraftSession, accept, commit, select, start, verify
+    times, per-cycle overhead (select, accept and commit), and optionally the controller's
+    per-call costs. The cycles are :mod:`ltd.cycle`'s own, timed through its stage hook."""
+    from ltd.cycle import StageTimes, begin, draft_room, finish, size_state, start
 
     steps: list[list[float]] = []
     overhead: list[float] = []
@@ -232,10 +232,10 @@ def _measure_cycles(target, drafter, topk: int, max_depth: int, size: int, conte
     state = None
     done = 0
     while done < cycles + 1:
-        if state is None or target.max_context - target.committed_length - 1 < max_depth + 1:
+        if state is None or draft_room(state) < max_depth + 1:
             prompt = rng.integers(0, target.vocab_size, size=context).tolist()
             state, _ = start(target, drafter, prompt)
-        session = DraftSession(state, topk, max_depth)
+        session = begin(state, topk, max_depth)
         while session.can_step:
             session.step()
             if controller is not None:
@@ -243,23 +243,16 @@ def _measure_cycles(target, drafter, topk: int, max_depth: int, size: int, conte
                 t0 = time.perf_counter()
                 controller.continue_drafting(obs_state)
                 depth_calls.append(time.perf_counter() - t0)
-        tree = session.finish()
         if controller is not None:
-            final = DraftStepState(tree.max_depth, torch.empty(0), state.context_length, tree, topk)
+            final = size_state(session.tree, state.context_length, topk)
             t0 = time.perf_counter()
             controller.choose_size(final)
             size_calls.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        selection = select(tree, size)
-        t1 = time.perf_counter()
-        verified = verify(state, selection)
-        t2 = time.perf_counter()
-        accepted = accept(state, verified)
-        commit(state, verified, accepted)
-        t3 = time.perf_counter()
+        times = StageTimes()
+        finish(state, session, size, timer=times)
         if done:  # cycle 0 is a warm-up
             steps.append(session.step_seconds)
-            overhead.append((t1 - t0) + (t3 - t2))
+            overhead.append(times["select"] + times["accept"] + times["commit"])
         done += 1
     target.reset()
     drafter.reset()

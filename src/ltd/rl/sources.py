@@ -11,7 +11,8 @@ whether to draft deeper, and then how many nodes to verify:
 
 :class:`ReplaySource` reads recorded trees and times cycles with a
 :class:`~ltd.rl.latency.LatencyModel`; :class:`LiveSource` runs the real drafter and
-target through :mod:`ltd.cycle` and measures wall time. Both expose the same views of
+target through :mod:`ltd.cycle`'s stepwise form (``begin``, draft steps, ``finish``), the
+same functions :func:`ltd.cycle.decode` uses, and measures wall time. Both expose the same views of
 the cycle in progress, so observations built from them are identical in kind.
 """
 
@@ -25,7 +26,9 @@ import numpy as np
 import torch
 
 from ltd.control import Controller, DraftStepState
-from ltd.cycle import CycleResult
+from ltd.cycle import CycleResult, begin, size_state
+from ltd.cycle import finish as finish_cycle
+from ltd.cycle import start as start_sequence
 from ltd.errors import LtdError
 from ltd.rl.latency import LatencyModel
 from ltd.rl.traces import TraceSet
@@ -204,9 +207,9 @@ class ReplaySource:
         v = min(max(size, 0), drafted) if d > 0 else 0
         accepted = seq.accepted(p, d, v) if v > 0 else 0
         seconds = self._seconds + self.latency.cycle_seconds(d, v, self.committed_length)
-        remaining = seq.cycle_tokens - p
-        tokens = min(accepted + 1, remaining)
-        new = tuple(int(t) for t in seq.output[p + 1 : p + 1 + tokens])
+        # the recorded output already ends where live decoding stopped (max tokens or EOS)
+        new = tuple(int(t) for t in seq.output[p + 1 : p + 2 + accepted])
+        tokens = len(new)
         self._p = p + accepted + 1
         self._depth = 0
         self._seconds = 0.0
@@ -250,11 +253,9 @@ class LiveSource:
         self.topk = topk
         self.max_depth = max_depth
         self.max_new_tokens = max_new_tokens
-        self.eos = set(int(e) for e in eos_token_ids)
+        self.eos = frozenset(int(e) for e in eos_token_ids)
         self.state = None
         self.session = None
-        self._produced = 0
-        self._ended = True
         self._seconds = 0.0
 
     @property
@@ -262,12 +263,9 @@ class LiveSource:
         return len(self.prompts)
 
     def start(self, index: int) -> None:
-        from ltd.cycle import start
-
         self._close_session()
-        self.state, first = start(self.target, self.drafter, self.prompts[index % len(self.prompts)])
-        self._produced = 1
-        self._ended = first.new_tokens[-1] in self.eos or self.max_new_tokens <= 1
+        self.state, _ = start_sequence(self.target, self.drafter, self.prompts[index % len(self.prompts)],
+                              max_new_tokens=self.max_new_tokens, eos_token_ids=self.eos)
 
     def _close_session(self) -> None:
         if self.session is not None:
@@ -280,11 +278,11 @@ class LiveSource:
 
     @property
     def done(self) -> bool:
-        return self.state is None or self._ended
+        return self.state is None or self.state.done
 
     @property
     def position(self) -> int:
-        return self._produced - 1
+        return self.state.produced - 1
 
     @property
     def depth(self) -> int:
@@ -303,13 +301,10 @@ class LiveSource:
         return self.target.committed_length
 
     def begin_cycle(self) -> None:
-        from ltd.cycle import DraftSession
-
         if self.done:
             raise RuntimeError("the sequence is finished; call start()")
         self._close_session()
-        room = self.target.max_context - self.target.committed_length - 1
-        self.session = DraftSession(self.state, self.topk, max(0, min(self.max_depth, room)))
+        self.session = begin(self.state, self.topk, self.max_depth)
         self._seconds = 0.0
 
     def step(self) -> None:
@@ -337,32 +332,14 @@ class LiveSource:
             self._seconds += self.latency.depth_policy_seconds if kind == "depth" else self.latency.size_policy_seconds
 
     def finish(self, size: int) -> CycleOutcome:
-        from ltd.cycle import accept, commit, select, verify
-
-        state = self.state
-        p, ctx = self.position, state.context_length
+        p, ctx = self.position, self.state.context_length
+        session, self.session = self.session, None
         t0 = time.perf_counter()
-        tree = self.session.finish()
-        self.session = None
-        v = min(max(size, 0), tree.num_drafted) if tree.max_depth > 0 else 0
-        selection = select(tree, v)
-        verified = verify(state, selection)
-        accepted = accept(state, verified)
-        new = commit(state, verified, accepted)
+        result = finish_cycle(self.state, session, size)
         seconds = self._seconds + time.perf_counter() - t0
-        cut = new[: self.max_new_tokens - self._produced]
-        for i, tok in enumerate(cut):
-            if tok in self.eos:
-                cut = cut[: i + 1]
-                self._ended = True
-                break
-        self._produced += len(cut)
-        room = self.target.max_context - self.target.committed_length - 1
-        if self._produced >= self.max_new_tokens or room < 1:
-            self._ended = True
         self._seconds = 0.0
-        return CycleOutcome(p, ctx, tree.max_depth, tree.num_drafted, selection.tree.num_drafted,
-                            accepted.num_accepted, len(cut), seconds, tuple(cut))
+        return CycleOutcome(p, ctx, result.depth, result.drafted, result.size, result.num_accepted,
+                            len(result.new_tokens), seconds, tuple(result.new_tokens))
 
 
 def is_learned(controller, kind: str, step: int = 0) -> bool:
@@ -398,7 +375,7 @@ def size_with(source: CycleSource, controller: Controller) -> int:
     if source.depth == 0:
         return 0
     st = source.step_state()
-    state = DraftStepState(st.tree.max_depth, torch.empty(0), st.context_length, st.tree, st.topk)
+    state = size_state(st.tree, st.context_length, st.topk)
     t0 = time.perf_counter()
     size = int(controller.choose_size(state))
     dt = time.perf_counter() - t0

@@ -343,9 +343,10 @@ def record_sequence(target, drafter, prompt: Sequence[int], output: Sequence[int
     The target scores ``prompt + output`` once (causal, with the drafter's feature
     layers); the drafter is then fed position by position exactly as the cycle feeds it
     (``sync`` with the committed tokens + pending token and the target features of the
-    tokens processed since the last sync) and drafts with :class:`ltd.cycle.DraftSession`.
+    tokens processed since the last sync) and drafts with the cycle's own
+    :func:`ltd.cycle.begin` and draft steps (nothing is verified or committed).
     """
-    from ltd.cycle import DecodeState, DraftSession
+    from ltd.cycle import DecodeState, begin
 
     prompt, output = list(prompt), list(output)
     P, N = len(prompt), len(output)
@@ -367,8 +368,7 @@ def record_sequence(target, drafter, prompt: Sequence[int], output: Sequence[int
         if features is not None:
             feats = features[:P] if p == 0 else features[P + p - 1 : P + p]
         drafter.sync(state.tokens, feats)
-        room = target.max_context - (P + p) - 1
-        session = DraftSession(state, topk, min(max_depth, room))
+        session = begin(state, topk, max_depth)
         cands = []
         while session.can_step:
             session.step()
