@@ -163,7 +163,7 @@ def test_static_without_drafter(engine):
 
 
 def test_unknown_head_dtype():
-    from ltd.engine import resolve_head_dtype
+    from ltd.drafting.load import resolve_head_dtype
 
     with pytest.raises(LtdError) as exc:
         resolve_head_dtype("int4")

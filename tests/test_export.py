@@ -152,7 +152,7 @@ def test_shipped_head_exports_in_standard_layout(tmp_path):
     """The shipped SmolLM2 head, with stand-in embeddings of the target's shape (no model load)."""
     from transformers import LlamaConfig
 
-    from ltd.engine import builtin_drafter_dir
+    from ltd.drafting.checkpoint import builtin_drafter_dir
 
     head = Eagle3Head.load(builtin_drafter_dir("smollm2-135m-eagle3"))
     cfg = head.config
@@ -170,7 +170,7 @@ def test_shipped_head_exports_in_standard_layout(tmp_path):
 
 def test_shipped_head_fits_the_size_budget():
     """The repository ships the SmolLM2 head in half precision under 25 MB (issue #4)."""
-    from ltd.engine import builtin_drafter_dir
+    from ltd.drafting.checkpoint import builtin_drafter_dir
 
     weights = builtin_drafter_dir("smollm2-135m-eagle3") / "model.safetensors"
     assert weights.stat().st_size < 25_000_000

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_head, make_tiny_llama
 from ltd.errors import LtdError
 from ltd.rl.cli import add_parsers
 from test_rl_common import hand_latency, noisy_copy
@@ -107,9 +107,11 @@ def test_record_with_an_adapting_drafter(tmp_path, models, questions):
     target, drafter = models
     common = ["--model", target, "--data-dir", str(questions), "--max-depth", "3", "--topk", "3", "--max-size", "8",
               "--max-new-tokens", "20", "--no-progress", "--raw"]
-    assert run("record", *common, "--drafter", "ngram", "--online", "memory", "--out", str(tmp_path / "m")) == 0
+    head_dir = tmp_path / "head"  # an EAGLE-3 head on the (seeded, identical) tiny target
+    make_tiny_head(make_tiny_llama(seed=0), draft_vocab_size=64, layer_ids=[1, 2, 3]).save(head_dir)
+    assert run("record", *common, "--drafter", str(head_dir), "--online", "knn", "--out", str(tmp_path / "m")) == 0
     man = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert man["online"] == "memory" and len(man["sequences"]) == 3
+    assert man["online"] == "knn" and len(man["sequences"]) == 3
     assert run("record", *common, "--drafter", "ngram", "--out", str(tmp_path / "f")) == 0
     assert "online" not in json.loads((tmp_path / "f" / "manifest.json").read_text())
     # a variant the drafter cannot adapt is refused in one line (a small LM has no EAGLE-3 head)

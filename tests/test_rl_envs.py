@@ -10,12 +10,12 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from ltd.control import StaticController
-from ltd.control_ltd import LTDController
+from ltd.control.learned import LTDController
 from ltd.errors import LtdError
 from ltd.rl.envs import DepthEnv, SizeEnv, make_env
-from ltd.rl.policy import load_policy
+from ltd.control.policy import load_policy
 from ltd.rl.sources import LiveSource, ReplaySource
-from ltd.rl.spaces import CONTINUE, STOP, for_kind
+from ltd.control.spaces import CONTINUE, STOP, for_kind
 from ltd.rl.traces import TraceSet, record
 from ltd.rl.train import PolicyTrainConfig, eval_subset, replay_source_factory, train_policies
 from test_rl_common import MAX_DEPTH, MAX_NEW, MAX_SIZE, PROMPTS, TOPK, hand_latency, noisy_copy, tiny_engine
@@ -230,7 +230,7 @@ def test_depth_env_with_min_depth_zero_can_skip_drafting(traces):
 
 
 def test_history_features_follow_cycles():
-    from ltd.rl.spaces import SINCE_DRAFT_SCALE, History
+    from ltd.control.spaces import SINCE_DRAFT_SCALE, History
 
     h = History()
     assert h.features().tolist() == [0.0, 0.0, 1.0]  # nothing drafted yet: "long ago"
@@ -259,7 +259,7 @@ def test_size_zero_is_a_plain_step_in_replay_and_live(traces, engine):
 def test_controller_history_matches_the_environment(traces):
     """The history an LTDController builds from observe_result equals the env's, cycle by cycle."""
     from ltd.rl.policy import untrained_policy
-    from ltd.rl.spaces import History
+    from ltd.control.spaces import History
 
     spec_d = for_kind("depth", TOPK, MAX_DEPTH, SIZES, min_depth=0)
     spec_s = for_kind("size", TOPK, MAX_DEPTH, SIZES, min_depth=0)
@@ -298,7 +298,7 @@ def test_gain_reward_is_tokens_beyond_plain_decoding(traces):
 def test_expected_value_teacher_reads_the_size_observation():
     """The rule verifies the V with the most expected tokens per modelled second."""
     from ltd.rl.imitation import expected_value_teacher
-    from ltd.rl.spaces import size_observation
+    from ltd.control.spaces import size_observation
 
     lat = hand_latency()  # verify = 10 ms + 0.5 ms per token: a node is worth verifying above ~0.05 probability
     spec = for_kind("size", TOPK, MAX_DEPTH, (0, 1, 2, 4, 8))

@@ -19,11 +19,11 @@ from typing import Sequence
 import torch
 
 from ltd.bench import metrics
-from ltd.bench.machine import machine_info, utc_now
-from ltd.bench.methods import BASELINE, BASELINES, MethodRunner, MethodSpec, Sampling, check_available, resolve_assistant
+from ltd.machine import machine_info, utc_now
+from ltd.bench.methods import BASELINE, MethodRunner, MethodSpec, Sampling, resolve_assistant
 from ltd.bench.suites import Question
 from ltd.defaults import DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS
-from ltd.engine import Engine, GenerateResult
+from ltd.engine import Engine, GenerateResult, check_backend, reference_method
 from ltd.errors import LtdError
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class BenchConfig:
     @property
     def baseline(self) -> str:
         """``hf`` on transformers, ``llama.cpp`` on llama.cpp: what every ratio is against."""
-        return BASELINES[self.backend]
+        return reference_method(self.backend)
 
     def validate(self) -> None:
         if self.repeats < 1:
@@ -96,11 +96,9 @@ class BenchConfig:
             raise LtdError(f"--temperature must be >= 0, got {self.temperature}")
         if not self.questions:
             raise LtdError("no questions to run; check --suites/--questions and --limit")
-        if self.backend not in BASELINES:
-            raise LtdError(f"unknown backend {self.backend!r}; choose one of {', '.join(BASELINES)}")
+        check_backend(self.backend)
         if not self.methods or self.methods[0].kind != self.baseline:
             raise LtdError(f"the method list must start with the {self.baseline} baseline (parse it with parse_methods)")
-        check_available(self.methods)
         peers = [m.label for m in self.methods if m.is_llamacpp_spec]
         if peers and self.temperature != 0.0:
             raise LtdError(f"{', '.join(peers)} run greedy only; use --temperature 0 or drop them from --methods")

@@ -1,53 +1,18 @@
-"""Controllers decide, every cycle, how deep to draft and how many nodes to verify.
+"""The static controller and the checks every controller's settings share.
 
-The cycle asks :meth:`Controller.continue_drafting` before each draft step and
-:meth:`Controller.choose_size` once drafting stops. Learned controllers (LTD policies)
-implement the same two methods, so they plug in without touching the cycle.
+Controllers decide, every cycle, how deep to draft and how many nodes to verify: the
+cycle asks :meth:`ltd.controller.Controller.continue_drafting` before each draft step
+and :meth:`~ltd.controller.Controller.choose_size` once drafting stops. Learned
+controllers (:mod:`ltd.control.learned`) implement the same two methods, so they plug
+in without touching the cycle.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
-import torch
-
+from ltd.controller import DraftStepState
 from ltd.errors import LtdError
-from ltd.tree import Tree
-
-
-@dataclass
-class DraftStepState:
-    """What a controller sees while drafting.
-
-    Attributes:
-        step: draft steps done so far (0 = nothing drafted yet; the tree's depth).
-        candidate_scores: cumulative scores of the candidates proposed by the last step
-            (k for the first step, k*k after), empty before the first step.
-        context_length: committed tokens (prompt + generated).
-        tree: the tree drafted so far.
-        topk: branching factor in use.
-    """
-
-    step: int
-    candidate_scores: torch.Tensor
-    context_length: int
-    tree: Tree
-    topk: int
-
-
-class Controller(Protocol):
-    """Chooses draft depth (step by step) and verification size.
-
-    ``observe_result`` receives each finished cycle's result (accepted length, timings),
-    for controllers that adapt from feedback; stateless ones ignore it.
-    """
-
-    def continue_drafting(self, state: DraftStepState) -> bool: ...
-
-    def choose_size(self, state: DraftStepState) -> int: ...
-
-    def observe_result(self, result) -> None: ...
 
 
 class ControllerBase:

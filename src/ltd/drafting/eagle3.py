@@ -29,8 +29,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ltd.drafting.hybrid import merge_candidates
-from ltd.drafting.ngram import candidate_tensors, grade_trie, trie_node_of
 from ltd.errors import LtdError
 from ltd.fileio import atomic_write
 from ltd.tree import Tree, ancestor_mask
@@ -346,7 +344,6 @@ class Eagle3Drafter:
         self.device, self.dtype = p.device, p.dtype
         self._wide: Eagle3Head | None = None
         self._wide_key: tuple = ()
-        self.knn = None  # a KnnMemory when --online knn is on (ltd.online.knn)
         self._vocab_maps: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reset()
 
@@ -369,8 +366,6 @@ class Eagle3Drafter:
         return self._wide
 
     def reset(self) -> None:
-        if self.knn is not None:
-            self.knn.end_sequence()
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
         self._consumed = 0  # head entries committed (= target positions consumed)
@@ -380,11 +375,12 @@ class Eagle3Drafter:
         self._spec_v: list[torch.Tensor] = []
         self._spec_parent: list[int] = []  # parent spec entry (-1 = context)
         self._node_entry: dict[int, int] = {}
-        self._node_hidden: dict[int, torch.Tensor] = {}
-        self._retrieval = None  # the kNN memory's Retrieval at the last root (--online knn)
-        self._retrieved_at = 0  # sequence length at that root
-        self._trie_memo: dict[int, object] = {}
-        self._node_tries: list[tuple[list[int], object]] = []  # (tokens down to a node, its own retrieval trie)
+        self.node_hidden: dict[int, torch.Tensor] = {}  # head output state of each drafted node (0: the root)
+
+    @property
+    def tokens(self) -> list[int]:
+        """The committed sequence as last synced."""
+        return self._tokens
 
     def sync(self, tokens: Sequence[int], features: torch.Tensor | None) -> None:
         self._tokens = list(tokens)
@@ -396,6 +392,16 @@ class Eagle3Drafter:
 
     @torch.inference_mode()
     def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, logp = self._topk(self.consume()[0][-1:], k)
+        return tokens[0], logp[0]
+
+    def consume(self) -> tuple[torch.Tensor, int]:
+        """Run the head over the target features synced since the last root.
+
+        Returns the head's output states of the new entries [n, H] (the last one is the
+        root's) and the first new entry's position. Wrappers that learn from every
+        committed position (:class:`ltd.online.knn_drafter.KnnDrafter`) read them all.
+        """
         if not self._pending:
             raise RuntimeError("EAGLE-3 drafter has no target features to draft from")
         feats = torch.cat(self._pending, dim=0)
@@ -422,34 +428,9 @@ class Eagle3Drafter:
         self._k = kk if self._k is None else torch.cat([self._k, kk], dim=2)
         self._v = vv if self._v is None else torch.cat([self._v, vv], dim=2)
         self._consumed = t0 + n
-        g = out[0, -1]
-        self._node_hidden = {0: g}
+        self.node_hidden = {0: out[0, -1]}
         self._node_entry = {}
-        if self.knn is not None:
-            return self._root_with_knn(out[0], t0, k)
-        tokens, logp = self._topk(g.unsqueeze(0), k)
-        return tokens[0], logp[0]
-
-    def _root_with_knn(self, out: torch.Tensor, t0: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Learn from the new entries, then draft the first level from head and neighbours' votes."""
-        knn = self.knn
-        committed = self._tokens[self._retrieved_at :] if self._retrieved_at else []
-        if committed:  # what the target committed since the last root grades its votes and trie
-            knn.grade(committed[0], self._maps()[1])
-            if self._retrieval is not None:
-                knn.calibrate(self._retrieval.trie, committed)
-            for path, trie in self._node_tries:  # the tries asked below drafted nodes the target took
-                if committed[: len(path)] == path:
-                    grade_trie(trie, committed[len(path) :], knn.reliability)
-        self._node_tries = []
-        normed = self.head.norm(out)
-        keys = knn.keys_of(normed)
-        knn.observe(t0, keys, self._tokens)  # every entry's state is a key; its label comes two tokens on
-        self._retrieval = knn.retrieve(keys[-1], self._tokens[-1]) if len(knn) else None
-        self._retrieved_at = len(self._tokens)
-        self._trie_memo = {0: self._retrieval.trie if self._retrieval is not None else None}
-        logp = torch.log_softmax(self.head.lm_head(normed[-1]).float(), dim=-1).cpu()
-        return knn.mix(logp, *self._maps(), self._retrieval, k)
+        return out[0], t0
 
     def _topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         logp = torch.log_softmax(self.head.logits(hidden).float(), dim=-1)
@@ -457,44 +438,7 @@ class Eagle3Drafter:
         val, idx = torch.topk(logp, k, dim=-1)
         return self.head.draft_to_target(idx).cpu(), val.cpu()
 
-    def retrieved(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Children of ``nodes`` from the kNN retrieval trie (no model work); None without a kNN memory."""
-        if self.knn is None:
-            return None
-        self._ask_at_nodes(tree, nodes)
-        return candidate_tensors([self.knn.children(trie_node_of(tree, int(node), self._trie_memo), k) for node in nodes.tolist()], k)
-
-    @torch.inference_mode()
-    def _ask_at_nodes(self, tree: Tree, nodes: torch.Tensor) -> None:
-        """Where the root's neighbours say nothing below a node, the node's own head state asks the store.
-
-        Why: below a first-level token the root's neighbours did not vote for (the head's
-        or the n-gram's), the retrieval trie is empty and, with the head limited to the root
-        (``@1``), nothing drafts the second level unless the n-gram has a match. One head
-        layer over the best few such nodes (no output layer) gives their states, and their
-        own neighbours' continuations fill the gap, scored by the same q(depth).
-        """
-        budget = self.knn.cfg.node_votes
-        if budget <= 0:
-            return
-        lacking = [
-            n for n in nodes.tolist()
-            if int(tree.parents[n]) in self._node_hidden and not getattr(trie_node_of(tree, n, self._trie_memo), "children", None)
-        ]
-        lacking = sorted(lacking, key=lambda n: -float(tree.scores[n]))[:budget]
-        if not lacking:
-            return
-        fresh = [n for n in lacking if n not in self._node_hidden]  # a full-depth head already ran the others
-        if fresh:
-            self._advance(tree, torch.tensor(fresh))
-        keys = self.knn.keys_of(self.head.norm(torch.stack([self._node_hidden[n] for n in lacking])))
-        for j, n in enumerate(lacking):
-            found = self.knn.retrieve(keys[j], int(tree.tokens[n]), depth=int(tree.depths[n]))
-            if found is not None:
-                self._trie_memo[n] = found.trie
-                self._node_tries.append(([int(tree.tokens[i]) for i in tree.path_to(n)[1:]], found.trie))
-
-    def _maps(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def vocab_maps(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's vocabulary maps (:meth:`Eagle3Head.vocab_maps`), built once."""
         if self._vocab_maps is None:
             self._vocab_maps = self.head.vocab_maps()
@@ -502,13 +446,9 @@ class Eagle3Drafter:
 
     @torch.inference_mode()
     def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        toks, logps = self._topk(self._advance(tree, nodes), k)
-        found = self.retrieved(tree, nodes, k) if self._retrieval is not None else None
-        if found is not None:
-            return merge_candidates(toks, logps, *found, k)
-        return toks, logps
+        return self._topk(self.advance(tree, nodes), k)
 
-    def _advance(self, tree: Tree, nodes: torch.Tensor) -> torch.Tensor:
+    def advance(self, tree: Tree, nodes: torch.Tensor) -> torch.Tensor:
         """Run the head on drafted ``nodes`` (their parents' states known); returns their states [m, H]."""
         node_list = nodes.tolist()
         m = len(node_list)
@@ -523,7 +463,7 @@ class Eagle3Drafter:
         allowed = torch.cat([torch.ones((m, self._consumed), dtype=torch.bool, device=self.device), anc], dim=1)
         depth = tree.depths[nodes].to(self.device)
         positions = (self._consumed - 1 + depth).unsqueeze(0)
-        hidden = torch.stack([self._node_hidden[int(tree.parents[n])] for n in node_list]).unsqueeze(0)
+        hidden = torch.stack([self.node_hidden[int(tree.parents[n])] for n in node_list]).unsqueeze(0)
         emb = self._embed(tree.tokens[nodes]).unsqueeze(0)
         past_k = torch.cat([self._k] + self._spec_k, dim=2) if self._spec_k else self._k
         past_v = torch.cat([self._v] + self._spec_v, dim=2) if self._spec_v else self._v
@@ -532,12 +472,12 @@ class Eagle3Drafter:
         self._spec_v.append(vv)
         self._spec_parent.extend(parents_entry)
         for j, node in enumerate(node_list):
-            self._node_hidden[node] = out[0, j]
+            self.node_hidden[node] = out[0, j]
         return out[0]
 
     def end(self) -> None:
         self._spec_k, self._spec_v, self._spec_parent = [], [], []
-        self._node_entry, self._node_hidden = {}, {}
+        self._node_entry, self.node_hidden = {}, {}
 
 
 def init_random_head(cfg: Eagle3Config, seed: int = 0, draft_ids: torch.Tensor | None = None) -> Eagle3Head:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ltd.drafting.checkpoint import resolve_head_dir
 from ltd.drafting.eagle3 import CONFIG_NAME, WEIGHTS_NAME, Eagle3Head, check_head_matches_target
 from ltd.errors import LtdError
 from ltd.fileio import atomic_dir
@@ -162,22 +163,6 @@ def write_export(
         write_target_files(target_config, tokenizer, tdir)
     log.info("exported EAGLE-3 head to %s (target files in %s)", out, tdir)
     return ExportResult(out, tdir, int(config["draft_vocab_size"]), int(config["vocab_size"]))
-
-
-def resolve_head_dir(spec: str) -> Path:
-    """``builtin:NAME`` or a directory holding an EAGLE-3 head."""
-    from ltd.engine import ASSETS, builtin_drafter_dir
-
-    if spec.startswith("builtin:"):
-        path = builtin_drafter_dir(spec.split(":", 1)[1])
-        if not path.is_dir():
-            known = ", ".join(f"builtin:{p.name}" for p in sorted(ASSETS.glob("*"))) or "none"
-            raise LtdError(f"no built-in drafter {spec!r}; available: {known}")
-        return path
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise LtdError(f"drafter {spec!r} is neither builtin:NAME nor an EAGLE-3 head directory; check the path")
-    return path
 
 
 def export_drafter(

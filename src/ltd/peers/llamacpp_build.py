@@ -113,13 +113,6 @@ def find_build() -> LlamaCppBuild | None:
     return b if b.is_complete() else None
 
 
-def require_build() -> LlamaCppBuild:
-    b = find_build()
-    if b is None:
-        raise LtdError("llama.cpp's speculative tools are not built; run: ltd peers build llama.cpp")
-    return b
-
-
 def check_toolchain() -> None:
     """cmake and a C++ compiler must exist; name the fix in one line if not."""
     missing = [tool for tool in ("cmake",) if shutil.which(tool) is None]

@@ -63,14 +63,14 @@ def draft_model_gguf(model: str, assistant: str | None) -> Path:
 
 
 def eagle3_head_dir(model: str, drafter: str | None) -> Path:
-    from ltd.drafting.export import resolve_head_dir
-    from ltd.engine import _is_eagle3_dir, default_drafter_spec
+    from ltd.drafting.checkpoint import is_eagle3_dir, resolve_head_dir
+    from ltd.engine import default_drafter_spec
 
     spec = drafter or default_drafter_spec(model)
     if spec in ("", "none", "self"):
         raise LtdError(f"{KIND}:draft-eagle3 needs an EAGLE-3 head; pass --drafter builtin:NAME or a head directory")
     head_dir = resolve_head_dir(spec)
-    if not _is_eagle3_dir(head_dir):
+    if not is_eagle3_dir(head_dir):
         raise LtdError(f"{KIND}:draft-eagle3 needs an EAGLE-3 head, but {spec!r} is not one")
     return head_dir
 

@@ -6,7 +6,7 @@ Modules, in the order data flows through them:
 - :mod:`ltd.rl.traces` -- recorded max-depth draft trees along greedy outputs
   (``ltd record``) and the exact accepted length of any (depth, size) choice.
 - :mod:`ltd.rl.sources` -- one cycle at a time, replayed from traces or run live.
-- :mod:`ltd.rl.spaces` -- observation/action spaces shared by envs and controllers.
+- :mod:`ltd.control.spaces` -- observation/action spaces shared by envs and controllers.
 - :mod:`ltd.rl.envs` -- gymnasium depth and size environments (replay and live).
 - :mod:`ltd.rl.oracle` -- the hindsight-optimal schedule and replay evaluation.
 - :mod:`ltd.rl.policy` -- saving and loading trained policies with their spec.

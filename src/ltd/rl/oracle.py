@@ -26,7 +26,7 @@ import numpy as np
 from ltd.control import Controller
 from ltd.rl.latency import LatencyModel
 from ltd.rl.sources import ReplaySource, run_controller
-from ltd.rl.spaces import DEFAULT_SIZES, sizes_up_to
+from ltd.control.spaces import DEFAULT_SIZES, sizes_up_to
 from ltd.rl.traces import TraceSequence, TraceSet
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from ltd.cliargs import add_online_args, add_speed_args
+from ltd.cliargs import add_model_args, add_online_args, load_engine
 from ltd.errors import LtdError
 from ltd.registry import DEFAULT_MODEL
 from ltd.serve.settings import ServeSettings
@@ -26,17 +26,13 @@ WARMUP_TOKENS = 2
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``serve`` flags (shared by ``ltd serve`` and ``python -m ltd.serve``)."""
     d = ServeSettings(model_name="")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, HF id or local dir (default {DEFAULT_MODEL})")
+    add_model_args(p)
     p.add_argument("--model-name", default=None, help="model id clients send and /v1/models lists (default: --model)")
     add_online_args(p, "serving", "directory to restore (at start) and save (at exit) online state")
-    p.add_argument("--drafter", default=None,
-                   help="none | ngram[:N] | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter; ngram on llamacpp)")
     p.add_argument("--method", default=None, choices=["hf", "llama.cpp", "ar", "static"],
                    help="static (tree speculation) when a drafter is available, else ar (plain decoding); "
                         "hf = transformers generate, llama.cpp = llama.cpp's plain greedy loop (--backend llamacpp), "
                         "both answered in one piece")
-    p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"],
-                   help="hf (transformers) or llamacpp (the GGUF on llama.cpp) (default hf)")
     p.add_argument("--depth", type=int, default=d.depth, help=f"draft depth D (default {d.depth})")
     p.add_argument("--topk", type=int, default=d.topk, help=f"branching K per draft step (default {d.topk})")
     p.add_argument("--size", type=int, default=d.size, help=f"verified nodes V (default {d.size})")
@@ -50,10 +46,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"largest max_tokens a request may ask for (default {d.max_tokens_limit})")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
                    help=f"max_tokens when a request gives none (default {d.default_max_tokens})")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
-    add_speed_args(p)
     p.add_argument("--no-warmup", action="store_true", help="skip the short generation that runs before serving")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
 
@@ -129,17 +121,15 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise LtdError(f"ltd serve needs the serve extras ({exc.name} is missing): pip install -e '.[serve]'") from None
 
-    from ltd.engine import Engine
-    from ltd.runtime import apply_threads, check_device
+    from ltd.runtime import check_device
 
-    apply_threads(args.threads)
     check_device(args.device)
-    backend = getattr(args, "backend", "hf")
+    backend = args.backend
     method, spec = resolve_method(args.model, args.drafter, args.method, backend)
     settings = settings_from_args(args, method)
     _check_bind(args.host, args.port)
 
-    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=backend, threads=args.threads, kernels=args.kernels, head_dtype=args.head_dtype)
+    engine = load_engine(args, spec)
     if args.online:
         engine.enable_online(args.online, state_dir=args.online_state)
     if not args.no_warmup:
