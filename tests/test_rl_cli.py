@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_head, make_tiny_llama
+from ltd.drafting.eagle3 import save_head
 from ltd.errors import LtdError
 from ltd.rl.cli import add_parsers
 from test_rl_common import hand_latency, noisy_copy
@@ -108,7 +109,7 @@ def test_record_with_an_adapting_drafter(tmp_path, models, questions):
     common = ["--model", target, "--data-dir", str(questions), "--max-depth", "3", "--topk", "3", "--max-size", "8",
               "--max-new-tokens", "20", "--no-progress", "--raw"]
     head_dir = tmp_path / "head"  # an EAGLE-3 head on the (seeded, identical) tiny target
-    make_tiny_head(make_tiny_llama(seed=0), draft_vocab_size=64, layer_ids=[1, 2, 3]).save(head_dir)
+    save_head(make_tiny_head(make_tiny_llama(seed=0), draft_vocab_size=64, layer_ids=[1, 2, 3]), head_dir)
     assert run("record", *common, "--drafter", str(head_dir), "--online", "knn", "--out", str(tmp_path / "m")) == 0
     man = json.loads((tmp_path / "m" / "manifest.json").read_text())
     assert man["online"] == "knn" and len(man["sequences"]) == 3

@@ -27,7 +27,7 @@ from ltd.control.policy import default_policy_dir, load_ltd_policies
 from ltd.cycle import CycleResult, decode
 from ltd.defaults import DEFAULT_DEPTH, DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, DEFAULT_SIZE, DEFAULT_TOPK
 from ltd.drafting.base import Drafter, NullDrafter
-from ltd.drafting.checkpoint import builtin_drafter_dir
+from ltd.drafting.eagle3 import builtin_drafter_dir
 from ltd.drafting.hybrid import split_hybrid_spec, split_model_depth
 from ltd.drafting.load import is_native_greedy, load_drafter
 from ltd.errors import LtdError

@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ltd.drafting.checkpoint import resolve_head_dir
-from ltd.drafting.eagle3 import CONFIG_NAME, WEIGHTS_NAME, Eagle3Head, check_head_matches_target
+from ltd.drafting.eagle3 import CONFIG_NAME, WEIGHTS_NAME, Eagle3Head, check_head_matches_target, load_head, resolve_head_dir
 from ltd.errors import LtdError
 from ltd.fileio import atomic_dir
 
@@ -179,7 +178,7 @@ def export_drafter(
     if dtype not in EXPORT_DTYPES:
         raise LtdError(f"unknown export dtype {dtype!r}; use one of {', '.join(EXPORT_DTYPES)}")
     head_dir = resolve_head_dir(drafter)
-    head = Eagle3Head.load(head_dir, dtype=torch.float32)
+    head = load_head(head_dir, dtype=torch.float32)
     from ltd.models import load_model
 
     target = load_model(model)

@@ -25,8 +25,7 @@ from ltd.backends.base import Backend
 from ltd.backends.hf import HFBackend
 from ltd.defaults import DEFAULT_HEAD_DTYPE, HEAD_DTYPES
 from ltd.drafting.base import Drafter, NullDrafter
-from ltd.drafting.checkpoint import is_head_spec, resolve_head_dir
-from ltd.drafting.eagle3 import Eagle3Drafter, Eagle3Head, check_head_matches_target
+from ltd.drafting.eagle3 import Eagle3Drafter, check_head_matches_target, is_head_spec, load_head, resolve_head_dir
 from ltd.drafting.hybrid import HybridDrafter, split_hybrid_spec, split_model_depth
 from ltd.drafting.lm import LMDrafter
 from ltd.drafting.ngram import parse_ngram_spec
@@ -134,7 +133,7 @@ def _build_head(spec: str, ctx: DrafterContext) -> Drafter:
             "use --drafter with a small model or ngram, or --backend hf"
         )
     head_dir = resolve_head_dir(spec)
-    head = Eagle3Head.load(head_dir, dtype=resolve_head_dtype(ctx.head_dtype, ctx.device), device=ctx.device)
+    head = load_head(head_dir, dtype=resolve_head_dtype(ctx.head_dtype, ctx.device), device=ctx.device)
     check_head_matches_target(head.config, target.model.config, str(head_dir))
     return Eagle3Drafter(head, target.model.get_input_embeddings())
 

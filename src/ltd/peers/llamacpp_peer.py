@@ -63,7 +63,7 @@ def draft_model_gguf(model: str, assistant: str | None) -> Path:
 
 
 def eagle3_head_dir(model: str, drafter: str | None) -> Path:
-    from ltd.drafting.checkpoint import is_eagle3_dir, resolve_head_dir
+    from ltd.drafting.eagle3 import is_eagle3_dir, resolve_head_dir
     from ltd.engine import default_drafter_spec
 
     spec = drafter or default_drafter_spec(model)

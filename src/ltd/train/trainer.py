@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ltd.drafting.eagle3 import Eagle3Config, Eagle3Head, init_random_head
+from ltd.drafting.eagle3 import Eagle3Config, Eagle3Head, init_random_head, load_head, save_head
 from ltd.errors import LtdError
 
 log = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def _save_checkpoint(out_dir: Path, head: Eagle3Head, opt, sched, state: dict) -
     tmp = out_dir / "checkpoint.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    head.save(tmp, dtype=torch.float32)
+    save_head(head, tmp, dtype=torch.float32)
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), **state}, tmp / "trainer_state.pt")
     final = out_dir / "checkpoint"
     old = out_dir / "checkpoint.old"
@@ -250,7 +250,7 @@ def train_head(
             _save_checkpoint(out_dir, head, opt, sched, {"step": step, "consumed": stream.consumed, "best": state["best"]})
     bar.close()
     writer.close()
-    head.save(out_dir / "head", dtype=torch.float16)
+    save_head(head, out_dir / "head", dtype=torch.float16)
     return head
 
 
@@ -260,9 +260,9 @@ def _start_head(feature_shards, target_config, layer_ids, out_dir: Path, cfg: Tr
     if resume and ckpt.is_dir():
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         log.info("resuming from step %d", state["step"])
-        return Eagle3Head.load(ckpt), state
+        return load_head(ckpt), state
     if init_from is not None:
-        head = Eagle3Head.load(init_from)
+        head = load_head(init_from)
         if head.config.target_hidden_size != int(target_config.hidden_size) or head.config.vocab_size != int(target_config.vocab_size):
             raise LtdError(f"--init head {init_from} does not fit this target; start without --init")
         return head, {"step": 0, "best": 0.0}
