@@ -61,6 +61,7 @@ def questions(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # profiles, records, trains and replays: the full suite runs it, make test-fast does not
 def test_profile_record_train_oracle(tmp_path, models, questions, capsys):
     target, drafter = models
     lat = tmp_path / "lat.json"
@@ -138,6 +139,7 @@ def test_user_errors_are_one_line(tmp_path, questions):
     refuse("--out must name a .json", "profile", "--out", str(tmp_path / "lat.txt"), "--drafter", "self")
 
 
+@pytest.mark.slow  # profiles, records and trains twice: the full suite runs it, make test-fast does not
 def test_tune_policy_fits_and_resumes(tmp_path, models, questions, capsys):
     """One command profiles, records and trains; a rerun reuses every finished step."""
     target, drafter = models

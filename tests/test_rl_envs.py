@@ -123,6 +123,7 @@ def test_env_refuses_mismatched_spec_and_sizes(traces):
         ReplaySource(traces, lat)
 
 
+@pytest.mark.slow  # PPO phases and a resume: the full suite runs it, make test-fast does not
 def test_smoke_ppo_coadaptive_training_and_resume(tmp_path, traces):
     """A few hundred PPO steps per phase (size, depth, size) on the replay env: policies,
     checkpoints state, TensorBoard logs and an evaluation against the oracle are written."""
@@ -316,6 +317,7 @@ def test_expected_value_teacher_reads_the_size_observation():
     assert spec.sizes[teacher(weak)] == 0  # nothing worth its verification: a plain step
 
 
+@pytest.mark.slow  # imitation then PPO: the full suite runs it, make test-fast does not
 def test_warm_start_clones_the_rule_before_ppo(tmp_path, traces):
     """With --warm-start expected-value each new phase starts as the rule: the cloned size
     policy agrees with it on the decisions it was fitted on, and is saved like any other."""

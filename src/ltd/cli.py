@@ -1,4 +1,8 @@
-"""Command-line interface: thin commands over the library. Only this module prints."""
+"""Command-line interface: thin commands over the library. Only this module prints.
+
+Each command imports its machinery (torch, transformers, the rl and serve extras) when it
+runs, inside its function: ``ltd --help`` and flag errors must not wait for them.
+"""
 
 from __future__ import annotations
 

@@ -23,11 +23,12 @@ from ltd.drafting.eagle3 import Eagle3Drafter
 from ltd.drafting.hybrid import HybridDrafter
 from ltd.drafting.lm import LMDrafter
 from ltd.engine import METHODS, Engine, GenerateConfig, GenerateResult, method_of, reference_method, transformers_generate
+from ltd.errors import LtdError
+from ltd.models import load_model
 from ltd.online import OnlineAdapter
 from ltd.online.adapter import head_drafter
-from ltd.errors import LtdError
 from ltd.peers.llamacpp_spec import KIND as LLAMACPP_SPEC
-from ltd.peers.llamacpp_spec import PeerSpec, parse_peer_arg
+from ltd.peers.llamacpp_spec import PeerSpec, grid_peers, parse_peer_arg
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +168,6 @@ def grid_methods(depths: Sequence[int], sizes: Sequence[int], topk: int) -> list
 
 def grid_peer_methods(types: Sequence[str], lengths: Sequence[int]) -> list[MethodSpec]:
     """llama.cpp's built-in speculative types x draft lengths (``--grid-peers``)."""
-    from ltd.peers.llamacpp_spec import grid_peers
-
     return [MethodSpec(LLAMACPP_SPEC, peer=p) for p in grid_peers(types, lengths)]
 
 
@@ -202,8 +201,6 @@ def resolve_assistant(engine: Engine, assistant: str | None, drafter_spec: str |
     Returns (model, assistant tokenizer or None when it shares the target's vocabulary).
     """
     if assistant:
-        from ltd.models import load_model
-
         loaded = load_model(assistant, device=device, dtype=dtype)
         if loaded.tokenizer.get_vocab() == engine.target.tokenizer.get_vocab():
             return loaded.model, None

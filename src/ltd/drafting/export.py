@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from ltd.drafting.eagle3 import CONFIG_NAME, WEIGHTS_NAME, Eagle3Head, check_head_matches_target, load_head, resolve_head_dir
 from ltd.errors import LtdError
 from ltd.fileio import atomic_dir
+from ltd.models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,6 @@ def export_drafter(
         raise LtdError(f"unknown export dtype {dtype!r}; use one of {', '.join(EXPORT_DTYPES)}")
     head_dir = resolve_head_dir(drafter)
     head = load_head(head_dir, dtype=torch.float32)
-    from ltd.models import load_model
-
     target = load_model(model)
     embed = target.model.get_input_embeddings().weight
     return write_export(head, embed, target.model.config, target.tokenizer, out, target_dir, EXPORT_DTYPES[dtype])

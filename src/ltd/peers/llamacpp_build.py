@@ -62,7 +62,7 @@ Progress = Callable[[str], None]
 
 def peer_dir() -> Path:
     """``<cache>/peers/llama.cpp-11434`` (``$LTD_CACHE`` moves the cache)."""
-    from ltd.models import cache_root
+    from ltd.models import cache_root  # ltd.models imports torch; building and status checks need none
 
     return cache_root() / "peers" / f"llama.cpp-{SDIST_VERSION.split('.')[0]}"
 

@@ -4,6 +4,9 @@ Flags are checked before any model loads. Prompts for recording come from the be
 suites; only ``alpaca`` (the suite ``ltd bench --grid`` already tunes on) is a training
 suite, the other five are held out for evaluation and are used only with
 ``--allow-held-out`` (the manifest records it).
+
+Commands import their machinery (torch, gymnasium, stable-baselines3) when they run,
+inside their functions: the flags are parsed and checked without them.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from ltd.rl.imitation import WARM_STARTS, clone, collect, teacher_for
 from ltd.rl.latency import LatencyModel
 from ltd.rl.oracle import compare
 from ltd.rl.policy import new_model, save_policy
+from ltd.rl.sources import ReplaySource
 from ltd.rl.traces import TraceSet
 
 log = logging.getLogger(__name__)
@@ -343,8 +344,6 @@ def train_policies(
 
 
 def replay_source_factory(traces: TraceSet, latency: LatencyModel) -> Callable[[], object]:
-    from ltd.rl.sources import ReplaySource
-
     return lambda: ReplaySource(traces, latency)
 
 
