@@ -22,7 +22,6 @@ from ltd.bench.runner import BenchConfig, GridSpec, run_bench
 from ltd.bench.suites import SUITES, load_hub_suite, load_questions, load_suites, parse_suite_list, resolve_data_dir
 from ltd.cliargs import add_model_args, parse_int_list
 from ltd.errors import LtdError
-from ltd.registry import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ def _threads(args) -> None:
 
 
 def _load_engine(args):
-    from ltd.engine import Engine, default_drafter_spec
+    from ltd.engine import default_drafter_spec
 
     backend = getattr(args, "backend", "hf")
     spec = args.drafter if args.drafter is not None else default_drafter_spec(args.model, backend)

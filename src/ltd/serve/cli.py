@@ -14,7 +14,6 @@ import sys
 
 from ltd.cliargs import add_model_args, add_online_args, load_engine
 from ltd.errors import LtdError
-from ltd.registry import DEFAULT_MODEL
 from ltd.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
