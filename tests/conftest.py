@@ -17,6 +17,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import ltd.models
 from ltd.backends.hf import HFBackend
 from ltd.cycle import CycleResult, decode
 from ltd.drafting.eagle3 import Eagle3Config, Eagle3Head, init_random_head
@@ -24,6 +25,37 @@ from ltd.drafting.eagle3 import Eagle3Config, Eagle3Head, init_random_head
 # The tiny models are latency-bound; on a shared 2-core machine one intra-op thread is
 # 5-20x faster than two contending ones (measured: ~5 ms vs ~100 ms per short decode).
 torch.set_num_threads(1)
+
+# -- e2e marking: a test that loads a real model must say so ---------------------------------
+# ``make test-fast`` (``-m "not e2e"``) must stay quick, so loading a registry model (its
+# converted weights or its GGUF) from a test without ``@pytest.mark.e2e`` fails loudly.
+_real_models_allowed = True
+
+
+def _guarded(fn, what):
+    def wrapper(name, *args, **kwargs):
+        entry_name = getattr(name, "name", name)
+        if not _real_models_allowed and (not isinstance(name, str) or entry_name in ltd.models.REGISTRY):
+            raise RuntimeError(f"this test loads the real model {entry_name!r} ({what}): mark it @pytest.mark.e2e")
+        return fn(name, *args, **kwargs)
+
+    return wrapper
+
+
+ltd.models.resolve = _guarded(ltd.models.resolve, "weights")
+ltd.models.registry_gguf = _guarded(ltd.models.registry_gguf, "GGUF")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    global _real_models_allowed
+    _real_models_allowed = item.get_closest_marker("e2e") is not None
+
+
+def pytest_runtest_teardown(item):
+    global _real_models_allowed
+    _real_models_allowed = True  # module fixtures may be torn down after their last e2e test
+
 
 TINY_VOCAB = 96
 TINY_MAX_POS = 256

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ltd.bench import metrics
-from ltd.bench.methods import MethodSpec, check_available, grid_methods, parse_int_list, parse_method, parse_methods
+from ltd.bench.methods import MethodSpec, grid_methods, parse_method, parse_methods
+from ltd.cliargs import parse_int_list
 from ltd.bench.suites import load_questions, load_suites, parse_suite_list
 from ltd.errors import LtdError
 
@@ -29,7 +30,6 @@ from ltd.errors import LtdError
         ("prompt-lookup", MethodSpec("prompt-lookup")),
         ("ltd", MethodSpec("ltd")),
         ("ltd:runs/policy", MethodSpec("ltd", policy="runs/policy")),
-        ("oracle", MethodSpec("oracle")),
     ],
 )
 def test_parse_method(text, expected):
@@ -53,6 +53,8 @@ def test_method_labels_round_trip():
         ("static:5x8x0", "--size 0"),
         ("ar:3", "takes no ':' argument"),
         ("foo:bar", "unknown method"),
+        ("oracle", "unknown method 'oracle'"),  # the placeholder is gone (ltd oracle replays traces)
+        ("heuristic", "unknown method 'heuristic'"),  # the engine's, but not timed by the bench
     ],
 )
 def test_parse_method_errors(text, fragment):
@@ -72,13 +74,6 @@ def test_parse_methods_rejects_duplicates_and_empty():
         parse_methods("hf,static:5x8x32,static:5x8x32")
     with pytest.raises(LtdError, match="empty"):
         parse_methods(" , ")
-
-
-def test_planned_methods_parse_but_are_not_available():
-    specs = parse_methods("hf,oracle")
-    with pytest.raises(LtdError, match="not available yet"):
-        check_available(specs)
-    check_available(parse_methods("hf,ar,static:2x2x4,prompt-lookup,hf-assisted,ltd:some/dir"))
 
 
 def test_grid_methods_and_int_lists():
@@ -273,7 +268,7 @@ def test_cli_builds_config_without_loading_models(tmp_path):
     assert cfg.head_dtype == "auto" and cfg.to_json()["head_dtype"] == "auto"
     cfg = config_from_args(_args(["--questions", str(f), "--head-dtype", "float32", "--out", str(tmp_path / "o")]))
     assert cfg.to_json()["head_dtype"] == "float32"
-    with pytest.raises(LtdError, match="not available yet"):
+    with pytest.raises(LtdError, match="unknown method 'oracle'"):
         config_from_args(_args(["--questions", str(f), "--methods", "oracle", "--out", str(tmp_path / "o")]))
 
 
@@ -329,14 +324,15 @@ def test_bench_end_to_end(tmp_path):
 def test_online_suffix_parses_and_labels():
     from ltd.bench.methods import parse_method
 
-    spec = parse_method("static:6x8x32+online=hedge")
-    assert spec.online == "hedge" and spec.depth == 6 and spec.label == "static:6x8x32+online=hedge"
+    spec = parse_method("static:6x8x32+online=knn")
+    assert spec.online == "knn" and spec.depth == 6 and spec.label == "static:6x8x32+online=knn"
     with pytest.raises(LtdError, match="online"):
         parse_method("static:6x8x32+online=nope")
+    for removed in ("plain", "hedge", "memory", "knn+memory"):  # variants that lost their benchmarks
+        with pytest.raises(LtdError, match="VARIANT one of knn"):
+            parse_method(f"ltd+online={removed}")
     with pytest.raises(LtdError, match="static and ltd"):
-        parse_method("hf+online=plain")
-    both = parse_method("ltd+online=plain+memory")
-    assert both.online == "plain+memory" and both.label == "ltd+online=plain+memory"
+        parse_method("hf+online=knn")
 
 
 def test_online_methods_refuse_repeats(tmp_path):
@@ -344,7 +340,7 @@ def test_online_methods_refuse_repeats(tmp_path):
     from ltd.bench.runner import BenchConfig
 
     f = _write(tmp_path / "q.jsonl", [json.dumps({"question_id": 1, "category": "c", "turns": ["hi"]})])
-    config = BenchConfig(model="smollm2-135m", methods=parse_methods("hf,static:2x8x3+online=memory"), questions=load_questions(f), repeats=2)
+    config = BenchConfig(model="smollm2-135m", methods=parse_methods("hf,static:2x8x3+online=knn"), questions=load_questions(f), repeats=2)
     with pytest.raises(LtdError, match="--repeats 1"):
         config.validate()
     config.repeats = 1
@@ -363,6 +359,7 @@ def test_second_half_metrics_follow_stream_order():
     assert out["tokens_per_second_second_half"] == pytest.approx(10.0)
 
 
+@pytest.mark.e2e
 def test_peer_outputs_compare_by_text():
     """llama.cpp's tools print text: the same text read back in other ids is a match
     (" An" + "a" generated, " Ana" read back), other text is not, and our own methods

@@ -121,7 +121,7 @@ def test_regenerate_appends_target_greedy_replies_and_resumes(tmp_path):
 
 def test_shrink_draft_vocab_keeps_the_kept_tokens_logits(tmp_path):
     """A head cut to a subset of its draft vocabulary scores those tokens exactly as before."""
-    from ltd.drafting.eagle3 import Eagle3Head, shrink_draft_vocab
+    from ltd.drafting.eagle3 import load_head, save_head, shrink_draft_vocab
     from ltd.errors import LtdError
 
     _, head, _ = _tiny()
@@ -138,8 +138,8 @@ def test_shrink_draft_vocab_keeps_the_kept_tokens_logits(tmp_path):
     for name, p in head.state_dict().items():  # everything but the output layer is unchanged
         if name not in ("lm_head.weight", "d2t", "t2d"):
             assert torch.equal(small.state_dict()[name], p)
-    small.save(tmp_path / "small", dtype=torch.float32)
-    assert torch.equal(Eagle3Head.load(tmp_path / "small").lm_head.weight, small.lm_head.weight)
+    save_head(small, tmp_path / "small", dtype=torch.float32)
+    assert torch.equal(load_head(tmp_path / "small").lm_head.weight, small.lm_head.weight)
     missing = [t for t in range(96) if t not in ids.tolist()][:1]
     with pytest.raises(LtdError, match="lacks"):
         shrink_draft_vocab(head, torch.tensor(missing))

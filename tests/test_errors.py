@@ -13,7 +13,7 @@ from conftest import TINY_MAX_POS, make_tiny_head, make_tiny_llama
 from ltd.control import MAX_DEPTH, MAX_SIZE, MAX_TOPK, StaticController, validate_static
 from ltd.cycle import decode, start
 from ltd.drafting.base import NullDrafter
-from ltd.drafting.eagle3 import Eagle3Head
+from ltd.drafting.eagle3 import load_head, save_head
 from ltd.engine import Engine, GenerateConfig, load_drafter
 from ltd.errors import LtdError
 from ltd.models import LoadedModel, encode_prompt, load_model, parse_dtype, resolve
@@ -163,7 +163,7 @@ def test_static_without_drafter(engine):
 
 
 def test_unknown_head_dtype():
-    from ltd.engine import resolve_head_dtype
+    from ltd.drafting.load import resolve_head_dtype
 
     with pytest.raises(LtdError) as exc:
         resolve_head_dtype("int4")
@@ -224,7 +224,7 @@ def test_missing_drafter_path(other_target):
 def head_dir(tmp_path, tiny_model) -> Path:
     """An EAGLE-3 head saved for the tiny target (hidden 48, vocabulary 96, 4 layers)."""
     d = tmp_path / "head"
-    make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3]).save(d)
+    save_head(make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3]), d)
     return d
 
 
@@ -267,7 +267,7 @@ def test_corrupt_safetensors(head_dir, tiny_model, corruption):
         load_drafter(str(head_dir), target)
     assert_one_line(exc, str(head_dir))
     with pytest.raises(LtdError):
-        Eagle3Head.load(head_dir)
+        load_head(head_dir)
 
 
 def test_corrupt_head_config_json(head_dir, tiny_model):
@@ -282,30 +282,30 @@ def test_head_config_missing_fields(head_dir):
     del cfg["hidden_size"]
     (head_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LtdError) as exc:
-        Eagle3Head.load(head_dir)
+        load_head(head_dir)
     assert_one_line(exc, "hidden_size")
 
 
 def test_head_weights_missing(head_dir):
     (head_dir / "model.safetensors").unlink()
     with pytest.raises(LtdError) as exc:
-        Eagle3Head.load(head_dir)
+        load_head(head_dir)
     assert_one_line(exc, "model.safetensors")
 
 
 def test_head_weights_that_do_not_match_the_config(head_dir, tmp_path, other_target):
     """Weights of a head for another target under this config: refused, one line."""
     other_dir = tmp_path / "other_head"
-    make_tiny_head(other_target.model, draft_vocab_size=64, layer_ids=[0, 1, 2]).save(other_dir)
+    save_head(make_tiny_head(other_target.model, draft_vocab_size=64, layer_ids=[0, 1, 2]), other_dir)
     (head_dir / "model.safetensors").write_bytes((other_dir / "model.safetensors").read_bytes())
     with pytest.raises(LtdError) as exc:
-        Eagle3Head.load(head_dir)
+        load_head(head_dir)
     assert_one_line(exc, "does not match")
 
 
 def test_saved_head_round_trips_exactly(head_dir, tiny_model):
     """Sanity for the fixtures above: what is saved (fp16) is what loads."""
-    head = Eagle3Head.load(head_dir)
+    head = load_head(head_dir)
     again = make_tiny_head(tiny_model, draft_vocab_size=64, layer_ids=[1, 2, 3])
     for (name, a), (_, b) in zip(head.state_dict().items(), again.state_dict().items()):
         if a.is_floating_point():

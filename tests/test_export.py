@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import TINY_VOCAB, make_tiny_head, make_tiny_llama
-from ltd.drafting.eagle3 import Eagle3Head
+from ltd.drafting.eagle3 import Eagle3Head, load_head, save_head
 from ltd.drafting.export import TARGET_SUBDIR, export_drafter, write_export
 from ltd.errors import LtdError
 
@@ -56,7 +56,7 @@ def test_export_round_trip_gives_identical_logits(tmp_path, tiny):
     target, head = tiny
     res = write_export(head, target.get_input_embeddings().weight, target.config, tiny_tokenizer(), tmp_path / "exp",
                        dtype=torch.float32)
-    loaded = Eagle3Head.load(res.head_dir)
+    loaded = load_head(res.head_dir)
     for a, b in zip(_logits(head), _logits(loaded)):
         assert torch.equal(a, b)
     assert torch.equal(loaded.d2t, head.d2t) and torch.equal(loaded.t2d, head.t2d)
@@ -66,7 +66,7 @@ def test_export_round_trip_gives_identical_logits(tmp_path, tiny):
 def test_fp16_export_round_trip_matches_fp16_head(tmp_path, tiny):
     target, head = tiny
     write_export(head, target.get_input_embeddings().weight, target.config, tiny_tokenizer(), tmp_path / "exp")
-    loaded = Eagle3Head.load(tmp_path / "exp")
+    loaded = load_head(tmp_path / "exp")
     rounded = Eagle3Head(head.config)
     rounded.load_state_dict({k: (v.half().float() if v.is_floating_point() else v) for k, v in head.state_dict().items()})
     for a, b in zip(_logits(rounded), _logits(loaded)):
@@ -135,7 +135,7 @@ def test_export_refuses_corrupt_vocab_map(tmp_path, tiny):
 
 def test_export_drafter_corrupt_checkpoint_is_one_line(tmp_path, tiny):
     _, head = tiny
-    head.save(tmp_path / "head")
+    save_head(head, tmp_path / "head")
     (tmp_path / "head" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(LtdError) as err:
         export_drafter(str(tmp_path / "head"), "smollm2-135m", tmp_path / "exp")
@@ -152,15 +152,15 @@ def test_shipped_head_exports_in_standard_layout(tmp_path):
     """The shipped SmolLM2 head, with stand-in embeddings of the target's shape (no model load)."""
     from transformers import LlamaConfig
 
-    from ltd.engine import builtin_drafter_dir
+    from ltd.drafting.eagle3 import builtin_drafter_dir
 
-    head = Eagle3Head.load(builtin_drafter_dir("smollm2-135m-eagle3"))
+    head = load_head(builtin_drafter_dir("smollm2-135m-eagle3"))
     cfg = head.config
     target_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.target_hidden_size, num_hidden_layers=30,
                              num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size)
     embed = torch.zeros(cfg.vocab_size, cfg.hidden_size)
     write_export(head, embed, target_cfg, tiny_tokenizer(), tmp_path / "exp")
-    loaded = Eagle3Head.load(tmp_path / "exp")
+    loaded = load_head(tmp_path / "exp")
     for a, b in zip(_logits(head), _logits(loaded)):  # the shipped weights are fp16 already: exact
         assert torch.equal(a, b)
     with safe_open(str(tmp_path / "exp" / "model.safetensors"), "pt") as f:
@@ -170,7 +170,7 @@ def test_shipped_head_exports_in_standard_layout(tmp_path):
 
 def test_shipped_head_fits_the_size_budget():
     """The repository ships the SmolLM2 head in half precision under 25 MB (issue #4)."""
-    from ltd.engine import builtin_drafter_dir
+    from ltd.drafting.eagle3 import builtin_drafter_dir
 
     weights = builtin_drafter_dir("smollm2-135m-eagle3") / "model.safetensors"
     assert weights.stat().st_size < 25_000_000
@@ -195,6 +195,6 @@ def test_loader_reads_speculators_nesting(tmp_path, tiny):
     state = load_file(str(tmp_path / "exp" / "model.safetensors"))
     state = {k.replace("midlayer.", "layers.0."): v for k, v in state.items()}
     save_file(state, str(tmp_path / "exp" / "model.safetensors"))
-    loaded = Eagle3Head.load(tmp_path / "exp")
+    loaded = load_head(tmp_path / "exp")
     for a, b in zip(_logits(head), _logits(loaded)):
         assert torch.equal(a, b)

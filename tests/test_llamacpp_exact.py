@@ -29,7 +29,8 @@ from ltd.drafting.lm import LMDrafter
 from ltd.drafting.ngram import NgramDrafter
 from ltd.errors import LtdError
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
+# every test here runs the embedded GGUF on llama.cpp
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")]
 
 TEXT = (
     "The quick brown fox jumps over the lazy dog near the river bank while the sun sets slowly behind the hills. "

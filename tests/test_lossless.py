@@ -347,7 +347,7 @@ def test_wide_catch_up_runs_on_a_float32_twin_that_follows_the_weights():
     ref.sync(tokens, feats.to(torch.bfloat16).float())
     ref.root(None, 8)
     assert torch.equal(drafter._k, ref._k.to(torch.bfloat16))
-    assert torch.equal(drafter._node_hidden[0], ref._node_hidden[0].to(torch.bfloat16))
+    assert torch.equal(drafter.node_hidden[0], ref.node_hidden[0].to(torch.bfloat16))
     twin = drafter._wide
     with torch.no_grad():
         half.fc.weight.add_(0.5)  # what the online learner does to the serving weights

@@ -15,7 +15,7 @@ from ltd.drafting.eagle3 import Eagle3Drafter
 from ltd.drafting.hybrid import HybridDrafter
 from ltd.drafting.ngram import SEP, NgramDrafter
 from ltd.errors import LtdError
-from ltd.online import OnlineAdapter, reset_state
+from ltd.online import KnnDrafter, OnlineAdapter, reset_state
 from ltd.online.knn import KnnConfig, KnnMemory
 
 PROMPT = [5, 17, 33, 2, 41, 8, 19, 60]
@@ -136,9 +136,11 @@ def test_knn_is_lossless_and_a_repeated_request_accepts_more(tiny_model):
     drafter = Eagle3Drafter(head, tiny_model.get_input_embeddings())
     frozen, r0 = run_decode(backend, drafter, StaticController(4, 4, 8), PROMPT, 40)
     adapter = OnlineAdapter(drafter, "knn")
-    assert drafter.knn is adapter.knn and not adapter.learns_from_commits
-    first, r1 = run_decode(backend, drafter, StaticController(4, 4, 8), PROMPT, 40)
-    second, r2 = run_decode(backend, drafter, StaticController(4, 4, 8), PROMPT, 40)
+    # the memory wraps the drafter; the head drafter itself is left as it was
+    assert isinstance(adapter.drafter, KnnDrafter) and adapter.drafter.inner is drafter and adapter.drafter.knn is adapter.knn
+    assert not hasattr(drafter, "knn")
+    first, r1 = run_decode(backend, adapter.drafter, StaticController(4, 4, 8), PROMPT, 40)
+    second, r2 = run_decode(backend, adapter.drafter, StaticController(4, 4, 8), PROMPT, 40)
     assert frozen == ref and first == ref and second == ref
     # every committed position but the last two of each request is stored
     assert 0 < adapter.knn.added <= 2 * (len(PROMPT) + 40 - 2)
@@ -153,6 +155,8 @@ def test_nodes_the_root_trie_misses_ask_the_store_with_their_own_state(tiny_mode
     backend = HFBackend(tiny_model)
     drafter = _hybrid(tiny_model, model_depth=model_depth)
     adapter = OnlineAdapter(drafter, "knn", knn_config=KnnConfig(node_votes=node_votes))
+    drafter = adapter.drafter
+    assert isinstance(drafter, HybridDrafter) and drafter.model_depth == model_depth and isinstance(drafter.model, KnnDrafter)
     model, asked = drafter.model, []
     real = adapter.knn.retrieve
 
@@ -180,37 +184,38 @@ def test_nodes_the_root_trie_misses_ask_the_store_with_their_own_state(tiny_mode
 def test_knn_state_round_trips_and_bad_states_are_refused(tiny_model, tmp_path):
     backend = HFBackend(tiny_model)
     drafter = _hybrid(tiny_model, model_depth=1)  # deeper levels: n-grams and retrieved continuations
-    adapter = OnlineAdapter(drafter, "knn+memory")
+    adapter = OnlineAdapter(drafter, "knn")
     ref = hf_greedy(tiny_model, PROMPT, 24)
     for _ in range(3):
-        out, _ = run_decode(backend, drafter, StaticController(3, 4, 6), PROMPT, 24)
+        out, _ = run_decode(backend, adapter.drafter, StaticController(3, 4, 6), PROMPT, 24)
         assert out == ref
     state = tmp_path / "state"
     adapter.save_state(state)
-    again = OnlineAdapter(_hybrid(tiny_model), "knn+memory")
+    again = OnlineAdapter(_hybrid(tiny_model), "knn")
     again.load_state(state)
     n = len(adapter.knn)
     assert len(again.knn) == n > 0
     assert torch.equal(again.knn.keys[:n], adapter.knn.keys[:n]) and torch.equal(again.knn.labels[:n], adapter.knn.labels[:n])
     # a store built on another head is refused: its keys mean nothing to this one
-    other = OnlineAdapter(_hybrid(tiny_model, seed=4), "knn+memory")
+    other = OnlineAdapter(_hybrid(tiny_model, seed=4), "knn")
     with pytest.raises(LtdError, match="another draft head"):
         other.load_state(state)
     # corrupt tensors or metadata
     (state / "knn.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(LtdError, match="corrupt"):
-        OnlineAdapter(_hybrid(tiny_model), "knn+memory").load_state(state)
+        OnlineAdapter(_hybrid(tiny_model), "knn").load_state(state)
     adapter.save_state(state)
     meta = json.loads((state / "knn.json").read_text())
     meta["hidden_size"] = 7
     (state / "knn.json").write_text(json.dumps(meta))
     with pytest.raises(LtdError, match="another version or head size"):
-        OnlineAdapter(_hybrid(tiny_model), "knn+memory").load_state(state)
-    # a state without a kNN memory, for a variant that needs one
-    plain_state = tmp_path / "memory-only"
-    OnlineAdapter(_hybrid(tiny_model), "memory").save_state(plain_state)
+        OnlineAdapter(_hybrid(tiny_model), "knn").load_state(state)
+    # a state saved by a variant this version no longer has
+    old_state = tmp_path / "memory-only"
+    adapter.save_state(old_state)
+    (old_state / "adapter.json").write_text(json.dumps({"variant": "memory"}))
     with pytest.raises(LtdError, match="is for --online memory"):
-        OnlineAdapter(_hybrid(tiny_model), "knn+memory").load_state(plain_state)
+        OnlineAdapter(_hybrid(tiny_model), "knn").load_state(old_state)
     assert reset_state(state) and not state.exists()
 
 
@@ -219,8 +224,8 @@ def test_knn_needs_a_head_and_valid_settings(tiny_model):
         OnlineAdapter(NgramDrafter(), "knn")
     with pytest.raises(LtdError, match="capacity >= 16"):
         KnnMemory(hidden_size=4, fingerprint="x", cfg=KnnConfig(capacity=4))
-    with pytest.raises(LtdError, match="has none"):
-        OnlineAdapter(_hybrid(tiny_model), "memory", knn_config=KnnConfig())
+    with pytest.raises(LtdError, match="unknown online variant 'memory'"):
+        OnlineAdapter(_hybrid(tiny_model), "memory")
     adapter = OnlineAdapter(_hybrid(tiny_model), "knn", knn_config=KnnConfig(k=3))
     assert adapter.knn.cfg.k == 3
 
@@ -263,6 +268,7 @@ def test_cli_generate_keeps_its_knn_memory_across_runs(tmp_path):
 
     torch.set_num_threads(1)
     engine = Engine.load("smollm2-135m")  # the default hybrid drafter with the shipped head
+    frozen = engine.drafter
     prompt = "Write a Python function that returns the square of a number."
     ref = engine.generate(engine.encode(prompt), GenerateConfig(method="hf", max_new_tokens=24)).text
     state = tmp_path / "state"
@@ -275,7 +281,23 @@ def test_cli_generate_keeps_its_knn_memory_across_runs(tmp_path):
             mp.setattr(Engine, "load", staticmethod(lambda *a, **k: engine))
             assert cli.main(argv) == 0
         assert json.loads(out.getvalue())["text"] == ref
-        engine.online = None  # the next run restores from the state directory alone
+        engine.online, engine.drafter = None, frozen  # the next run restores from the state directory alone
         stored.append(json.loads((state / "knn.json").read_text())["added"])
     assert 0 < stored[0] < stored[1]
     assert json.loads((state / "adapter.json").read_text())["variant"] == "knn"
+
+
+def test_bench_private_online_drafter_keeps_the_hybrid_split(tiny_model):
+    """An adapting bench method drafts like its frozen twin (same @D split) with its own
+    drafter objects and memory; the frozen drafter is left unwrapped and the head shared."""
+    from ltd.bench.methods import private_online_adapter
+
+    shipped = _hybrid(tiny_model, model_depth=1)
+    adapter = private_online_adapter(shipped, "knn")
+    drafter = adapter.drafter
+    assert isinstance(drafter, HybridDrafter) and drafter.model_depth == 1
+    assert isinstance(drafter.model, KnnDrafter) and drafter.model.knn is adapter.knn
+    assert drafter.model.inner is not shipped.model and drafter.model.inner.head is shipped.model.head
+    assert drafter.ngram is not shipped.ngram and isinstance(shipped.model, Eagle3Drafter)
+    again = private_online_adapter(shipped, "knn")  # a restart starts from an empty memory
+    assert again.knn is not adapter.knn and len(again.knn) == 0

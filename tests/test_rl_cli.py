@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_head, make_tiny_llama
+from ltd.drafting.eagle3 import save_head
 from ltd.errors import LtdError
 from ltd.rl.cli import add_parsers
 from test_rl_common import hand_latency, noisy_copy
@@ -60,6 +61,7 @@ def questions(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # profiles, records, trains and replays: the full suite runs it, make test-fast does not
 def test_profile_record_train_oracle(tmp_path, models, questions, capsys):
     target, drafter = models
     lat = tmp_path / "lat.json"
@@ -107,9 +109,11 @@ def test_record_with_an_adapting_drafter(tmp_path, models, questions):
     target, drafter = models
     common = ["--model", target, "--data-dir", str(questions), "--max-depth", "3", "--topk", "3", "--max-size", "8",
               "--max-new-tokens", "20", "--no-progress", "--raw"]
-    assert run("record", *common, "--drafter", "ngram", "--online", "memory", "--out", str(tmp_path / "m")) == 0
+    head_dir = tmp_path / "head"  # an EAGLE-3 head on the (seeded, identical) tiny target
+    save_head(make_tiny_head(make_tiny_llama(seed=0), draft_vocab_size=64, layer_ids=[1, 2, 3]), head_dir)
+    assert run("record", *common, "--drafter", str(head_dir), "--online", "knn", "--out", str(tmp_path / "m")) == 0
     man = json.loads((tmp_path / "m" / "manifest.json").read_text())
-    assert man["online"] == "memory" and len(man["sequences"]) == 3
+    assert man["online"] == "knn" and len(man["sequences"]) == 3
     assert run("record", *common, "--drafter", "ngram", "--out", str(tmp_path / "f")) == 0
     assert "online" not in json.loads((tmp_path / "f" / "manifest.json").read_text())
     # a variant the drafter cannot adapt is refused in one line (a small LM has no EAGLE-3 head)
@@ -135,6 +139,7 @@ def test_user_errors_are_one_line(tmp_path, questions):
     refuse("--out must name a .json", "profile", "--out", str(tmp_path / "lat.txt"), "--drafter", "self")
 
 
+@pytest.mark.slow  # profiles, records and trains twice: the full suite runs it, make test-fast does not
 def test_tune_policy_fits_and_resumes(tmp_path, models, questions, capsys):
     """One command profiles, records and trains; a rerun reuses every finished step."""
     target, drafter = models

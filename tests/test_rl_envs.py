@@ -10,12 +10,12 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from ltd.control import StaticController
-from ltd.control_ltd import LTDController
+from ltd.control.learned import LTDController
 from ltd.errors import LtdError
 from ltd.rl.envs import DepthEnv, SizeEnv, make_env
-from ltd.rl.policy import load_policy
+from ltd.control.policy import load_policy
 from ltd.rl.sources import LiveSource, ReplaySource
-from ltd.rl.spaces import CONTINUE, STOP, for_kind
+from ltd.control.spaces import CONTINUE, STOP, for_kind
 from ltd.rl.traces import TraceSet, record
 from ltd.rl.train import PolicyTrainConfig, eval_subset, replay_source_factory, train_policies
 from test_rl_common import MAX_DEPTH, MAX_NEW, MAX_SIZE, PROMPTS, TOPK, hand_latency, noisy_copy, tiny_engine
@@ -123,6 +123,7 @@ def test_env_refuses_mismatched_spec_and_sizes(traces):
         ReplaySource(traces, lat)
 
 
+@pytest.mark.slow  # PPO phases and a resume: the full suite runs it, make test-fast does not
 def test_smoke_ppo_coadaptive_training_and_resume(tmp_path, traces):
     """A few hundred PPO steps per phase (size, depth, size) on the replay env: policies,
     checkpoints state, TensorBoard logs and an evaluation against the oracle are written."""
@@ -230,7 +231,7 @@ def test_depth_env_with_min_depth_zero_can_skip_drafting(traces):
 
 
 def test_history_features_follow_cycles():
-    from ltd.rl.spaces import SINCE_DRAFT_SCALE, History
+    from ltd.control.spaces import SINCE_DRAFT_SCALE, History
 
     h = History()
     assert h.features().tolist() == [0.0, 0.0, 1.0]  # nothing drafted yet: "long ago"
@@ -259,7 +260,7 @@ def test_size_zero_is_a_plain_step_in_replay_and_live(traces, engine):
 def test_controller_history_matches_the_environment(traces):
     """The history an LTDController builds from observe_result equals the env's, cycle by cycle."""
     from ltd.rl.policy import untrained_policy
-    from ltd.rl.spaces import History
+    from ltd.control.spaces import History
 
     spec_d = for_kind("depth", TOPK, MAX_DEPTH, SIZES, min_depth=0)
     spec_s = for_kind("size", TOPK, MAX_DEPTH, SIZES, min_depth=0)
@@ -298,7 +299,7 @@ def test_gain_reward_is_tokens_beyond_plain_decoding(traces):
 def test_expected_value_teacher_reads_the_size_observation():
     """The rule verifies the V with the most expected tokens per modelled second."""
     from ltd.rl.imitation import expected_value_teacher
-    from ltd.rl.spaces import size_observation
+    from ltd.control.spaces import size_observation
 
     lat = hand_latency()  # verify = 10 ms + 0.5 ms per token: a node is worth verifying above ~0.05 probability
     spec = for_kind("size", TOPK, MAX_DEPTH, (0, 1, 2, 4, 8))
@@ -316,6 +317,7 @@ def test_expected_value_teacher_reads_the_size_observation():
     assert spec.sizes[teacher(weak)] == 0  # nothing worth its verification: a plain step
 
 
+@pytest.mark.slow  # imitation then PPO: the full suite runs it, make test-fast does not
 def test_warm_start_clones_the_rule_before_ppo(tmp_path, traces):
     """With --warm-start expected-value each new phase starts as the rule: the cloned size
     policy agrees with it on the decisions it was fitted on, and is saved like any other."""

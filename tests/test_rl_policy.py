@@ -13,14 +13,15 @@ import torch
 from conftest import assert_same_tokens, hf_greedy, run_decode
 from ltd.backends.hf import HFBackend
 from ltd.control import DraftStepState
-from ltd.control_ltd import HeuristicController, LTDController
+from ltd.control.learned import HeuristicController, LTDController
 from ltd.cycle import CycleResult
 from ltd.drafting.eagle3 import Eagle3Drafter
 from ltd.drafting.lm import LMDrafter
 from ltd.errors import LtdError
-from ltd.rl.policy import load_policy, new_model, save_policy, untrained_policy
+from ltd.control.policy import load_policy
+from ltd.rl.policy import new_model, save_policy, untrained_policy
 from ltd.rl.sources import LiveSource, run_controller
-from ltd.rl.spaces import depth_observation, for_kind, size_observation
+from ltd.control.spaces import depth_observation, for_kind, size_observation
 from ltd.tree import Tree
 from test_rl_common import PROMPTS, hand_latency, noisy_copy
 

@@ -15,7 +15,7 @@ import torch
 from conftest import hf_greedy
 from ltd.backends.hf import HFBackend
 from ltd.control import StaticController
-from ltd.control_ltd import HeuristicController
+from ltd.control.learned import HeuristicController
 from ltd.cycle import DraftSession, accept, select, start, verify
 from ltd.drafting.eagle3 import Eagle3Drafter
 from ltd.drafting.lm import LMDrafter

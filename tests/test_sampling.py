@@ -140,6 +140,7 @@ def test_target_is_not_degenerate(target):
     assert float(joint.max()) < 0.2
 
 
+@pytest.mark.slow  # thousands of sampled decodes: the full suite runs it, make test-fast does not
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{k}-T{s.temperature}-p{s.top_p}" for k, s in CASES])
 def test_speculative_sampling_matches_target_distribution(target, samples, case):
     kind, sampling = CASES[case]
@@ -147,6 +148,7 @@ def test_speculative_sampling_matches_target_distribution(target, samples, case)
     assert stat < threshold, f"{kind} drafter, {sampling}: chi-square {stat:.1f} on {df} df exceeds {threshold:.1f}"
 
 
+@pytest.mark.slow  # thousands of sampled decodes: the full suite runs it, make test-fast does not
 def test_the_test_rejects_a_shifted_distribution(target, samples):
     """Correct samples against the distribution at temperature 0.8: must be rejected."""
     stat, df, threshold = chi_square(samples[0], exact_distribution(target, SamplingConfig(temperature=0.8)))
@@ -171,6 +173,7 @@ def _wrong_accept(tree, logits, sampling, generator=None) -> Accepted:
         node = match
 
 
+@pytest.mark.slow  # thousands of sampled decodes: the full suite runs it, make test-fast does not
 def test_the_test_rejects_a_wrong_acceptance_rule(target, monkeypatch):
     monkeypatch.setattr(ltd.cycle, "accept_tree", _wrong_accept)
     sampling = SamplingConfig(temperature=1.0)

@@ -1,4 +1,8 @@
-"""Command-line interface: thin commands over the library. Only this module prints."""
+"""Command-line interface: thin commands over the library. Only this module prints.
+
+Each command imports its machinery (torch, transformers, the rl and serve extras) when it
+runs, inside its function: ``ltd --help`` and flag errors must not wait for them.
+"""
 
 from __future__ import annotations
 
@@ -9,26 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from ltd.cliargs import add_online_args, add_speed_args
+from ltd.cliargs import add_model_args, add_online_args, load_engine
 from ltd.errors import LtdError
 
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
-
-
-def _add_model_args(p: argparse.ArgumentParser, drafter: bool = True) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="registry name, HF id or local dir (default: smollm2-135m)")
-    if drafter:
-        p.add_argument(
-            "--drafter",
-            default=None,
-            help="none | ngram[:N] | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter; ngram on llamacpp)",
-        )
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
-    add_speed_args(p)
-    p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"],
-                   help="hf (transformers; --device/--dtype apply) or llamacpp (the GGUF on llama.cpp) (default hf)")
 
 
 def _add_decode_args(p: argparse.ArgumentParser) -> None:
@@ -82,22 +70,14 @@ def _setup_threads(args) -> None:
     apply_threads(getattr(args, "threads", None))
 
 
-def _check_device(device: str) -> None:
-    from ltd.runtime import check_device
-
-    check_device(device)
-
-
 def cmd_generate(args) -> int:
-    from ltd.engine import Engine
+    from ltd.engine import method_of
 
-    _setup_threads(args)
-    _check_device(args.device)
     cfg = _config_from(args, args.method)
     drafter = args.drafter
-    if args.method in ("hf", "llama.cpp", "ar") and drafter is None:
-        drafter = "none"
-    engine = Engine.load(args.model, drafter=drafter, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads, kernels=args.kernels, head_dtype=args.head_dtype)
+    if not method_of(args.method).uses_drafter and drafter is None:
+        drafter = "none"  # the method never drafts: load none
+    engine = load_engine(args, drafter)
     if args.online:
         engine.enable_online(args.online, state_dir=args.online_state)
     prompt = engine.encode(args.prompt, chat=not args.raw)
@@ -118,15 +98,13 @@ def cmd_generate(args) -> int:
 
 def cmd_demo(args) -> int:
     """The README's main job: generate with the default speculative setup and with plain decoding."""
-    from ltd.bench.machine import cpu_model
-    from ltd.engine import Engine, GenerateConfig, default_drafter_spec, default_policy_dir
+    from ltd.machine import cpu_model
+    from ltd.engine import GenerateConfig, default_drafter_spec, default_policy_dir
 
-    _setup_threads(args)
-    _check_device(args.device)
     spec = args.drafter or default_drafter_spec(args.model, args.backend)
     if spec == "none":
         spec = "self"
-    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads, kernels=args.kernels, head_dtype=args.head_dtype)
+    engine = load_engine(args, spec)
     ref = engine.reference_method
     prompt = engine.encode(args.prompt)
     print(f"model {args.model}, drafter {spec}, device {args.device}, CPU {cpu_model()}")
@@ -274,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate text for a prompt")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", required=True)
     p.add_argument("--method", default="static", help="hf | llama.cpp | ar | static | ltd | heuristic (default static; hf needs --backend hf, llama.cpp --backend llamacpp)")
     p.add_argument("--policy", default=None, help="LTD policy dir with depth/ and size/ (default: the shipped one)")
@@ -285,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="generate with speculative decoding and plain decoding, side by side")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", default=DEMO_PROMPT)
     _add_decode_args(p)
     p.set_defaults(func=cmd_demo, max_new_tokens=96)

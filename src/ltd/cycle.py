@@ -29,7 +29,7 @@ import torch
 
 from ltd.acceptance import Accepted, SamplingConfig, accept as accept_tree, target_probs
 from ltd.backends.base import Backend
-from ltd.control import Controller, DraftStepState
+from ltd.controller import Controller, DraftStepState
 from ltd.drafting.base import Drafter
 from ltd.errors import LtdError
 from ltd.tree import Selection, Tree, select as select_tree

@@ -31,3 +31,6 @@ HEAD_DTYPE_HELP = (
     "weights of an EAGLE-3 draft head: auto (bfloat16; float16 on a GPU without bf16), "
     "float32, bfloat16, float16; drafts never change the output (default auto)"
 )
+
+# --online variants (ltd.online.adapter), named here so that parsers need no torch.
+ONLINE_VARIANTS = ("knn",)

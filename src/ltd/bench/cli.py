@@ -17,12 +17,11 @@ from pathlib import Path
 
 import sys
 
-from ltd.bench.methods import grid_methods, grid_peer_methods, parse_int_list, parse_methods, with_baseline
+from ltd.bench.methods import grid_methods, grid_peer_methods, parse_methods, with_baseline
 from ltd.bench.runner import BenchConfig, GridSpec, run_bench
 from ltd.bench.suites import SUITES, load_hub_suite, load_questions, load_suites, parse_suite_list, resolve_data_dir
-from ltd.cliargs import add_speed_args
+from ltd.cliargs import add_model_args, parse_int_list
 from ltd.errors import LtdError
-from ltd.registry import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
             "(transformers generate) or, with --backend llamacpp, 'llama.cpp'."
         ),
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"target model: registry name, HF id or path (default {DEFAULT_MODEL})")
-    p.add_argument("--drafter", default=None, help="drafter: none, self, builtin:NAME, EAGLE-3 head dir, or a small LM (default: the model's registry default)")
+    add_model_args(p)
     p.add_argument("--assistant", default=None, help="draft model for hf-assisted (default: the drafter when it is a standalone LM)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--suites", default=None, help=f"comma-separated suites from {','.join(SUITES)} (default: all)")
@@ -57,7 +55,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--multi-turn", action="store_true", help="run every turn (later turns follow hf's replies); default: first turn only")
     p.add_argument("--methods", default=None, help=f"comma-separated: hf, llama.cpp, ar, static:DxKxV, hf-assisted, prompt-lookup, "
                         f"llama.cpp-spec:TYPE[:N] (default: the baseline,{DEFAULT_METHODS}; with --grid: the baseline)")
-    p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help="hf (transformers) or llamacpp (the GGUF on llama.cpp; baseline llama.cpp) (default hf)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each suite")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each method per prompt; min/median/max are reported (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -80,11 +77,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--grid-peer-lengths", default=DEFAULT_GRID_PEER_LENGTHS,
                    help=f"draft lengths N for --grid-peers (default {DEFAULT_GRID_PEER_LENGTHS})")
     p.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens of the prompt-lookup peer (default 10)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--seed", type=int, default=0, help="sampling seed of repeat 0 (repeat r uses seed + r)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch, llama.cpp and llama.cpp peers (default: the library's choice)")
-    add_speed_args(p)
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each method")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

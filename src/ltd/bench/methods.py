@@ -8,29 +8,35 @@ so that the comparison is with what a user would get from transformers.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 
 from ltd.control import validate_static
-from ltd.engine import Engine, GenerateConfig, GenerateResult
+from ltd.defaults import ONLINE_VARIANTS
+from ltd.drafting.base import NullDrafter
+from ltd.drafting.eagle3 import Eagle3Drafter
+from ltd.drafting.hybrid import HybridDrafter
+from ltd.drafting.lm import LMDrafter
+from ltd.engine import METHODS, Engine, GenerateConfig, GenerateResult, method_of, reference_method, transformers_generate
 from ltd.errors import LtdError
+from ltd.models import load_model
+from ltd.online import OnlineAdapter
+from ltd.online.adapter import head_drafter
 from ltd.peers.llamacpp_spec import KIND as LLAMACPP_SPEC
-from ltd.peers.llamacpp_spec import PeerSpec, parse_peer_arg
+from ltd.peers.llamacpp_spec import PeerSpec, grid_peers, parse_peer_arg
 
 log = logging.getLogger(__name__)
 
-BASELINE = "hf"
-BASELINES = {"hf": "hf", "llamacpp": "llama.cpp"}  # the library's own plain decoding per backend
-OURS = ("hf", "llama.cpp", "ar", "static", "ltd")
-PEERS = ("hf-assisted", "prompt-lookup")
-HF_ONLY = ("hf", "hf-assisted", "prompt-lookup")  # transformers' generate: needs the hf backend
-PLANNED = ("oracle",)
-KINDS = OURS + PEERS + PLANNED
+BASELINE = reference_method("hf")
+#: the engine's methods the bench runs (its registry, less those it cannot time alike)
+OURS = tuple(name for name, m in METHODS.items() if m.benchmarked)
+PEERS = ("hf-assisted", "prompt-lookup")  # transformers' own speculative modes
+KINDS = OURS + PEERS + (LLAMACPP_SPEC,)
 DEFAULT_STATIC = (5, 8, 32)
 PROMPT_LOOKUP_TOKENS = 10
 
@@ -77,14 +83,10 @@ def parse_method(text: str) -> MethodSpec:
     """
     text = text.strip()
     if "+" in text:
-        from dataclasses import replace
-
-        from ltd.online import VARIANTS
-
         base, _, suffix = text.partition("+")
         key, _, variant = suffix.partition("=")
-        if key != "online" or variant not in VARIANTS:
-            raise LtdError(f"bad method {text!r}: the suffix is +online=VARIANT with VARIANT one of {', '.join(VARIANTS)}")
+        if key != "online" or variant not in ONLINE_VARIANTS:
+            raise LtdError(f"bad method {text!r}: the suffix is +online=VARIANT with VARIANT one of {', '.join(ONLINE_VARIANTS)}")
         spec = parse_method(base)
         if spec.kind not in ("static", "ltd"):
             raise LtdError(f"bad method {text!r}: +online applies to static and ltd methods")
@@ -116,12 +118,15 @@ def parse_method(text: str) -> MethodSpec:
 
 
 def _method_help() -> list[str]:
-    return ["hf", "llama.cpp", "ar", "static:DxKxV", "hf-assisted", "prompt-lookup", "ltd[:POLICY_DIR]", "oracle", f"{LLAMACPP_SPEC}:TYPE[:N]"]
+    args = {"static": "static:DxKxV", "ltd": "ltd[:POLICY_DIR]"}
+    return [args.get(k, k) for k in OURS + PEERS] + [f"{LLAMACPP_SPEC}:TYPE[:N]"]
 
 
-def baseline_for(backend: str) -> str:
-    """The reference method of a backend: ``hf`` (transformers) or ``llama.cpp``."""
-    return BASELINES[backend]
+def runs_on(kind: str, backend: str) -> bool:
+    """Whether a method kind runs on ``backend``: the engine's say so; transformers' peers need hf."""
+    if kind in METHODS:
+        return backend in METHODS[kind].backends
+    return backend == "hf" or kind not in PEERS
 
 
 def parse_methods(text: str, backend: str = "hf") -> list[MethodSpec]:
@@ -139,24 +144,17 @@ def with_baseline(specs: Sequence[MethodSpec], backend: str = "hf") -> list[Meth
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
         raise LtdError(f"--methods lists {', '.join(dupes)} more than once; list each method once")
-    baseline = baseline_for(backend)
+    baseline = reference_method(backend)
     for s in specs:
-        if backend != "hf" and s.kind in HF_ONLY:
+        if not runs_on(s.kind, backend):
+            if s.kind in METHODS:
+                raise LtdError(f"method {s.label} does not run on --backend {backend}: {METHODS[s.kind].wrong_backend}")
             raise LtdError(f"method {s.label} is transformers' generate and needs --backend hf; on llamacpp use llama.cpp, ar, static or ltd")
-        if backend == "hf" and s.kind == "llama.cpp":
-            raise LtdError("method llama.cpp needs --backend llamacpp; drop it or add --backend llamacpp")
     base = [s for s in specs if s.kind == baseline]
     if not base:
         log.info("adding the %s baseline: speedups are ratios to it", baseline)
         base = [MethodSpec(baseline)]
     return base + [s for s in specs if s.kind != baseline]
-
-
-def check_available(specs: Sequence[MethodSpec]) -> None:
-    """Methods that parse but are not implemented yet fail before any model loads."""
-    for spec in specs:
-        if spec.kind in PLANNED:
-            raise LtdError(f"method {spec.label!r} is not available yet; drop it from --methods")
 
 
 def grid_methods(depths: Sequence[int], sizes: Sequence[int], topk: int) -> list[MethodSpec]:
@@ -170,20 +168,7 @@ def grid_methods(depths: Sequence[int], sizes: Sequence[int], topk: int) -> list
 
 def grid_peer_methods(types: Sequence[str], lengths: Sequence[int]) -> list[MethodSpec]:
     """llama.cpp's built-in speculative types x draft lengths (``--grid-peers``)."""
-    from ltd.peers.llamacpp_spec import grid_peers
-
     return [MethodSpec(LLAMACPP_SPEC, peer=p) for p in grid_peers(types, lengths)]
-
-
-def parse_int_list(text: str, flag: str) -> list[int]:
-    """``"2,3,4"`` -> [2, 3, 4] with an error naming the flag."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise LtdError(f"{flag} takes comma-separated integers, e.g. 2,4,8; got {text!r}") from None
-    if not values:
-        raise LtdError(f"{flag} is empty; give comma-separated integers")
-    return values
 
 
 # -- running ---------------------------------------------------------------------------
@@ -205,8 +190,6 @@ class Sampling:
 
 def standalone_draft_model(engine: Engine) -> torch.nn.Module | None:
     """The drafter's own causal LM when the drafter is an independent LM (else None)."""
-    from ltd.drafting.lm import LMDrafter
-
     if isinstance(engine.drafter, LMDrafter):
         return getattr(engine.drafter.backend, "model", None)
     return None
@@ -218,8 +201,6 @@ def resolve_assistant(engine: Engine, assistant: str | None, drafter_spec: str |
     Returns (model, assistant tokenizer or None when it shares the target's vocabulary).
     """
     if assistant:
-        from ltd.models import load_model
-
         loaded = load_model(assistant, device=device, dtype=dtype)
         if loaded.tokenizer.get_vocab() == engine.target.tokenizer.get_vocab():
             return loaded.model, None
@@ -246,94 +227,83 @@ class MethodRunner:
         prompt_lookup_tokens: int = PROMPT_LOOKUP_TOKENS,
         peer=None,
     ) -> None:
-        check_available([spec])
         if spec.is_llamacpp_spec and peer is None:
             raise LtdError(f"method {spec.label} needs its llama.cpp peer; build it with ltd peers build llama.cpp")
         if spec.kind == "hf-assisted" and assistant is None:
             raise LtdError("method hf-assisted needs a draft model; pass --assistant NAME")
-        if spec.is_static or spec.kind == "ltd":
-            from ltd.drafting.base import NullDrafter
-
-            if isinstance(engine.drafter, NullDrafter):
-                raise LtdError(f"method {spec.label} needs a drafter; pass --drafter (e.g. self, a model, or an EAGLE-3 head)")
+        if spec.kind in METHODS and method_of(spec.kind).uses_drafter and isinstance(engine.drafter, NullDrafter):
+            raise LtdError(f"method {spec.label} needs a drafter; pass --drafter (e.g. self, a model, or an EAGLE-3 head)")
         self.engine = engine
         self.spec = spec
         self.drafter = engine.drafter
-        self.online = None
-        if spec.online:
-            self.drafter, self.online = _private_online_drafter(engine, spec.online)
+        self.online: OnlineAdapter | None = None
+        self.restart_online()
         self.assistant = assistant
         self.assistant_tokenizer = assistant_tokenizer
         self.prompt_lookup_tokens = prompt_lookup_tokens
         self.peer = peer  # a LlamaCppSpecPeer for llama.cpp-spec methods
 
     def restart_online(self) -> None:
-        """Online adaptation from scratch again (a fresh head copy and memory), e.g. after warm-up."""
+        """Online adaptation from scratch again (an empty memory), e.g. after warm-up."""
         if self.spec.online:
-            self.drafter, self.online = _private_online_drafter(self.engine, self.spec.online)
+            self.online = private_online_adapter(self.engine.drafter, self.spec.online)
+            self.drafter = self.online.drafter
 
     def run(self, prompt: list[int], sampling: Sampling) -> GenerateResult:
-        kind = self.spec.kind
-        if kind in OURS:
-            cfg = GenerateConfig(
-                method=kind,
-                max_new_tokens=sampling.max_new_tokens,
-                depth=self.spec.depth if kind == "static" else 0,
-                topk=self.spec.topk if kind == "static" else 1,
-                size=self.spec.size if kind == "static" else 0,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                seed=sampling.seed,
-                policy=self.spec.policy,
-            )
-            saved = (self.engine.drafter, self.engine.online)
-            self.engine.drafter, self.engine.online = self.drafter, self.online
-            try:
-                result = self.engine.generate(prompt, cfg)
-            finally:
-                self.engine.drafter, self.engine.online = saved
-            result.method = self.spec.label
-            return result
-        if kind == LLAMACPP_SPEC:
-            return self.peer.run(prompt, sampling.max_new_tokens, greedy=sampling.greedy, seed=sampling.seed)
-        if kind == "prompt-lookup":
-            return run_hf_peer(self.engine, prompt, sampling, self.spec.label, prompt_lookup_num_tokens=self.prompt_lookup_tokens)
-        if kind == "hf-assisted":
-            extra: dict = {"assistant_model": self.assistant}
-            if self.assistant_tokenizer is not None:
-                extra.update(tokenizer=self.engine.target.tokenizer, assistant_tokenizer=self.assistant_tokenizer)
-            return run_hf_peer(self.engine, prompt, sampling, self.spec.label, **extra)
-        raise LtdError(f"method {self.spec.label!r} is not available yet; drop it from --methods")
+        if self.spec.kind in METHODS:
+            return self._run_ours(prompt, sampling)
+        return PEER_RUNNERS[self.spec.kind](self, prompt, sampling)
+
+    def _run_ours(self, prompt: list[int], sampling: Sampling) -> GenerateResult:
+        static = method_of(self.spec.kind).static_shape
+        cfg = GenerateConfig(
+            method=self.spec.kind,
+            max_new_tokens=sampling.max_new_tokens,
+            depth=self.spec.depth if static else 0,
+            topk=self.spec.topk if static else 1,
+            size=self.spec.size if static else 0,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            policy=self.spec.policy,
+        )
+        result = self.engine.generate(prompt, cfg, drafter=self.drafter)
+        result.method = self.spec.label
+        return result
 
 
-def _private_online_drafter(engine: Engine, variant: str):
-    """A copy of the engine's drafter with its own online adaptation.
+def _run_llamacpp_spec(runner: MethodRunner, prompt: list[int], sampling: Sampling) -> GenerateResult:
+    return runner.peer.run(prompt, sampling.max_new_tokens, greedy=sampling.greedy, seed=sampling.seed)
 
-    Every adapting method starts from the same shipped head (and an empty stream memory)
-    and never changes the drafter that frozen methods use.
+
+def _run_prompt_lookup(runner: MethodRunner, prompt: list[int], sampling: Sampling) -> GenerateResult:
+    return run_hf_peer(runner.engine, prompt, sampling, runner.spec.label, prompt_lookup_num_tokens=runner.prompt_lookup_tokens)
+
+
+def _run_hf_assisted(runner: MethodRunner, prompt: list[int], sampling: Sampling) -> GenerateResult:
+    extra: dict = {"assistant_model": runner.assistant}
+    if runner.assistant_tokenizer is not None:
+        extra.update(tokenizer=runner.engine.target.tokenizer, assistant_tokenizer=runner.assistant_tokenizer)
+    return run_hf_peer(runner.engine, prompt, sampling, runner.spec.label, **extra)
+
+
+#: the bench's methods beyond the engine's: method kind -> how one prompt runs
+PEER_RUNNERS = {LLAMACPP_SPEC: _run_llamacpp_spec, "prompt-lookup": _run_prompt_lookup, "hf-assisted": _run_hf_assisted}
+
+
+def private_online_adapter(shared, variant: str) -> OnlineAdapter:
+    """Online adaptation of a private copy of the engine's drafter.
+
+    Every adapting method starts from the same shipped head with an empty memory, and
+    never changes the drafter that frozen methods use: the head drafter (its caches) and
+    a hybrid's n-gram half are private; the head's weights are shared (kNN never changes
+    them).
     """
-    import copy
-
-    from ltd.drafting.eagle3 import Eagle3Drafter
-    from ltd.drafting.hybrid import HybridDrafter
-    from ltd.online import OnlineAdapter, parse_variant
-    from ltd.online.learner import adaptable_head
-
-    parts = parse_variant(variant)
-    shared = engine.drafter
-    model = shared.model if isinstance(shared, HybridDrafter) else shared
-    if parts.gradient is not None or parts.knn:
-        shipped = adaptable_head(shared)
-        # the learner trains a private copy of the head; a kNN memory attaches to a private drafter
-        head = copy.deepcopy(shipped.head) if parts.gradient is not None else shipped.head
-        model = Eagle3Drafter(head, shipped.embed)
+    shipped = head_drafter(shared)
+    private = Eagle3Drafter(shipped.head, shipped.embed)
     if isinstance(shared, HybridDrafter):  # same split as the frozen methods (@D included)
-        drafter = HybridDrafter(copy.deepcopy(shared.ngram), model, model_depth=shared.model_depth)
-    elif parts.gradient is None and not parts.knn:
-        drafter = copy.deepcopy(shared)  # an n-gram drafter with its own memory (an error otherwise)
-    else:
-        drafter = model
-    return drafter, OnlineAdapter(drafter, variant)
+        private = HybridDrafter(copy.deepcopy(shared.ngram), private, model_depth=shared.model_depth)
+    return OnlineAdapter(private, variant)
 
 
 class _ForwardCounter:
@@ -350,7 +320,6 @@ class _ForwardCounter:
         self._handle.remove()
 
 
-@torch.inference_mode()
 def run_hf_peer(engine: Engine, prompt: list[int], sampling: Sampling, label: str, **generate_kwargs) -> GenerateResult:
     """transformers ``generate`` with a speculative option, timed like the ``hf`` method.
 
@@ -359,46 +328,21 @@ def run_hf_peer(engine: Engine, prompt: list[int], sampling: Sampling, label: st
     two cannot be told apart and it is reported as NaN.
     """
     model = engine.target.model
-    max_context = engine.backend.max_context
-    if len(prompt) + sampling.max_new_tokens > max_context:
-        raise LtdError(
-            f"prompt ({len(prompt)} tokens) + max-new-tokens ({sampling.max_new_tokens}) exceeds the model's context "
-            f"of {max_context}; lower --max-new-tokens or --limit long suites"
-        )
-    ids = torch.tensor([prompt], dtype=torch.long, device=engine.backend.device)
-    kwargs = dict(max_new_tokens=sampling.max_new_tokens, eos_token_id=engine.target.eos_token_ids or None)
-    if sampling.greedy:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    else:
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-    kwargs.update(generate_kwargs)
-    pad = engine.target.tokenizer.pad_token_id
     assistant = generate_kwargs.get("assistant_model")
     # transformers persists a "heuristic" schedule's draft length on the assistant across
     # calls; restore it so that every prompt starts from the shipped initial state.
     saved = getattr(getattr(assistant, "generation_config", None), "num_assistant_tokens", None)
     counter = _ForwardCounter(model) if assistant is not model else None
     try:
-        t0 = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=pad if pad is not None else 0, **kwargs)
-        seconds = time.perf_counter() - t0
+        tokens, seconds = transformers_generate(
+            engine, prompt, sampling.max_new_tokens, sampling.temperature, sampling.top_p, sampling.seed,
+            fix="lower --max-new-tokens or --limit long suites", **generate_kwargs,
+        )
     finally:
         if counter is not None:
             counter.close()
         if assistant is not None:
             assistant.generation_config.num_assistant_tokens = saved
-    tokens = out[0, len(prompt):].tolist()
     cycles = (counter.calls - 1) if counter is not None else 0
     mean_accepted = (len(tokens) - 1) / cycles if cycles > 0 else float("nan")
-    return GenerateResult(
-        method=label,
-        tokens=tokens,
-        text=engine.target.tokenizer.decode(tokens, skip_special_tokens=True),
-        new_tokens=len(tokens),
-        seconds=seconds,
-        tokens_per_second=len(tokens) / seconds if seconds > 0 else 0.0,
-        cycles=cycles,
-        mean_accepted=mean_accepted,
-    )
+    return engine.result(label, tokens, seconds, cycles, mean_accepted)

@@ -94,12 +94,28 @@ def _range(s: dict, key: str, digits: int = 2, suffix: str = "") -> str:
 
 def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
     """A human-readable report: setup, overall table, per-suite speedups, mismatches."""
-    cfg, mach, methods = results.get("config", {}), results.get("machine", {}), results.get("methods", {})
+    methods = results.get("methods", {})
     base = results.get("baseline", "hf")
+    lines = _setup_lines(results)
+    lines += _overall_lines(methods, base)
+    lines += _suite_lines(results.get("suites", {}), methods, base)
+    lines += _best_lines(results)
+    if results.get("skipped"):
+        lines += ["", "## Skipped methods", ""] + [f"- {line}" for line in results["skipped"]]
+    lines += _mismatch_lines(methods)
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{title}]({Path(path).name})" for title, path in plots.items()]
+    lines += _definition_lines(base)
+    return "\n".join(lines)
+
+
+def _setup_lines(results: dict) -> list[str]:
+    """The title and what ran where: machine, backend, drafter, suites, decoding settings."""
+    cfg, mach = results.get("config", {}), results.get("machine", {})
     lines = [f"# ltd bench: {cfg.get('model', '?')}", ""]
     if results.get("interrupted"):
         lines += ["**Interrupted**: partial results (prompts every method finished).", ""]
-    lines += [
+    return lines + [
         f"- date: {results.get('date', '?')}",
         f"- machine: {mach.get('cpu_model', '?')}; {mach.get('torch_threads', '?')} torch threads "
         f"({mach.get('usable_cpus', '?')} usable CPUs); torch {mach.get('torch', '?')}, "
@@ -113,6 +129,11 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
         + (", all turns" if cfg.get("multi_turn") else ", first turn") + ")",
         f"- repeats: {cfg.get('repeats')}, max new tokens: {cfg.get('max_new_tokens')}, "
         f"temperature: {cfg.get('temperature')}" + (f", top-p {cfg.get('top_p')}" if cfg.get("temperature") else ""),
+    ]
+
+
+def _overall_lines(methods: dict, base: str) -> list[str]:
+    lines = [
         "",
         "## Overall",
         "",
@@ -127,19 +148,27 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
             f"| {_fmt(s.get('mean_accepted'))} | {_fmt(s.get('new_tokens'), 0)} "
             f"| {'-' if match is None else f'{100 * match:.0f}%'} |"
         )
-    suites = results.get("suites", {})
-    if suites:
-        names = list(suites)
-        lines += ["", f"## Speedup vs {base} per suite (median over prompts)", "",
-                  "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for label in methods:
-            cells = [_fmt(suites[n].get(label, {}).get("speedup")) for n in names]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines += ["", "Tokens/s per suite (median over repeats):", "",
-                  "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for label in methods:
-            cells = [_fmt(suites[n].get(label, {}).get("tokens_per_second"), 1) for n in names]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _suite_lines(suites: dict, methods: dict, base: str) -> list[str]:
+    """Speedups and tokens/s per suite, one column each."""
+    if not suites:
+        return []
+    names = list(suites)
+    header = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines = ["", f"## Speedup vs {base} per suite (median over prompts)", "", *header]
+    for label in methods:
+        lines.append(f"| {label} | " + " | ".join(_fmt(suites[n].get(label, {}).get("speedup")) for n in names) + " |")
+    lines += ["", "Tokens/s per suite (median over repeats):", "", *header]
+    for label in methods:
+        lines.append(f"| {label} | " + " | ".join(_fmt(suites[n].get(label, {}).get("tokens_per_second"), 1) for n in names) + " |")
+    return lines
+
+
+def _best_lines(results: dict) -> list[str]:
+    """The grid's best static tree and best llama.cpp built-in speculation, when searched."""
+    lines = []
     best = results.get("best_static")
     if best:
         lines += ["", "## Best static configuration", "",
@@ -153,31 +182,35 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
                   f"**{peer['method']}** (type {peer['type']}, draft length {length or 'llama.cpp default'}): "
                   f"speedup {_fmt(peer.get('speedup'))}x, {_fmt(peer.get('tokens_per_second'), 1)} tokens/s, "
                   f"selected by {peer.get('criterion')} on {', '.join(peer.get('selected_on', []))}."]
-    if results.get("skipped"):
-        lines += ["", "## Skipped methods", ""] + [f"- {line}" for line in results["skipped"]]
+    return lines
+
+
+def _mismatch_lines(methods: dict) -> list[str]:
+    """Greedy outputs that differ from their reference, with the margin that tells a tie from a bug."""
     rows = [(label, m) for label, s in methods.items() for m in s.get("mismatches", [])]
-    if rows:
-        lines += ["", f"## Greedy outputs that differ from their reference", "",
-                  f"A top-2 margin (of the reference's logits) below the backend's tie margin (1e-4 on transformers in "
-                  "float32; in a 16-bit dtype 4 rounding steps at the logit's size, 0.625 at a logit of 20 in bfloat16) is a "
-                  "numerical tie; a larger one points at a bug, except across engines (llama.cpp's quantized kernels "
-                  "against transformers' dense weights).", "",
-                  "| method | reference | prompt | first differing token | reference token | method token "
-                  "| reference top-2 logit margin | tie |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for label, m in rows:
-            tie = m.get("numerical_tie")
-            ref = m.get("reference", "hf") + (" (cross-engine)" if m.get("cross_engine") else "")
-            lines.append(
-                f"| {label} | {ref} | {m['prompt']} | {m['position']} | {_fmt(m.get('reference_token'))} "
-                f"| {_fmt(m.get('output_token'))} | {_fmt(m.get('reference_top2_margin'), 6)} "
-                f"| {'-' if tie is None else ('yes' if tie else 'NO')} |"
-            )
-    if plots:
-        lines += ["", "## Plots", ""]
-        for title, path in plots.items():
-            lines.append(f"![{title}]({Path(path).name})")
-    lines += [
+    if not rows:
+        return []
+    lines = ["", "## Greedy outputs that differ from their reference", "",
+             "A top-2 margin (of the reference's logits) below the backend's tie margin (1e-4 on transformers in "
+             "float32; in a 16-bit dtype 4 rounding steps at the logit's size, 0.625 at a logit of 20 in bfloat16) is a "
+             "numerical tie; a larger one points at a bug, except across engines (llama.cpp's quantized kernels "
+             "against transformers' dense weights).", "",
+             "| method | reference | prompt | first differing token | reference token | method token "
+             "| reference top-2 logit margin | tie |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, m in rows:
+        tie = m.get("numerical_tie")
+        ref = m.get("reference", "hf") + (" (cross-engine)" if m.get("cross_engine") else "")
+        lines.append(
+            f"| {label} | {ref} | {m['prompt']} | {m['position']} | {_fmt(m.get('reference_token'))} "
+            f"| {_fmt(m.get('output_token'))} | {_fmt(m.get('reference_top2_margin'), 6)} "
+            f"| {'-' if tie is None else ('yes' if tie else 'NO')} |"
+        )
+    return lines
+
+
+def _definition_lines(base: str) -> list[str]:
+    return [
         "",
         "## Definitions",
         "",
@@ -195,7 +228,6 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
         "its output text re-tokenized.",
         "",
     ]
-    return "\n".join(lines)
 
 
 # -- plots -----------------------------------------------------------------------------

@@ -19,12 +19,14 @@ from typing import Sequence
 import torch
 
 from ltd.bench import metrics
-from ltd.bench.machine import machine_info, utc_now
-from ltd.bench.methods import BASELINE, BASELINES, MethodRunner, MethodSpec, Sampling, check_available, resolve_assistant
+from ltd.bench.methods import BASELINE, MethodRunner, MethodSpec, Sampling, resolve_assistant
+from ltd.bench.report import write_all, write_results_json
 from ltd.bench.suites import Question
 from ltd.defaults import DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS
-from ltd.engine import Engine, GenerateResult
+from ltd.engine import Engine, GenerateResult, check_backend, reference_method
 from ltd.errors import LtdError
+from ltd.machine import machine_info, utc_now
+from ltd.peers.llamacpp_peer import LlamaCppSpecPeer, peers_built, unbuilt_message
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ class BenchConfig:
     @property
     def baseline(self) -> str:
         """``hf`` on transformers, ``llama.cpp`` on llama.cpp: what every ratio is against."""
-        return BASELINES[self.backend]
+        return reference_method(self.backend)
 
     def validate(self) -> None:
         if self.repeats < 1:
@@ -96,11 +98,9 @@ class BenchConfig:
             raise LtdError(f"--temperature must be >= 0, got {self.temperature}")
         if not self.questions:
             raise LtdError("no questions to run; check --suites/--questions and --limit")
-        if self.backend not in BASELINES:
-            raise LtdError(f"unknown backend {self.backend!r}; choose one of {', '.join(BASELINES)}")
+        check_backend(self.backend)
         if not self.methods or self.methods[0].kind != self.baseline:
             raise LtdError(f"the method list must start with the {self.baseline} baseline (parse it with parse_methods)")
-        check_available(self.methods)
         peers = [m.label for m in self.methods if m.is_llamacpp_spec]
         if peers and self.temperature != 0.0:
             raise LtdError(f"{', '.join(peers)} run greedy only; use --temperature 0 or drop them from --methods")
@@ -111,8 +111,6 @@ class BenchConfig:
         A bench of many methods should not fail because one optional peer is missing:
         it runs the rest and says how to get the peer.
         """
-        from ltd.peers.llamacpp_peer import peers_built, unbuilt_message
-
         if peers_built():
             return []
         dropped = [m for m in self.methods if m.is_llamacpp_spec]
@@ -271,8 +269,6 @@ class _Loop:
         """The llama.cpp tool binding of a ``llama.cpp-spec`` method (None for others)."""
         if not spec.is_llamacpp_spec:
             return None
-        from ltd.peers.llamacpp_peer import LlamaCppSpecPeer
-
         cfg = self.config
         return LlamaCppSpecPeer(spec.peer, self.engine, cfg.model, cfg.drafter, cfg.assistant, threads=cfg.threads)
 
@@ -486,8 +482,6 @@ class _Loop:
     def checkpoint(self) -> None:
         """results.json after every prompt, so even a killed bench leaves its numbers."""
         if self.out_dir is not None:
-            from ltd.bench.report import write_results_json
-
             write_results_json(self.results(with_margins=False), self.out_dir)
 
 
@@ -522,7 +516,5 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, engine: En
         loop.interrupted = True
         results = loop.results(with_margins=False)
     if out is not None:
-        from ltd.bench.report import write_all
-
         write_all(results, out)
     return results

@@ -32,9 +32,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ltd.drafting.eagle3 import CONFIG_NAME, WEIGHTS_NAME, Eagle3Head, check_head_matches_target
+from ltd.drafting.eagle3 import CONFIG_NAME, WEIGHTS_NAME, Eagle3Head, check_head_matches_target, load_head, resolve_head_dir
 from ltd.errors import LtdError
 from ltd.fileio import atomic_dir
+from ltd.models import load_model
 
 log = logging.getLogger(__name__)
 
@@ -164,22 +165,6 @@ def write_export(
     return ExportResult(out, tdir, int(config["draft_vocab_size"]), int(config["vocab_size"]))
 
 
-def resolve_head_dir(spec: str) -> Path:
-    """``builtin:NAME`` or a directory holding an EAGLE-3 head."""
-    from ltd.engine import ASSETS, builtin_drafter_dir
-
-    if spec.startswith("builtin:"):
-        path = builtin_drafter_dir(spec.split(":", 1)[1])
-        if not path.is_dir():
-            known = ", ".join(f"builtin:{p.name}" for p in sorted(ASSETS.glob("*"))) or "none"
-            raise LtdError(f"no built-in drafter {spec!r}; available: {known}")
-        return path
-    path = Path(spec).expanduser()
-    if not path.is_dir():
-        raise LtdError(f"drafter {spec!r} is neither builtin:NAME nor an EAGLE-3 head directory; check the path")
-    return path
-
-
 def export_drafter(
     drafter: str,
     model: str,
@@ -194,9 +179,7 @@ def export_drafter(
     if dtype not in EXPORT_DTYPES:
         raise LtdError(f"unknown export dtype {dtype!r}; use one of {', '.join(EXPORT_DTYPES)}")
     head_dir = resolve_head_dir(drafter)
-    head = Eagle3Head.load(head_dir, dtype=torch.float32)
-    from ltd.models import load_model
-
+    head = load_head(head_dir, dtype=torch.float32)
     target = load_model(model)
     embed = target.model.get_input_embeddings().weight
     return write_export(head, embed, target.model.config, target.tokenizer, out, target_dir, EXPORT_DTYPES[dtype])

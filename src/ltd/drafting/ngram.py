@@ -17,10 +17,6 @@ on one scale, and the tree selection verifies a long match as deep as it deserve
 It needs no model and no target features, so it works on every backend. Where the trie
 has fewer than k children, the remaining candidates are padding with score ``-inf``
 which :func:`ltd.tree.select` never verifies.
-
-With a :class:`ltd.online.memory.StreamMemory` attached (``--online memory``) it also
-searches the sequences it served before, and takes a memory match where it is longer
-than the context's best.
 """
 
 from __future__ import annotations
@@ -41,7 +37,7 @@ DEFAULT_MAX_MATCHES = 64  # most recent occurrences kept: bounds the trie's cost
 # q(m) for an effective match length m = 1, 2, ... (the last entry for longer ones): the
 # share of top continuations the target confirmed after a match of m tokens, on 528
 # ShareGPT prompts answered by SmolLM2-135M itself (experiments/ngram_calibration.py,
-# benchmarks/ngram-calibration-2026-11-27). Another target's text may differ: rerun the script on its
+# benchmarks/ngram-calibration). Another target's text may differ: rerun the script on its
 # regenerated answers and pass the table as ``reliabilities``.
 DEFAULT_RELIABILITY = (0.37, 0.52, 0.63, 0.90, 0.93, 0.95, 0.96, 0.97)
 PAD_TOKEN = 0
@@ -190,61 +186,25 @@ class NgramDrafter:
         self.max_len = max_len
         self.max_matches = max_matches
         self.reliabilities = tuple(float(q) for q in reliabilities)
-        self.memory = None  # a StreamMemory when --online memory is on
-        self.calibration = None  # an OnlineReliability when --online memory is on
         self._tokens: list[int] = []
-        self._drafted: tuple[int, int, TrieNode] | None = None  # (context length, match length, trie) of the last root
-        self._remembered = True
         self.reset()
 
-    def remember(self) -> None:
-        """Give the finished sequence to the stream memory (once per sequence)."""
-        if self.memory is not None and not self._remembered and self._tokens:
-            self.memory.add(self._tokens)
-        self._remembered = True
-
     def reset(self) -> None:
-        self.remember()
-        self._remembered = False
         self._tokens = []
         self._trie: TrieNode | None = None
         self._memo: dict[int, TrieNode | None] = {}
-        self._drafted = None
         self.last_match_length = 0
-
-    @property
-    def current_reliabilities(self) -> tuple[float, ...]:
-        """q(m) in use: the learned table with online calibration, else the fixed one."""
-        return self.calibration.table() if self.calibration is not None else self.reliabilities
 
     def sync(self, tokens: Sequence[int], features: torch.Tensor | None) -> None:
         self._tokens = list(tokens)
-        if self.calibration is not None and self._drafted is not None:
-            self._observe(self._drafted)
-        self._drafted = None
-
-    def _observe(self, drafted: tuple[int, int, TrieNode]) -> None:
-        """Score the last trie's top children against the tokens the target committed after it.
-
-        Walks the trie along the committed tokens while its top child was right: each step
-        is one trial of q(n + depth), as ``experiments/ngram_calibration.py`` measures it.
-        """
-        start, n, node = drafted
-        grade_trie(node, self._tokens[start:], self.calibration, n)
 
     def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         arr = np.asarray(self._tokens, dtype=np.int64)
         n, ends = find_matches(arr, self.max_n, self.max_matches)
-        if self.memory is not None and len(self.memory):
-            joined = self.memory.joined(arr)
-            n_mem, ends_mem = find_matches(joined, self.memory.max_n, self.max_matches)
-            if ends_mem and n_mem > n:  # the context's own match wins ties
-                arr, n, ends = joined, n_mem, ends_mem
         self.last_match_length = n
         self._trie = build_trie(arr, ends, self.max_len) if ends else None
         self._memo = {0: self._trie}
-        self._drafted = (len(self._tokens), n, self._trie) if self._trie is not None else None
-        toks, logps = top_children(self._trie, k, n, self.current_reliabilities)
+        toks, logps = top_children(self._trie, k, n, self.reliabilities)
         return torch.tensor(toks, dtype=torch.long), torch.tensor(logps, dtype=torch.float32)
 
     def trie_node(self, tree: Tree, node: int) -> TrieNode | None:
@@ -256,7 +216,7 @@ class NgramDrafter:
         return trie_node_of(tree, node, self._memo)
 
     def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n, q = self.last_match_length, self.current_reliabilities
+        n, q = self.last_match_length, self.reliabilities
         return candidate_tensors([top_children(self.trie_node(tree, int(node)), k, n, q) for node in nodes.tolist()], k)
 
     def end(self) -> None:

@@ -1,8 +1,11 @@
-"""Online drafter adaptation from verification feedback."""
+"""Online drafter adaptation from verification feedback: ``--online knn``.
 
-from ltd.online.adapter import VARIANTS, OnlineAdapter, parse_variant
+:mod:`ltd.online.memory` (a memory of served sequences for n-gram analyses) is not
+imported here: no default path uses it.
+"""
+
+from ltd.online.adapter import VARIANTS, OnlineAdapter, has_state, reset_state
 from ltd.online.knn import KnnConfig, KnnMemory
-from ltd.online.learner import GRADIENT_VARIANTS, OnlineConfig, OnlineLearner, reset_state
-from ltd.online.memory import StreamMemory
+from ltd.online.knn_drafter import KnnDrafter
 
-__all__ = ["GRADIENT_VARIANTS", "VARIANTS", "KnnConfig", "KnnMemory", "OnlineAdapter", "OnlineConfig", "OnlineLearner", "StreamMemory", "parse_variant", "reset_state"]
+__all__ = ["VARIANTS", "KnnConfig", "KnnDrafter", "KnnMemory", "OnlineAdapter", "has_state", "reset_state"]

@@ -1,125 +1,66 @@
-"""What ``--online VARIANT`` turns on: a gradient learner for the head, a kNN memory
-for the head, a stream memory for the n-gram drafter, or several of them.
+"""What ``--online knn`` turns on, and its state on disk.
 
-``plain``, ``optimistic`` and ``hedge`` adapt the EAGLE-3 head's weights
-(:class:`ltd.online.learner.OnlineLearner`); ``knn`` lets the head's drafts be voted on
-by the stored states nearest to its own, labelled by the target
-(:class:`ltd.online.knn.KnnMemory`); ``memory`` lets the n-gram drafter search the
-sequences served before (:class:`ltd.online.memory.StreamMemory`) and re-learn how far
-to trust its matches (:class:`ltd.online.reliability.OnlineReliability`). They combine
-with ``+`` in that order (``knn+memory``, ``plain+knn``). One object listens to commits
-and saves/restores everything under one state directory, so the engine, the CLI, the
-server and the bench handle every variant alike.
+``knn`` lets the EAGLE-3 head's drafts be voted on by the stored states nearest to its
+own, labelled by the target (:class:`ltd.online.knn.KnnMemory`), by wrapping the head
+drafter in a :class:`ltd.online.knn_drafter.KnnDrafter` (a hybrid's head half, when the
+drafter is a hybrid). One object builds the wrapped drafter and saves/restores what it
+learned under one state directory, so the engine, the CLI, the server and the bench
+handle it alike.
+
+Variants that lost their benchmarks were removed: the gradient learners of the head's
+weights (``plain``, ``optimistic``, ``hedge``) and the n-gram stream memory
+(``memory``) measured 1.00-1.05x.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from dataclasses import dataclass
-from itertools import product
-
+from ltd.defaults import ONLINE_VARIANTS
+from ltd.drafting.eagle3 import Eagle3Drafter
+from ltd.drafting.hybrid import HybridDrafter, hybrid_part
 from ltd.errors import LtdError
 from ltd.fileio import atomic_dir
 from ltd.online.knn import KNN_FILES, KnnConfig, KnnMemory, head_fingerprint
-from ltd.online.learner import GRADIENT_VARIANTS, LEARNER_FILES, OnlineConfig, OnlineLearner, adaptable_head
-from ltd.online.memory import MEMORY_FILES, StreamMemory
-from ltd.online.reliability import OnlineReliability
+from ltd.online.knn_drafter import KnnDrafter
 
-KNN = "knn"
-MEMORY = "memory"
-VARIANTS = tuple(
-    "+".join(p for p in parts if p)
-    for parts in product((None,) + GRADIENT_VARIANTS, (None, KNN), (None, MEMORY))
-    if any(parts)
-)
+VARIANTS = ONLINE_VARIANTS
 ADAPTER_FILE = "adapter.json"
-RELIABILITY_FILE = "reliability.json"
 
 
-@dataclass(frozen=True)
-class OnlineParts:
-    """The components one ``--online`` variant turns on."""
-
-    gradient: str | None  # plain | optimistic | hedge, or None
-    knn: bool
-    memory: bool
-
-
-def parse_variant(variant: str) -> OnlineParts:
-    """``plain`` -> (plain, no kNN, no memory); ``knn+memory`` -> (None, kNN, memory)."""
+def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
         raise LtdError(f"unknown online variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    parts = variant.split("+")
-    gradient = parts[0] if parts[0] in GRADIENT_VARIANTS else None
-    return OnlineParts(gradient=gradient, knn=KNN in parts, memory=MEMORY in parts)
 
 
-def ngram_part(drafter):
-    """The n-gram drafter the memory attaches to: the drafter itself or a hybrid's n-gram half."""
-    from ltd.drafting.hybrid import hybrid_part
-    from ltd.drafting.ngram import NgramDrafter
-
-    return hybrid_part(drafter, "ngram", NgramDrafter,
-                       "online memory needs an n-gram drafter (--drafter ngram or hybrid:ngram+...); drop +memory for a head alone")
+def head_drafter(drafter) -> Eagle3Drafter:
+    """The EAGLE-3 drafter a kNN memory wraps: the drafter itself, or a hybrid's model half."""
+    return hybrid_part(drafter, "model", Eagle3Drafter,
+                       "online adaptation needs an EAGLE-3 head drafter (--drafter builtin:... or a head dir, alone or in a hybrid:ngram+...)")
 
 
 class OnlineAdapter:
-    """The online adaptation of one drafter: optional gradient learner, optional stream memory."""
+    """The online adaptation of one drafter: ``drafter`` is the wrapped drafter to decode with."""
 
-    def __init__(self, drafter, variant: str, knn_config: KnnConfig | None = None, **overrides) -> None:
-        parts = parse_variant(variant)
+    def __init__(self, drafter, variant: str = "knn", knn_config: KnnConfig | None = None) -> None:
+        check_variant(variant)
         self.variant = variant
-        self.learner = OnlineLearner(drafter, OnlineConfig(variant=parts.gradient, **overrides)) if parts.gradient else None
-        if overrides and self.learner is None:
-            raise LtdError(f"online settings {sorted(overrides)} apply to the head learner; variant {variant!r} has none")
-        if knn_config is not None and not parts.knn:
-            raise LtdError(f"kNN settings apply to the kNN memory; variant {variant!r} has none")
-        self.knn = None
-        if parts.knn:
-            head_drafter = adaptable_head(drafter)
-            head = head_drafter.head
-            self.knn = KnnMemory(head.config.hidden_size, head_fingerprint(head), knn_config)
-            head_drafter.knn = self.knn
-        self.ngram = ngram_part(drafter) if parts.memory else None
-        self.memory = None
-        self.reliability = None
-        if self.ngram is not None:
-            self.memory = StreamMemory()
-            self.ngram.memory = self.memory
-            self.reliability = OnlineReliability(self.ngram.reliabilities)
-            self.ngram.calibration = self.reliability
-
-    @property
-    def learns_from_commits(self) -> bool:
-        """Whether the cycle must hand this adapter every commit's logits.
-
-        Only the head learner does; the memory learns from finished sequences. A listener
-        makes the prefill compute the LM head at every prompt position (SmolLM2, 1 thread:
-        0.6 s more prefill over 4 humaneval prompts, in a profile), which the memory
-        alone must not pay.
-        """
-        return self.learner is not None
-
-    def on_commit(self, tokens, logits, features) -> None:
-        if self.learner is not None:
-            self.learner.on_commit(tokens, logits, features)
+        head = head_drafter(drafter)
+        self.knn = KnnMemory(head.head.config.hidden_size, head_fingerprint(head.head), knn_config)
+        wrapped = KnnDrafter(head, self.knn)
+        if isinstance(drafter, HybridDrafter):  # the same split as the frozen drafter (@D included)
+            self.drafter = HybridDrafter(drafter.ngram, wrapped, model_depth=drafter.model_depth)
+        else:
+            self.drafter = wrapped
 
     # -- persistence -------------------------------------------------------------------
     def save_state(self, directory: str | Path) -> None:
-        """Save what was learned, the sequence being served included (atomic)."""
-        if self.ngram is not None:
-            self.ngram.remember()
+        """Save what was learned (atomic)."""
 
         def write(tmp: Path) -> None:
-            if self.learner is not None:
-                self.learner.write_files(tmp)
-            if self.knn is not None:
-                self.knn.write_files(tmp)
-            if self.memory is not None:
-                self.memory.write_files(tmp)
-                (tmp / RELIABILITY_FILE).write_text(json.dumps(self.reliability.to_json(), indent=2))
+            self.knn.write_files(tmp)
             (tmp / ADAPTER_FILE).write_text(json.dumps({"variant": self.variant}, indent=2))
 
         atomic_dir(directory, write)
@@ -129,31 +70,23 @@ class OnlineAdapter:
         directory = Path(directory)
         try:
             saved = json.loads((directory / ADAPTER_FILE).read_text()).get("variant")
-        except FileNotFoundError:
-            saved = None  # a state saved before the adapter existed: the learner's own files
         except (json.JSONDecodeError, OSError, AttributeError):
             raise LtdError(f"online state in {directory} is corrupt; reset it with: ltd online reset {directory}") from None
-        if saved is not None and saved != self.variant:
+        if saved != self.variant:
             raise LtdError(f"online state in {directory} is for --online {saved}, not {self.variant}; use the same --online or reset it")
-        if self.learner is not None:
-            self.learner.load_state(directory)
-        if self.knn is not None:
-            self.knn.read_files(directory)
-        if self.memory is not None:
-            self.memory.read_files(directory)
-            self._read_reliability(directory / RELIABILITY_FILE)
-
-    def _read_reliability(self, path: Path) -> None:
-        """Restore the learned reliability counts; a state saved before they existed keeps the prior."""
-        if not path.is_file():
-            return
-        try:
-            self.reliability.load_json(json.loads(path.read_text()))
-        except (json.JSONDecodeError, OSError, KeyError, TypeError, ValueError):
-            raise LtdError(f"online state in {path.parent} has a corrupt {path.name}; reset it with: ltd online reset {path.parent}") from None
+        self.knn.read_files(directory)
 
 
 def has_state(directory: str | Path) -> bool:
-    """Whether a directory holds saved online state of any variant."""
+    """Whether a directory holds saved online state."""
     d = Path(directory)
-    return any((d / name).exists() for name in (*LEARNER_FILES, ADAPTER_FILE, *KNN_FILES, *MEMORY_FILES, RELIABILITY_FILE))
+    return any((d / name).exists() for name in (ADAPTER_FILE, *KNN_FILES))
+
+
+def reset_state(directory: str | Path) -> bool:
+    """Delete a saved online state; returns whether something was deleted."""
+    directory = Path(directory)
+    if directory.is_dir() and has_state(directory):
+        shutil.rmtree(directory)
+        return True
+    return False

@@ -1,8 +1,9 @@
 """kNN drafting memory: the head's own hidden states, labelled by the target's verdicts.
 
-The gradient learner moves the EAGLE-3 head's weights a little per update; a domain the
-head never saw needs far more than that. A nearest-neighbour memory (kNN-LM, Khandelwal
-et al. 2020, applied to the drafter) learns in one shot instead. Every position the head
+Gradient updates move the EAGLE-3 head's weights a little per update (and measured
+1.00-1.05x); a domain the head never saw needs far more than that. A nearest-neighbour
+memory (kNN-LM, Khandelwal et al. 2020, applied to the drafter) learns in one shot
+instead. :class:`ltd.online.knn_drafter.KnnDrafter` wraps the head drafter with it. Every position the head
 processes leaves its final hidden state (the vector ``lm_head`` scores); once the target
 has committed the token two places on, that token is the label. When the head drafts
 again, the stored states nearest to its current one vote for their labels, and the
@@ -40,7 +41,7 @@ enough for every cycle on a CPU.
 The store spans requests (the stream so far, the current request included), so the
 drafter learns a user's domain as it serves. On humaneval (80 prompts, SmolLM2-135M,
 shipped head) the votes raised prequential step-1 agreement with the target from 32% to
-66% in an offline replay (session 11 scratch). Live, much of that overlaps what the
+66% in an offline replay. Live, much of that overlaps what the
 n-gram drafter already copies from the context: 1.05x accepted tokens per cycle on
 a 24-prompt humaneval stream at 3x8x3 (``benchmarks/online-knn-24prompts-2026-11-27``), 1.11x over all 80
 humaneval prompts and on gsm8k after them (``benchmarks/online-knn-80prompts-2026-11-28``), while on general questions
@@ -48,8 +49,7 @@ the retrieved continuations cost 1.7% (``benchmarks/knn-settings-16prompts-2026-
 drafts only, never the output.
 
 Keys depend on the head's weights: a store saved with one head is refused by another
-(a fingerprint of the head is saved beside it), and a gradient learner that moves the
-head makes older keys drift (``plain+knn`` is allowed; measure before relying on it).
+(a fingerprint of the head is saved beside it).
 """
 
 from __future__ import annotations

@@ -1,18 +1,9 @@
-"""Stream memory: the n-gram drafter remembers the sequences it has served.
+"""Stream memory: the sequences served before, joined for n-gram matching (experimental).
 
-The gradient learner adapts the EAGLE-3 head slowly: a few hundred verified positions
-move its acceptance by a few percent. A domain also repeats itself *across* requests
-(code completions share idioms, maths answers share phrasing), and every finished
-sequence is target-verified text. The memory keeps the last ``capacity`` tokens of
-finished sequences (prompt and output, separated by :data:`SEP`); the n-gram drafter
-searches it as well as the current context, and uses a memory match only where it is
-longer than the best match in the context, so a request's own text keeps priority.
-
-It costs a vector compare over the memory per cycle (tens of microseconds at 32k
-tokens) and no gradient work. It changes drafts only, never the output.
-
-Privacy: served text from one request can shape the drafts of another (not the output).
-It is opt-in (``--online memory``) for that reason.
+Kept for the n-gram analyses (its match length and separator); no default path imports
+it. The ``--online memory`` variant that let the n-gram drafter search it measured
+1.00-1.05x and was removed. The memory keeps the last ``capacity`` tokens of finished
+sequences (prompt and output, separated by :data:`SEP`).
 """
 
 from __future__ import annotations

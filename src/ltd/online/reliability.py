@@ -1,11 +1,10 @@
-"""The n-gram drafter's reliability table, learned from what the target confirmed.
+"""A reliability table of continuation tries, learned from what the target confirmed.
 
 :data:`ltd.drafting.ngram.DEFAULT_RELIABILITY` says how often a continuation is right
-after an m-token match, measured once on the target's answers to ShareGPT prompts. A
-user's domain can trust its matches more or less than ShareGPT chat does. Every cycle
-tells the drafter for free which of its top continuations the target took (the committed
-tokens are the target's choices), so ``--online memory`` re-estimates the table as it
-serves: q(m) = (hits + s * prior) / (shares + s), where a trial's share is the count
+after an m-token match, measured once on the target's answers to ShareGPT prompts. The
+kNN memory's retrieved continuations (:mod:`ltd.online.knn`) are scored the same way,
+and every cycle tells for free which top continuations the target took (the committed
+tokens are the target's choices), so the table is re-estimated while serving: q(m) = (hits + s * prior) / (shares + s), where a trial's share is the count
 share the drafter gave its top child (its probability is ``q * share``) and ``s``
 pseudo-trials keep the prior until the evidence outweighs it.
 

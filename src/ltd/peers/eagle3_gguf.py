@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ltd.drafting.eagle3 import load_head
+from ltd.drafting.export import write_export
 from ltd.errors import LtdError
 from ltd.peers.llamacpp_build import LlamaCppBuild
 
@@ -61,13 +63,10 @@ def convert_export(build: LlamaCppBuild, head_dir: Path, target_dir: Path, outfi
 
 def eagle3_gguf(build: LlamaCppBuild, head_dir: Path, target) -> Path:
     """The cached GGUF of the head in ``head_dir`` for a loaded target (``LoadedModel``)."""
-    from ltd.drafting.eagle3 import Eagle3Head
-    from ltd.drafting.export import write_export
-
     out = build.root / "eagle3" / f"{head_dir.name}-{head_key(head_dir)}.gguf"
     if out.is_file():
         return out
-    head = Eagle3Head.load(head_dir)
+    head = load_head(head_dir)
     tmp = Path(tempfile.mkdtemp(prefix="ltd-eagle3-export-"))
     try:
         res = write_export(head, target.model.get_input_embeddings().weight, target.model.config, target.tokenizer, tmp / "head")

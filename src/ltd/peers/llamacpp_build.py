@@ -62,7 +62,7 @@ Progress = Callable[[str], None]
 
 def peer_dir() -> Path:
     """``<cache>/peers/llama.cpp-11434`` (``$LTD_CACHE`` moves the cache)."""
-    from ltd.models import cache_root
+    from ltd.models import cache_root  # ltd.models imports torch; building and status checks need none
 
     return cache_root() / "peers" / f"llama.cpp-{SDIST_VERSION.split('.')[0]}"
 
@@ -111,13 +111,6 @@ def find_build() -> LlamaCppBuild | None:
     """The finished build, or None (callers say ``ltd peers build llama.cpp``)."""
     b = LlamaCppBuild(peer_dir())
     return b if b.is_complete() else None
-
-
-def require_build() -> LlamaCppBuild:
-    b = find_build()
-    if b is None:
-        raise LtdError("llama.cpp's speculative tools are not built; run: ltd peers build llama.cpp")
-    return b
 
 
 def check_toolchain() -> None:

@@ -11,11 +11,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from ltd.drafting.eagle3 import is_eagle3_dir, resolve_head_dir
+from ltd.engine import GenerateResult, default_drafter_spec
 from ltd.errors import LtdError
+from ltd.models import registry_gguf
+from ltd.peers.eagle3_gguf import eagle3_gguf
 from ltd.peers.llamacpp_build import SPEC_BINARY, LlamaCppBuild, find_build
 from ltd.peers.llamacpp_spec import (
     CONTEXT_MARGIN, KIND, PeerSpec, ToolRun, parse_spec_run, run_tool, spec_command,
 )
+from ltd.registry import REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +38,6 @@ def peers_built() -> bool:
 
 def target_gguf(model: str) -> Path:
     """The GGUF file llama.cpp runs for a bench ``--model``."""
-    from ltd.models import registry_gguf
-    from ltd.registry import REGISTRY
-
     if model in REGISTRY:
         return registry_gguf(REGISTRY[model])
     path = Path(model).expanduser()
@@ -46,8 +48,6 @@ def target_gguf(model: str) -> Path:
 
 def draft_model_gguf(model: str, assistant: str | None) -> Path:
     """The small draft model for ``draft-simple``: ``--assistant`` or the registry default."""
-    from ltd.registry import REGISTRY
-
     name = assistant
     if name is None:
         entry = REGISTRY.get(model)
@@ -63,14 +63,11 @@ def draft_model_gguf(model: str, assistant: str | None) -> Path:
 
 
 def eagle3_head_dir(model: str, drafter: str | None) -> Path:
-    from ltd.drafting.export import resolve_head_dir
-    from ltd.engine import _is_eagle3_dir, default_drafter_spec
-
     spec = drafter or default_drafter_spec(model)
     if spec in ("", "none", "self"):
         raise LtdError(f"{KIND}:draft-eagle3 needs an EAGLE-3 head; pass --drafter builtin:NAME or a head directory")
     head_dir = resolve_head_dir(spec)
-    if not _is_eagle3_dir(head_dir):
+    if not is_eagle3_dir(head_dir):
         raise LtdError(f"{KIND}:draft-eagle3 needs an EAGLE-3 head, but {spec!r} is not one")
     return head_dir
 
@@ -101,8 +98,6 @@ class LlamaCppSpecPeer:
         if spec.type == "draft-simple":
             self.draft = draft_model_gguf(model, assistant)
         elif spec.type == "draft-eagle3":
-            from ltd.peers.eagle3_gguf import eagle3_gguf
-
             self.draft = eagle3_gguf(self.build, eagle3_head_dir(model, drafter), engine.target)
         self.last_run: ToolRun | None = None
 
@@ -112,8 +107,6 @@ class LlamaCppSpecPeer:
 
     def run(self, prompt: list[int], max_new_tokens: int, greedy: bool = True, seed: int | None = 0):
         """One generation; tokens are the output text re-tokenized (see llamacpp_spec)."""
-        from ltd.engine import GenerateResult
-
         if not greedy:
             raise LtdError(f"{self.label} runs greedy only; use --temperature 0 or drop it from --methods")
         tok = self.engine.target.tokenizer

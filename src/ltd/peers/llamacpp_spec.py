@@ -215,8 +215,3 @@ def parse_plain_run(stdout: str, stderr: str, prompt_text: str) -> ToolRun:
     if body.startswith(prompt_text):
         body = body[len(prompt_text):]
     return ToolRun(text=body[:-1] if body.endswith("\n") else body, n_predict=int(m.group(1)), seconds=float(m.group(2)))
-
-
-def plain_command(binary: Path, target_gguf: Path, prompt_text: str, max_new_tokens: int) -> list[str]:
-    """``llama-simple``: llama.cpp's plain greedy loop (its thread count is llama.cpp's default)."""
-    return [str(binary), "-m", str(target_gguf), "-n", str(max_new_tokens), prompt_text]

@@ -4,6 +4,9 @@ Flags are checked before any model loads. Prompts for recording come from the be
 suites; only ``alpaca`` (the suite ``ltd bench --grid`` already tunes on) is a training
 suite, the other five are held out for evaluation and are used only with
 ``--allow-held-out`` (the manifest records it).
+
+Commands import their machinery (torch, gymnasium, stable-baselines3) when they run,
+inside their functions: the flags are parsed and checked without them.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import json
 import logging
 from pathlib import Path
 
-from ltd.cliargs import add_speed_args
-from ltd.defaults import DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS
+from ltd.cliargs import add_model_args, load_engine, parse_int_list
+from ltd.defaults import ONLINE_VARIANTS
 from ltd.errors import LtdError
 
 log = logging.getLogger(__name__)
@@ -27,18 +30,6 @@ DEFAULT_STATIC = "5x32"
 # -- shared flags -------------------------------------------------------------------------
 
 
-def _model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    from ltd.registry import DEFAULT_MODEL
-
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"target: registry name, HF id or local dir (default {DEFAULT_MODEL})")
-    p.add_argument("--drafter", default=None, help="self | ngram[:N] | builtin:NAME | EAGLE-3 head dir | a small LM (default: the model's shipped drafter; ngram on llamacpp)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
-    add_speed_args(p)
-    p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help="hf (transformers) or llamacpp (the GGUF on llama.cpp) (default hf)")
-
-
 def _need_rl(command: str) -> None:
     """One-line error instead of an ImportError when the rl extras are missing."""
     import importlib.util
@@ -48,16 +39,6 @@ def _need_rl(command: str) -> None:
         raise LtdError(f"ltd {command} needs {', '.join(missing)}: pip install 'ltd[rl]'")
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise LtdError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise LtdError(f"{flag} is empty")
-    return values
-
-
 def _threads(args) -> None:
     from ltd.runtime import apply_threads
 
@@ -65,20 +46,18 @@ def _threads(args) -> None:
 
 
 def _load_engine(args):
-    from ltd.engine import Engine, default_drafter_spec
+    from ltd.engine import default_drafter_spec
 
     backend = getattr(args, "backend", "hf")
     spec = args.drafter if args.drafter is not None else default_drafter_spec(args.model, backend)
     if spec == "none":
         raise LtdError(f"model {args.model} has no default drafter; pass --drafter (self, ngram, a small LM or an EAGLE-3 head)")
-    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=backend, threads=getattr(args, "threads", None), kernels=getattr(args, "kernels", DEFAULT_KERNELS), head_dtype=getattr(args, "head_dtype", DEFAULT_HEAD_DTYPE))
+    engine = load_engine(args, spec)
     return engine, spec
 
 
 def _online_arg(p: argparse.ArgumentParser) -> None:
-    from ltd.online import VARIANTS
-
-    p.add_argument("--online", default=None, choices=VARIANTS,
+    p.add_argument("--online", default=None, choices=ONLINE_VARIANTS,
                    help="record the drafter as it adapts online (e.g. knn), learning along the prompts in order, "
                         "so policies fit the drafter that serves with --online; a resumed run starts it afresh")
 
@@ -119,14 +98,14 @@ def _questions(args):
 
 def run_profile(args) -> int:
     from ltd.rl.latency import profile_engine
-    from ltd.rl.spaces import DEFAULT_SIZES
+    from ltd.control.spaces import DEFAULT_SIZES
 
     _need_rl("profile")
     _threads(args)
-    sizes = _int_list(args.sizes, "--sizes") if args.sizes else list(DEFAULT_SIZES)
+    sizes = parse_int_list(args.sizes, "--sizes") if args.sizes else list(DEFAULT_SIZES)
     if min(sizes) < 0:
         raise LtdError("--sizes must be >= 0")
-    contexts = _int_list(args.contexts, "--contexts")
+    contexts = parse_int_list(args.contexts, "--contexts")
     if args.topk < 1 or args.max_depth < 1:
         raise LtdError("--topk and --max-depth must be at least 1")
     if not args.out.endswith(".json"):
@@ -175,7 +154,7 @@ def run_record(args) -> int:
 
 def run_train(args) -> int:
     from ltd.rl.latency import LatencyModel
-    from ltd.rl.spaces import DEFAULT_SIZES
+    from ltd.control.spaces import DEFAULT_SIZES
     from ltd.rl.train import PolicyTrainConfig, eval_subset, replay_source_factory, train_policies
     from ltd.rl.traces import TraceSet
 
@@ -184,7 +163,7 @@ def run_train(args) -> int:
     cfg = PolicyTrainConfig(
         stage=args.stage, env=args.env, iterations=args.iterations, rounds=args.rounds, n_steps=args.n_steps,
         batch_size=args.batch_size, n_epochs=args.epochs, learning_rate=args.lr, seed=args.seed,
-        sizes=tuple(_int_list(args.sizes, "--sizes")) if args.sizes else DEFAULT_SIZES,
+        sizes=tuple(parse_int_list(args.sizes, "--sizes")) if args.sizes else DEFAULT_SIZES,
         fixed_depth=args.fixed_depth, fixed_size=args.fixed_size, min_depth=args.min_depth, reward=args.reward, ent_coef=args.ent_coef, checkpoint_every=args.checkpoint_every,
         eval_sequences=args.eval_sequences, warm_start=args.warm_start, warm_steps=args.warm_steps,
     )
@@ -280,16 +259,16 @@ def format_report(report: dict) -> str:
 
 def run_oracle(args) -> int:
     from ltd.control import StaticController
-    from ltd.control_ltd import HeuristicController, LTDController
+    from ltd.control.learned import HeuristicController, LTDController
     from ltd.fileio import atomic_write_json
     from ltd.rl.latency import LatencyModel
     from ltd.rl.oracle import compare
-    from ltd.rl.spaces import sizes_up_to
+    from ltd.control.spaces import sizes_up_to
     from ltd.rl.traces import TraceSet
 
     latency = LatencyModel.load(args.latency)
     traces = TraceSet.load(args.traces, limit=args.limit)
-    sizes = sizes_up_to(traces.max_size) if not args.sizes else tuple(_int_list(args.sizes, "--sizes"))
+    sizes = sizes_up_to(traces.max_size) if not args.sizes else tuple(parse_int_list(args.sizes, "--sizes"))
     if traces.max_size is not None and max(sizes) > traces.max_size:
         raise LtdError(f"--sizes exceed the traces' --max-size {traces.max_size}")
     cap = traces.max_size or 10**9
@@ -315,7 +294,7 @@ def run_oracle(args) -> int:
             raise LtdError(f"{root} holds no depth/ or size/ policy; pass the output directory of ltd train-policy")
     if depth_dir or size_dir:
         _need_rl("oracle --policies")
-        from ltd.rl.policy import load_policy
+        from ltd.control.policy import load_policy
 
         dp = load_policy(depth_dir, kind="depth") if depth_dir else None
         sp = load_policy(size_dir, kind="size") if size_dir else None
@@ -372,7 +351,7 @@ def run_tune(args) -> int:
     from ltd.rl.latency import LatencyModel
 
     _need_rl("tune-policy")
-    sizes = _int_list(args.sizes, "--sizes")
+    sizes = parse_int_list(args.sizes, "--sizes")
     if min(sizes) < 0:
         raise LtdError("--sizes must be >= 0")
     if max(sizes) > args.max_size:
@@ -423,7 +402,7 @@ def run_tune(args) -> int:
 def add_parsers(subparsers) -> None:
     """Add ``profile``, ``record``, ``train-policy``, ``oracle`` and ``tune-policy`` to an argparse subparsers object."""
     p = subparsers.add_parser("profile", help="measure draft, verify and overhead costs on this machine (latency model JSON + PNG)")
-    _model_args(p)
+    add_model_args(p)
     p.add_argument("--out", required=True, help="output FILE.json (a PNG is written next to it)")
     p.add_argument("--topk", type=int, default=8, help="branching k of the draft steps (default 8)")
     p.add_argument("--max-depth", type=int, default=8, help="draft steps to measure (default 8)")
@@ -435,7 +414,7 @@ def add_parsers(subparsers) -> None:
     p.set_defaults(func=run_profile)
 
     p = subparsers.add_parser("record", help="record max-depth draft trees along greedy outputs (replay traces)")
-    _model_args(p)
+    add_model_args(p)
     _prompt_args(p, DEFAULT_RECORD_SUITE)
     p.add_argument("--max-depth", type=int, default=8, help="maximum draft depth D (default 8)")
     p.add_argument("--topk", type=int, default=8, help="branching k (default 8)")
@@ -476,7 +455,7 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--progress", action="store_true", help="show SB3's progress bar")
     live = p.add_argument_group("live environment")
-    _model_args(live)
+    add_model_args(live)
     _prompt_args(live, DEFAULT_RECORD_SUITE)
     live.add_argument("--topk", type=int, default=8, help="branching k when no --traces fix it (default 8)")
     live.add_argument("--max-depth", type=int, default=8, help="maximum depth when no --traces fix it (default 8)")
@@ -497,17 +476,13 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--out", default=None, help="also write the report as JSON")
     live = p.add_argument_group("live check (--live: run ar and each controller with the real models on the traces' prompts)")
     live.add_argument("--live", action="store_true", help="measure live tokens/s beside replay's prediction")
-    live.add_argument("--model", default=None, help="target (default: the one that recorded the traces)")
-    live.add_argument("--drafter", default=None, help="drafter (default: the one that recorded the traces)")
-    live.add_argument("--device", default="cpu")
-    live.add_argument("--dtype", default="float32")
-    live.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_model_args(live, model_default=None, default_help="default: the one that recorded the traces")
     p.set_defaults(func=run_oracle)
 
     p = subparsers.add_parser("tune-policy", help="profile, record and train LTD policies for this machine in one command",
                               description="Profile this machine, record draft trees on the first --limit (default 10) prompts of "
                                           "alpaca and train the depth and size policies, all into --out; rerunning resumes.")
-    _model_args(p)
+    add_model_args(p)
     _prompt_args(p, DEFAULT_RECORD_SUITE)
     p.set_defaults(limit=10)
     p.add_argument("--out", required=True, help="directory for latency.json, traces/ and policy/ (rerun to resume)")

@@ -2,8 +2,8 @@
 
 Each environment drives a cycle source (:mod:`ltd.rl.sources`): ``ReplaySource``
 (recorded traces + latency model, thousands of times faster than the models) or
-``LiveSource`` (the real drafter and target). Spaces come from :mod:`ltd.rl.spaces` and
-depend only on the :class:`~ltd.rl.spaces.ObsSpec`, never on the source, so a policy
+``LiveSource`` (the real drafter and target). Spaces come from :mod:`ltd.control.spaces` and
+depend only on the :class:`~ltd.control.spaces.ObsSpec`, never on the source, so a policy
 trained in replay runs live unchanged.
 
 **Episodes are cycles.** The reward of a cycle is its throughput (LTD: accepted tokens,
@@ -43,7 +43,7 @@ from gymnasium.envs.registration import EnvSpec
 from ltd.control import Controller, StaticController
 from ltd.errors import LtdError
 from ltd.rl.sources import CycleOutcome, CycleSource, LiveSource, draft_with, size_with
-from ltd.rl.spaces import CONTINUE, History, ObsSpec, depth_observation, for_kind, size_observation
+from ltd.control.spaces import CONTINUE, History, ObsSpec, depth_observation, for_kind, size_observation
 
 DEFAULT_FIXED_DEPTH = 5
 DEFAULT_FIXED_SIZE = 32

@@ -11,7 +11,7 @@ in replay where PPO alone did not. Cloning it gives PPO a starting point that is
 good; PPO then adjusts it with what the rule cannot see (acceptance history, how far the
 scores are off), and every phase is still evaluated against the fixed rule.
 
-Teachers act on the observation vector alone (:mod:`ltd.rl.spaces`), so the cloned
+Teachers act on the observation vector alone (:mod:`ltd.control.spaces`), so the cloned
 policy sees exactly what the teacher saw.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ltd.rl.latency import LatencyModel
-from ltd.rl.spaces import CONTINUE, STOP, ObsSpec
+from ltd.control.spaces import CONTINUE, STOP, ObsSpec
 
 log = logging.getLogger(__name__)
 

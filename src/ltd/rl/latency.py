@@ -287,7 +287,7 @@ def profile(
     untrained policies of the matching shape is measured too (needs stable-baselines3).
     With ``out`` the JSON is written there and a PNG of verify cost vs V next to it.
     """
-    from ltd.bench.machine import machine_info
+    from ltd.machine import machine_info
     from ltd.drafting.base import NullDrafter
 
     if isinstance(drafter, NullDrafter):
@@ -306,9 +306,9 @@ def profile(
     rng = np.random.default_rng(seed)
     controller = None
     if policy_sizes is not None:
-        from ltd.control_ltd import LTDController
+        from ltd.control.learned import LTDController
         from ltd.rl.policy import untrained_policy
-        from ltd.rl.spaces import for_kind
+        from ltd.control.spaces import for_kind
 
         controller = LTDController.from_policies(
             untrained_policy(for_kind("depth", topk, max_depth, policy_sizes)),

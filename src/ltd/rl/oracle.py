@@ -23,10 +23,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ltd.control import Controller
+from ltd.control import Controller, StaticController
+from ltd.control.spaces import DEFAULT_SIZES, sizes_up_to
 from ltd.rl.latency import LatencyModel
 from ltd.rl.sources import ReplaySource, run_controller
-from ltd.rl.spaces import DEFAULT_SIZES, sizes_up_to
 from ltd.rl.traces import TraceSequence, TraceSet
 
 log = logging.getLogger(__name__)
@@ -180,8 +180,6 @@ def add_live(report: dict, source, controllers: dict[str, Controller | Callable[
     This is the check that replay tells the truth: a controller's live/replay ratio near
     1 means the latency model and the traces describe this machine.
     """
-    from ltd.control import StaticController
-
     runs = {"ar": StaticController(depth=0, topk=1, size=0), **controllers}
     names = [row["name"] for row in report["results"] if row["name"] in runs]
     # Interleaved by prompt (every method on prompt i, then on prompt i + 1), as ltd bench

@@ -345,7 +345,7 @@ class LiveSource:
 def is_learned(controller, kind: str, step: int = 0) -> bool:
     """Whether a controller decides ``kind`` ("depth" at draft step ``step``, or "size")
     with an LTD policy, whose calls cost time (modelled in replay, measured live)."""
-    from ltd.control_ltd import LTDController
+    from ltd.control.learned import LTDController
 
     if not isinstance(controller, LTDController):
         return False
@@ -390,7 +390,7 @@ def run_controller(source: CycleSource, controller: Controller, index: int, max_
     """Decode sequence ``index`` of ``source`` with ``controller``; one outcome per cycle.
 
     Controllers with an ``observe_result(CycleResult)`` method (feedback rules such as
-    :class:`ltd.control_ltd.HeuristicController`) are told each cycle's result.
+    :class:`ltd.control.learned.HeuristicController`) are told each cycle's result.
     """
     observe = getattr(controller, "observe_result", None)
     source.start(index)

@@ -414,7 +414,7 @@ def record(
     """
     from tqdm import tqdm
 
-    from ltd.bench.machine import machine_info, utc_now
+    from ltd.machine import machine_info, utc_now
     from ltd.engine import GenerateConfig
 
     if max_depth < 1 or topk < 1:

@@ -24,12 +24,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ltd.control import StaticController
+from ltd.control import LTDController, StaticController
+from ltd.control.policy import load_policy
+from ltd.control.spaces import DEFAULT_SIZES, ObsSpec, for_kind, sizes_up_to
 from ltd.errors import LtdError
 from ltd.fileio import atomic_write, atomic_write_json, read_json
+from ltd.rl.envs import make_env
 from ltd.rl.imitation import WARM_STARTS, clone, collect, teacher_for
 from ltd.rl.latency import LatencyModel
-from ltd.rl.spaces import DEFAULT_SIZES, ObsSpec, for_kind, sizes_up_to
+from ltd.rl.oracle import compare
+from ltd.rl.policy import new_model, save_policy
+from ltd.rl.sources import ReplaySource
 from ltd.rl.traces import TraceSet
 
 log = logging.getLogger(__name__)
@@ -62,7 +67,7 @@ class PolicyTrainConfig:
     sizes: tuple[int, ...] = DEFAULT_SIZES
     fixed_depth: int = 5
     fixed_size: int = 32
-    min_depth: int = 1  # 0: the depth policy may also choose not to draft (see ltd.rl.spaces)
+    min_depth: int = 1  # 0: the depth policy may also choose not to draft (see ltd.control.spaces)
     reward: str = "rate"  # rate | gain (see ltd.rl.envs)
     seed: int = 0
     checkpoint_every: int = 5
@@ -185,6 +190,125 @@ def _load_state(out_dir: Path, cfg: PolicyTrainConfig, resume: bool, inputs: dic
     return state
 
 
+@dataclass
+class _Run:
+    """What the phases of one training run share: settings, specs and the latest policies."""
+
+    cfg: PolicyTrainConfig
+    out_dir: Path
+    latency: LatencyModel
+    make_source: Callable[[], object]
+    eval_traces: TraceSet | None
+    inputs: dict
+    state: dict
+    topk: int
+    max_depth: int
+    sizes: tuple[int, ...]
+    specs: dict[str, ObsSpec]
+    fixed_depth: int
+    fixed_size: int
+    latest: dict = field(default_factory=dict)  # kind -> the newest trained LoadedPolicy
+
+    def save_state(self) -> None:
+        atomic_write_json(self.out_dir / STATE_FILE, self.state)
+
+    def controller(self) -> LTDController:
+        """The latest policies, a fixed rule in place of one not trained yet."""
+        return LTDController.from_policies(self.latest.get("depth"), self.latest.get("size"), depth=self.fixed_depth,
+                                           size=self.fixed_size, topk=self.topk)
+
+    def static(self) -> StaticController:
+        return StaticController(depth=self.fixed_depth, topk=self.topk, size=self.fixed_size)
+
+    def evaluate(self) -> dict | None:
+        """The latest policies and the fixed static tree against the oracle, in replay on ``eval_traces``."""
+        if self.eval_traces is None:
+            return None
+        return compare(self.eval_traces, self.latency, {"ltd": self.controller, "static": self.static()}, self.sizes)
+
+
+def _start_run(cfg, out_dir: Path, latency, make_source, eval_traces, inputs: dict, resume: bool) -> _Run:
+    """Check the settings, restore or start the state file, and fix the specs from a probe source."""
+    cfg.validate()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = _load_state(out_dir, cfg, resume, inputs)
+    probe = make_source()
+    max_size = getattr(probe, "max_size", None)
+    if max_size is None and eval_traces is not None:
+        max_size = eval_traces.max_size  # live training evaluated on traces: stay within what they recorded
+    sizes = tuple(v for v in sizes_up_to(max_size, cfg.sizes) if max_size is None or v <= max_size)
+    specs = {k: for_kind(k, probe.topk, probe.max_depth, sizes, min_depth=cfg.min_depth) for k in ("depth", "size")}
+    run = _Run(cfg, out_dir, latency, make_source, eval_traces, inputs, state, probe.topk, probe.max_depth, sizes, specs,
+               fixed_depth=min(cfg.fixed_depth, probe.max_depth), fixed_size=min(cfg.fixed_size, max(sizes)))
+    run.save_state()
+    for kind in ("depth", "size"):
+        if (out_dir / kind / "policy.json").is_file() and any(p["status"] == "done" and p["kind"] == kind for p in state["phases"]):
+            run.latest[kind] = load_policy(out_dir / kind, kind=kind, expect=specs[kind])
+    return run
+
+
+def _phase_model(run: _Run, entry: dict, env, other, ckpt: Path, resume: bool, tb_name: str):
+    """The phase's PPO: resumed from its checkpoint, or new (warm-started from a rule when asked)."""
+    from stable_baselines3 import PPO  # optional (the rl extra) and slow to import
+
+    cfg, i, kind = run.cfg, entry["index"], entry["kind"]
+    total = cfg.iterations * cfg.n_steps
+    if resume and ckpt.is_file():
+        model = PPO.load(str(ckpt), env=env, device="cpu", tensorboard_log=str(run.out_dir / "tb"))
+        log.info("phase %s: resuming at %d of %d steps", tb_name, model.num_timesteps, total)
+        return model, False
+    model = new_model(
+        run.specs[kind], env=env, seed=cfg.seed + i, net_arch=cfg.net_arch, n_steps=cfg.n_steps,
+        batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, learning_rate=cfg.learning_rate, gamma=cfg.gamma,
+        gae_lambda=cfg.gae_lambda, ent_coef=cfg.ent_coef, tensorboard_log=str(run.out_dir / "tb"),
+    )
+    if cfg.warm_start != "none":
+        teacher = teacher_for(kind, run.specs[kind], run.latency, run.fixed_depth)
+        teacher_env = make_env(kind, run.make_source(), run.specs[kind], other, reward=cfg.reward)
+        obs, actions = collect(teacher_env, teacher, cfg.warm_steps, seed=cfg.seed + i)
+        entry["imitation_agreement"] = clone(model, obs, actions, seed=cfg.seed + i)
+    return model, True
+
+
+def _run_phase(run: _Run, entry: dict, resume: bool, progress: bool) -> dict | None:
+    """Train one phase's policy against the other kind's latest (or the fixed rule); returns its evaluation."""
+    cfg, i, kind = run.cfg, entry["index"], entry["kind"]
+    phase_dir = run.out_dir / "phases" / f"{i:02d}-{kind}"
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    other = run.controller() if ("size" if kind == "depth" else "depth") in run.latest else run.static()
+    env = make_env(kind, run.make_source(), run.specs[kind], other, reward=cfg.reward)
+    ckpt = phase_dir / CHECKPOINT
+    tb_name = f"{i:02d}-{kind}"
+    model, reset = _phase_model(run, entry, env, other, ckpt, resume, tb_name)
+    entry["status"] = "running"
+    run.save_state()
+
+    def on_checkpoint(steps: int) -> None:
+        entry["timesteps"] = int(steps)
+        run.save_state()
+
+    remaining = cfg.iterations * cfg.n_steps - (0 if reset else model.num_timesteps)
+    if remaining > 0:
+        model.learn(total_timesteps=remaining, callback=_make_callback(ckpt, cfg.checkpoint_every, on_checkpoint),
+                    tb_log_name=tb_name, reset_num_timesteps=reset, progress_bar=progress)
+    meta = {"stage": cfg.stage, "phase": i, "env": cfg.env, "timesteps": int(model.num_timesteps),
+            "latency_cpu": run.latency.machine.get("cpu_model", ""), **run.inputs}
+    save_policy(model, run.specs[kind], phase_dir / "policy", meta)
+    save_policy(model, run.specs[kind], run.out_dir / kind, meta)
+    run.latest[kind] = load_policy(run.out_dir / kind, kind=kind, expect=run.specs[kind])
+    entry["status"] = "done"
+    entry["timesteps"] = int(model.num_timesteps)
+    report = run.evaluate()
+    if report is not None:
+        entry["eval"] = {r["name"]: {"tokens_per_second": r["tokens_per_second"], "fraction_of_oracle": r["fraction_of_oracle"]}
+                         for r in report["results"]}
+        log.info("phase %s: %s", tb_name, entry["eval"])
+    run.save_state()
+    if ckpt.is_file():
+        ckpt.unlink()
+    return report
+
+
 def train_policies(
     cfg: PolicyTrainConfig,
     out_dir: str | Path,
@@ -199,117 +323,30 @@ def train_policies(
     """Run the configured phases; returns where the final policies are.
 
     ``make_source`` builds a cycle source (replay or live) for each phase; with
-    ``eval_traces`` every finished phase is evaluated in replay against the oracle.
+    ``eval_traces`` every finished phase is evaluated in replay against the oracle, and
+    the last phase's evaluation is the run's (evaluated again only when a resumed run had
+    no phase left to train).
     """
-    from stable_baselines3 import PPO
-
-    from ltd.control_ltd import LTDController
-    from ltd.rl.envs import make_env
-    from ltd.rl.oracle import compare
-    from ltd.rl.policy import load_policy, new_model, save_policy
-
-    cfg.validate()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    inputs = inputs or {}
-    state = _load_state(out_dir, cfg, resume, inputs)
-    state_path = out_dir / STATE_FILE
-    atomic_write_json(state_path, state)
-    probe = make_source()
-    max_size = getattr(probe, "max_size", None)
-    if max_size is None and eval_traces is not None:
-        max_size = eval_traces.max_size  # live training evaluated on traces: stay within what they recorded
-    sizes = tuple(v for v in sizes_up_to(max_size, cfg.sizes) if max_size is None or v <= max_size)
-    specs = {k: for_kind(k, probe.topk, probe.max_depth, sizes, min_depth=cfg.min_depth) for k in ("depth", "size")}
-    fixed_depth = min(cfg.fixed_depth, probe.max_depth)
-    fixed_size = min(cfg.fixed_size, max(sizes))
-    latest = {}
-    for kind in ("depth", "size"):
-        if (out_dir / kind / "policy.json").is_file() and any(p["status"] == "done" and p["kind"] == kind for p in state["phases"]):
-            latest[kind] = load_policy(out_dir / kind, kind=kind, expect=specs[kind])
-
-    def controller() -> LTDController:
-        return LTDController.from_policies(latest.get("depth"), latest.get("size"), depth=fixed_depth, size=fixed_size, topk=probe.topk)
-
-    for entry in state["phases"]:
-        i, kind = entry["index"], entry["kind"]
-        if entry["status"] == "done":
-            continue
-        phase_dir = out_dir / "phases" / f"{i:02d}-{kind}"
-        phase_dir.mkdir(parents=True, exist_ok=True)
-        other_kind = "size" if kind == "depth" else "depth"
-        other = controller() if other_kind in latest else None
-        if other is None:
-            other = StaticController(depth=fixed_depth, topk=probe.topk, size=fixed_size)
-        env = make_env(kind, make_source(), specs[kind], other, reward=cfg.reward)
-        total = cfg.iterations * cfg.n_steps
-        ckpt = phase_dir / CHECKPOINT
-        tb_name = f"{i:02d}-{kind}"
-        if resume and ckpt.is_file():
-            model = PPO.load(str(ckpt), env=env, device="cpu", tensorboard_log=str(out_dir / "tb"))
-            reset = False
-            log.info("phase %s: resuming at %d of %d steps", tb_name, model.num_timesteps, total)
-        else:
-            model = new_model(
-                specs[kind], env=env, seed=cfg.seed + i, net_arch=cfg.net_arch, n_steps=cfg.n_steps,
-                batch_size=cfg.batch_size, n_epochs=cfg.n_epochs, learning_rate=cfg.learning_rate, gamma=cfg.gamma,
-                gae_lambda=cfg.gae_lambda, ent_coef=cfg.ent_coef, tensorboard_log=str(out_dir / "tb"),
-            )
-            reset = True
-            if cfg.warm_start != "none":
-                teacher = teacher_for(kind, specs[kind], latency, fixed_depth)
-                obs, actions = collect(make_env(kind, make_source(), specs[kind], other, reward=cfg.reward), teacher, cfg.warm_steps, seed=cfg.seed + i)
-                entry["imitation_agreement"] = clone(model, obs, actions, seed=cfg.seed + i)
-        entry["status"] = "running"
-        atomic_write_json(state_path, state)
-
-        def on_checkpoint(steps: int, entry=entry) -> None:
-            entry["timesteps"] = int(steps)
-            atomic_write_json(state_path, state)
-
-        remaining = total - (0 if reset else model.num_timesteps)
-        if remaining > 0:
-            model.learn(total_timesteps=remaining, callback=_make_callback(ckpt, cfg.checkpoint_every, on_checkpoint),
-                        tb_log_name=tb_name, reset_num_timesteps=reset, progress_bar=progress)
-        meta = {"stage": cfg.stage, "phase": i, "env": cfg.env, "timesteps": int(model.num_timesteps),
-                "latency_cpu": latency.machine.get("cpu_model", ""), **inputs}
-        save_policy(model, specs[kind], phase_dir / "policy", meta)
-        save_policy(model, specs[kind], out_dir / kind, meta)
-        latest[kind] = load_policy(out_dir / kind, kind=kind, expect=specs[kind])
-        entry["status"] = "done"
-        entry["timesteps"] = int(model.num_timesteps)
-        if eval_traces is not None:
-            report = compare(eval_traces, latency, {"ltd": controller,
-                                                    "static": StaticController(depth=fixed_depth, topk=probe.topk, size=fixed_size)}, sizes)
-            entry["eval"] = {r["name"]: {"tokens_per_second": r["tokens_per_second"], "fraction_of_oracle": r["fraction_of_oracle"]}
-                             for r in report["results"]}
-            log.info("phase %s: %s", tb_name, entry["eval"])
-        atomic_write_json(state_path, state)
-        if ckpt.is_file():
-            ckpt.unlink()
+    run = _start_run(cfg, out_dir, latency, make_source, eval_traces, inputs or {}, resume)
     evaluation = None
-    if eval_traces is not None:
-        evaluation = compare(eval_traces, latency, {"ltd": controller,
-                                                    "static": StaticController(depth=fixed_depth, topk=probe.topk, size=fixed_size)}, sizes)
-    result = TrainResult(out_dir, out_dir / "depth" if "depth" in latest else None, out_dir / "size" if "size" in latest else None,
-                         state["phases"], evaluation)
-    atomic_write_json(out_dir / "summary.json", {"phases": state["phases"], "evaluation": evaluation,
+    for entry in run.state["phases"]:
+        if entry["status"] != "done":
+            evaluation = _run_phase(run, entry, resume, progress)
+    if evaluation is None:
+        evaluation = run.evaluate()
+    result = TrainResult(out_dir, out_dir / "depth" if "depth" in run.latest else None,
+                         out_dir / "size" if "size" in run.latest else None, run.state["phases"], evaluation)
+    atomic_write_json(out_dir / "summary.json", {"phases": run.state["phases"], "evaluation": evaluation,
                                                  "depth_policy": str(result.depth_policy) if result.depth_policy else None,
                                                  "size_policy": str(result.size_policy) if result.size_policy else None})
     return result
 
 
 def replay_source_factory(traces: TraceSet, latency: LatencyModel) -> Callable[[], object]:
-    from ltd.rl.sources import ReplaySource
-
     return lambda: ReplaySource(traces, latency)
 
 
 def eval_subset(traces: TraceSet, n: int) -> TraceSet:
     seqs = [s for s in traces.sequences if s.num_positions][:n]
     return TraceSet.from_sequences(seqs, traces.topk, traces.max_depth, traces.max_size)
-
-
-def spec_for(kind: str, traces: TraceSet, sizes=DEFAULT_SIZES, min_depth: int = 1) -> ObsSpec:
-    """The observation spec a policy trained on ``traces`` has."""
-    return for_kind(kind, traces.topk, traces.max_depth, tuple(v for v in sizes_up_to(traces.max_size, sizes)), min_depth=min_depth)

@@ -12,9 +12,8 @@ import logging
 import os
 import sys
 
-from ltd.cliargs import add_online_args, add_speed_args
+from ltd.cliargs import add_model_args, add_online_args, load_engine
 from ltd.errors import LtdError
-from ltd.registry import DEFAULT_MODEL
 from ltd.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -27,19 +26,15 @@ WARMUP_TOKENS = 2
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``serve`` flags (shared by ``ltd serve`` and ``python -m ltd.serve``)."""
     d = ServeSettings(model_name="")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name, HF id or local dir (default {DEFAULT_MODEL})")
+    add_model_args(p)
     p.add_argument("--model-name", default=None, help="model id clients send and /v1/models lists (default: --model)")
     add_online_args(p, "serving", "directory to restore (at start) and save (periodically and at exit) online state")
     p.add_argument("--save-every", type=float, default=d.save_every, metavar="SECONDS",
                    help=f"save --online-state this often, between requests (0 = only at exit; default {d.save_every:.0f})")
-    p.add_argument("--drafter", default=None,
-                   help="none | ngram[:N] | self | builtin:NAME | EAGLE-3 head dir | a model (default: the model's shipped drafter; ngram on llamacpp)")
     p.add_argument("--method", default=None, choices=["hf", "llama.cpp", "ar", "static"],
                    help="static (tree speculation) when a drafter is available, else ar (plain decoding); "
                         "hf = transformers generate, llama.cpp = llama.cpp's plain greedy loop (--backend llamacpp), "
                         "both answered in one piece")
-    p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"],
-                   help="hf (transformers) or llamacpp (the GGUF on llama.cpp) (default hf)")
     p.add_argument("--depth", type=int, default=d.depth, help=f"draft depth D (default {d.depth})")
     p.add_argument("--topk", type=int, default=d.topk, help=f"branching K per draft step (default {d.topk})")
     p.add_argument("--size", type=int, default=d.size, help=f"verified nodes V (default {d.size})")
@@ -65,10 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV}, else none; "
                         f"prefer the variable: a flag shows in ps)")
     p.add_argument("--docs", action="store_true", help="serve /docs, /redoc and /openapi.json (off by default)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default: float32)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads of torch and llama.cpp (default: the library's choice)")
-    add_speed_args(p)
     p.add_argument("--no-warmup", action="store_true", help="skip the short generation that runs before serving")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
 
@@ -149,18 +140,14 @@ def _check_bind(settings: ServeSettings, port: int) -> None:
                     "add the names clients use with --allowed-hosts", host, host)
 
 
-def load_engine(args: argparse.Namespace, settings: ServeSettings, spec: str):
+def load_serving_engine(args: argparse.Namespace, settings: ServeSettings, spec: str):
     """Load the engine, warm it up, then turn online learning on.
 
     The warm-up runs before online learning is attached, so the start-up generation
     leaves the learned state (kNN memory, stream memory, head weights) exactly as it
     was restored: a restart must not teach the drafter "Hello" every time.
     """
-    from ltd.engine import Engine
-
-    backend = getattr(args, "backend", "hf")
-    engine = Engine.load(args.model, drafter=spec, device=args.device, dtype=args.dtype, backend=backend,
-                         threads=args.threads, kernels=args.kernels, head_dtype=args.head_dtype)
+    engine = load_engine(args, spec)
     if not args.no_warmup:
         # One-time costs (kernel selection, allocator growth) should not land on the first client.
         engine.generate(engine.encode(WARMUP_PROMPT), settings.generate_config(WARMUP_TOKENS, 0.0, 1.0, None))
@@ -179,19 +166,18 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise LtdError(f"ltd serve needs the serve extras ({exc.name} is missing): pip install -e '.[serve]'") from None
 
-    from ltd.runtime import apply_threads, check_device
+    from ltd.runtime import check_device
     from ltd.serve.server import GracefulServer
 
-    apply_threads(args.threads)
     check_device(args.device)
-    backend = getattr(args, "backend", "hf")
+    backend = args.backend
     method, spec = resolve_method(args.model, args.drafter, args.method, backend)
     settings = settings_from_args(args, method)
     _check_bind(settings, args.port)
     if logging.getLogger("ltd.serve").getEffectiveLevel() > logging.INFO:
         logging.getLogger("ltd.serve").setLevel(logging.INFO)  # start, disconnects, shutdown and saves are worth a line
 
-    engine = load_engine(args, settings, spec)
+    engine = load_serving_engine(args, settings, spec)
     app = create_app(engine, settings)
     log.info("model %s, drafter %s, method %s: http://%s:%d/v1", args.model, spec, method, args.host, args.port)
     config = uvicorn.Config(

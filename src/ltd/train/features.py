@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ltd.errors import LtdError
-from ltd.fileio import atomic_write_json
+from ltd.fileio import atomic_write, atomic_write_json
 from ltd.train.data import iter_conversations, tokenize_conversation
 
 log = logging.getLogger(__name__)
@@ -59,6 +58,61 @@ def read_manifest(directory: Path) -> FeatureManifest | None:
         raise LtdError(f"{path} is corrupt; delete {directory} to recompute the features") from None
 
 
+BUFFERS = ("input_ids", "loss_mask", "features", "top_ids", "top_logp")
+
+
+class _ShardWriter:
+    """Buffers conversations' tensors and writes them as one shard when asked (atomic)."""
+
+    def __init__(self, out_dir: Path, man: FeatureManifest) -> None:
+        self.out_dir, self.man = out_dir, man
+        self.buf: dict[str, list[torch.Tensor]] = {k: [] for k in BUFFERS}
+        self.lengths: list[int] = []
+        self.tokens = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k in BUFFERS:
+            self.buf[k].append(tensors[k])
+        n = int(tensors["input_ids"].numel())
+        self.lengths.append(n)
+        self.tokens += n
+
+    def flush(self, seen: int) -> None:
+        """Write the buffered conversations as the next shard, then the manifest (``seen`` conversations read)."""
+        if not self.lengths:
+            return
+        man = self.man
+        name = f"shard_{len(man.shards):05d}.safetensors"
+        tensors = {k: torch.cat(v) for k, v in self.buf.items()}
+        tensors["lengths"] = torch.tensor(self.lengths, dtype=torch.int64)
+        atomic_write(self.out_dir / name, lambda tmp: save_file(tensors, str(tmp)), suffix=".safetensors")
+        man.shards.append(name)
+        man.tokens += self.tokens
+        man.conversations_seen = seen
+        atomic_write_json(self.out_dir / MANIFEST, asdict(man))
+        for v in self.buf.values():
+            v.clear()
+        self.lengths.clear()
+        self.tokens = 0
+
+
+@torch.inference_mode()
+def conversation_features(model, ids: list[int], mask: list[int], layer_ids: list[int], label_topk: int) -> dict[str, torch.Tensor]:
+    """One conversation's target features (the chosen layers, fp16) and top-k next-token labels."""
+    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    out = model(input_ids=x, output_hidden_states=True)
+    feats = torch.cat([out.hidden_states[i][0] for i in layer_ids], dim=-1).to(torch.float16).cpu()
+    logp = torch.log_softmax(out.logits[0].float(), dim=-1)
+    val, idx = torch.topk(logp, label_topk, dim=-1)
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.int32),
+        "loss_mask": torch.tensor(mask, dtype=torch.uint8),
+        "features": feats,
+        "top_ids": idx.to(torch.int32).cpu(),
+        "top_logp": val.to(torch.float16).cpu(),
+    }
+
+
 @torch.inference_mode()
 def compute_features(
     model,
@@ -85,32 +139,10 @@ def compute_features(
     man = have or want
     if man.tokens >= max_tokens:
         return man
-    buf: dict[str, list[torch.Tensor]] = {k: [] for k in ("input_ids", "loss_mask", "features", "top_ids", "top_logp")}
-    lengths: list[int] = []
-    buf_tokens = 0
+    writer = _ShardWriter(out_dir, man)
     seen = 0
     bar = tqdm(total=max_tokens, initial=man.tokens, unit="tok", desc="target features", smoothing=0.05)
     t0 = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal buf_tokens
-        if not lengths:
-            return
-        name = f"shard_{len(man.shards):05d}.safetensors"
-        tensors = {k: torch.cat(v) for k, v in buf.items()}
-        tensors["lengths"] = torch.tensor(lengths, dtype=torch.int64)
-        tmp = out_dir / (name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, out_dir / name)
-        man.shards.append(name)
-        man.tokens += buf_tokens
-        man.conversations_seen = seen
-        atomic_write_json(out_dir / MANIFEST, asdict(man))
-        for v in buf.values():
-            v.clear()
-        lengths.clear()
-        buf_tokens = 0
-
     for msgs in iter_conversations(data):
         seen += 1
         if seen <= man.conversations_seen:
@@ -118,24 +150,13 @@ def compute_features(
         ids, mask = tokenize_conversation(tokenizer, msgs, max_len)
         if sum(mask) < min_assistant_tokens or len(ids) < 8:
             continue
-        x = torch.tensor([ids], dtype=torch.long, device=model.device)
-        out = model(input_ids=x, output_hidden_states=True)
-        feats = torch.cat([out.hidden_states[i][0] for i in layer_ids], dim=-1).to(torch.float16).cpu()
-        logp = torch.log_softmax(out.logits[0].float(), dim=-1)
-        val, idx = torch.topk(logp, label_topk, dim=-1)
-        buf["input_ids"].append(torch.tensor(ids, dtype=torch.int32))
-        buf["loss_mask"].append(torch.tensor(mask, dtype=torch.uint8))
-        buf["features"].append(feats)
-        buf["top_ids"].append(idx.to(torch.int32).cpu())
-        buf["top_logp"].append(val.to(torch.float16).cpu())
-        lengths.append(len(ids))
-        buf_tokens += len(ids)
+        writer.add(conversation_features(model, ids, mask, layer_ids, label_topk))
         bar.update(len(ids))
-        if buf_tokens >= shard_tokens:
-            flush()
-        if man.tokens + buf_tokens >= max_tokens:
+        if writer.tokens >= shard_tokens:
+            writer.flush(seen)
+        if man.tokens + writer.tokens >= max_tokens:
             break
-    flush()
+    writer.flush(seen)
     bar.close()
     rate = (man.tokens) / max(time.perf_counter() - t0, 1e-9)
     log.info("feature cache %s: %d tokens in %d shards (%.0f tokens/s this run)", out_dir, man.tokens, len(man.shards), rate)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ltd.drafting.eagle3 import Eagle3Config, Eagle3Head, init_random_head
+from ltd.drafting.eagle3 import Eagle3Config, Eagle3Head, init_random_head, load_head, save_head
 from ltd.errors import LtdError
 from ltd.train.vocab import token_counts
 
@@ -179,7 +179,7 @@ def _save_checkpoint(out_dir: Path, head: Eagle3Head, opt, sched, state: dict) -
     tmp = out_dir / "checkpoint.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    head.save(tmp, dtype=torch.float32)
+    save_head(head, tmp, dtype=torch.float32)
     torch.save({"opt": opt.state_dict(), "sched": sched.state_dict(), **state}, tmp / "trainer_state.pt")
     final = out_dir / "checkpoint"
     old = out_dir / "checkpoint.old"
@@ -206,40 +206,75 @@ def train_head(
     ``init_from`` starts from an existing head (continued training with a new schedule);
     its draft vocabulary is kept.
     """
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # optional (tensorboard, the rl extra) and slow to import
 
     torch.manual_seed(cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     embed = torch.nn.Embedding.from_pretrained(embed_weight.float(), freeze=True)
-    ckpt = out_dir / "checkpoint"
-    if resume and ckpt.is_dir():
-        head = Eagle3Head.load(ckpt)
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        log.info("resuming from step %d", state["step"])
-    elif init_from is not None:
-        head = Eagle3Head.load(init_from)
-        if head.config.target_hidden_size != int(target_config.hidden_size) or head.config.vocab_size != int(target_config.vocab_size):
-            raise LtdError(f"--init head {init_from} does not fit this target; start without --init")
-        state = {"step": 0, "best": 0.0}
-    else:
-        if resume:
-            log.warning("--resume given but no checkpoint in %s; starting fresh", out_dir)
-        mcfg = Eagle3Config.for_target(target_config, cfg.draft_vocab)
-        mcfg.eagle_aux_hidden_state_layer_ids = list(layer_ids)
-        vocab = build_draft_vocab(feature_shards, mcfg.draft_vocab_size, mcfg.vocab_size)
-        head = init_random_head(mcfg, seed=cfg.seed, draft_ids=vocab)
-        state = {"step": 0, "best": 0.0}
+    head, state = _start_head(feature_shards, target_config, layer_ids, out_dir, cfg, resume, init_from)
     head.train()
     _, t2d_index = head.vocab_maps()
 
     seqs = [s for sh in feature_shards for s in split_sequences(sh)]
     eval_seqs = [s for sh in eval_shards for s in split_sequences(sh)][: cfg.eval_sequences]
     tokens = sum(s["input_ids"].numel() for s in seqs)
-    steps_per_epoch = max(1, tokens // cfg.batch_tokens)
-    total_steps = max(1, int(cfg.epochs * steps_per_epoch))
+    total_steps = max(1, int(cfg.epochs * max(1, tokens // cfg.batch_tokens)))
     params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    opt, sched = _optimizer(params, cfg, total_steps, state)
+    writer = SummaryWriter(str(out_dir / "tb"))
+    (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    log.info("training on %d tokens (%d sequences), %d steps", tokens, len(seqs), total_steps)
+    bar = tqdm(total=total_steps, initial=state["step"], desc="train head", unit="step")
+    t0 = time.perf_counter()
+    step = state["step"]
+    stream = _SequenceStream(len(seqs), cfg.seed)
+    stream.skip(state.get("consumed", 0))  # a resumed run continues the same data order
+    while step < total_steps:
+        opt.zero_grad(set_to_none=True)
+        loss, parts = _accumulate_batch(head, embed, seqs, stream, t2d_index, cfg)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        writer.add_scalar("train/loss", loss, step)
+        writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
+        writer.add_scalar("train/tokens_per_s", parts / max(1e-9, time.perf_counter() - t0), step)
+        t0 = time.perf_counter()
+        if step % cfg.eval_every == 0 or step == total_steps:
+            _log_eval(evaluate(head, embed, eval_seqs, t2d_index, cfg), step, writer, out_dir)
+        if step % cfg.checkpoint_every == 0 or step == total_steps:
+            _save_checkpoint(out_dir, head, opt, sched, {"step": step, "consumed": stream.consumed, "best": state["best"]})
+    bar.close()
+    writer.close()
+    save_head(head, out_dir / "head", dtype=torch.float16)
+    return head
 
+
+def _start_head(feature_shards, target_config, layer_ids, out_dir: Path, cfg: TrainConfig, resume: bool, init_from: Path | None):
+    """The head to train and the trainer state: a checkpoint's, an ``--init`` head's or a fresh one's."""
+    ckpt = out_dir / "checkpoint"
+    if resume and ckpt.is_dir():
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        log.info("resuming from step %d", state["step"])
+        return load_head(ckpt), state
+    if init_from is not None:
+        head = load_head(init_from)
+        if head.config.target_hidden_size != int(target_config.hidden_size) or head.config.vocab_size != int(target_config.vocab_size):
+            raise LtdError(f"--init head {init_from} does not fit this target; start without --init")
+        return head, {"step": 0, "best": 0.0}
+    if resume:
+        log.warning("--resume given but no checkpoint in %s; starting fresh", out_dir)
+    mcfg = Eagle3Config.for_target(target_config, cfg.draft_vocab)
+    mcfg.eagle_aux_hidden_state_layer_ids = list(layer_ids)
+    vocab = build_draft_vocab(feature_shards, mcfg.draft_vocab_size, mcfg.vocab_size)
+    return init_random_head(mcfg, seed=cfg.seed, draft_ids=vocab), {"step": 0, "best": 0.0}
+
+
+def _optimizer(params, cfg: TrainConfig, total_steps: int, state: dict):
+    """AdamW with linear warm-up then cosine decay to 5%, restored from ``state`` when resuming."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     warmup = max(1, min(cfg.warmup_steps, total_steps // 10))
 
     def lr_at(step: int) -> float:
@@ -252,47 +287,29 @@ def train_head(
     if state["step"]:
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
-    writer = SummaryWriter(str(out_dir / "tb"))
-    (out_dir / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    log.info("training on %d tokens (%d sequences), %d steps", tokens, len(seqs), total_steps)
-    bar = tqdm(total=total_steps, initial=state["step"], desc="train head", unit="step")
-    t0 = time.perf_counter()
-    step = state["step"]
-    stream = _SequenceStream(len(seqs), cfg.seed)
-    stream.skip(state.get("consumed", 0))  # a resumed run continues the same data order
-    while step < total_steps:
-        opt.zero_grad(set_to_none=True)
-        parts = 0
-        loss_sum = 0.0
-        while parts < cfg.batch_tokens:
-            seq = seqs[stream.next()]
-            n = seq["input_ids"].numel()
-            loss, _, _ = sequence_loss(head, embed, seq, t2d_index, cfg)
-            (loss * n / cfg.batch_tokens).backward()
-            loss_sum += float(loss.detach()) * n
-            parts += n
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum / parts:.3f}")
-        writer.add_scalar("train/loss", loss_sum / parts, step)
-        writer.add_scalar("train/lr", sched.get_last_lr()[0], step)
-        writer.add_scalar("train/tokens_per_s", parts / max(1e-9, time.perf_counter() - t0), step)
-        t0 = time.perf_counter()
-        if step % cfg.eval_every == 0 or step == total_steps:
-            metrics = evaluate(head, embed, eval_seqs, t2d_index, cfg)
-            for k, v in metrics.items():
-                writer.add_scalar(f"eval/{k}", v, step)
-            log.info("step %d eval %s", step, {k: round(v, 4) for k, v in metrics.items()})
-            (out_dir / "eval.jsonl").open("a").write(json.dumps({"step": step, **metrics}) + "\n")
-        if step % cfg.checkpoint_every == 0 or step == total_steps:
-            _save_checkpoint(out_dir, head, opt, sched, {"step": step, "consumed": stream.consumed, "best": state["best"]})
-    bar.close()
-    writer.close()
-    head.save(out_dir / "head", dtype=torch.float16)
-    return head
+    return opt, sched
+
+
+def _accumulate_batch(head, embed, seqs, stream, t2d_index, cfg: TrainConfig) -> tuple[float, int]:
+    """Backpropagate whole sequences until a batch holds ``batch_tokens``; (mean loss, tokens)."""
+    parts = 0
+    loss_sum = 0.0
+    while parts < cfg.batch_tokens:
+        seq = seqs[stream.next()]
+        n = seq["input_ids"].numel()
+        loss, _, _ = sequence_loss(head, embed, seq, t2d_index, cfg)
+        (loss * n / cfg.batch_tokens).backward()
+        loss_sum += float(loss.detach()) * n
+        parts += n
+    return loss_sum / parts, parts
+
+
+def _log_eval(metrics: dict, step: int, writer, out_dir: Path) -> None:
+    for k, v in metrics.items():
+        writer.add_scalar(f"eval/{k}", v, step)
+    log.info("step %d eval %s", step, {k: round(v, 4) for k, v in metrics.items()})
+    with (out_dir / "eval.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 class _SequenceStream:
@@ -314,8 +331,3 @@ class _SequenceStream:
     def skip(self, count: int) -> None:
         for _ in range(count):
             self.next()
-
-
-def check_feature_target(manifest, target_name: str) -> None:
-    if manifest.target != target_name:
-        raise LtdError(f"features in this cache are for {manifest.target}, not {target_name}; use another --out")

@@ -1,12 +1,12 @@
 """Controllers beyond the static tree: trained LTD policies and transformers' heuristic.
 
-Both implement :class:`ltd.control.Controller` (``continue_drafting`` before each draft
+Both implement :class:`ltd.controller.Controller` (``continue_drafting`` before each draft
 step, ``choose_size`` once drafting stops), so they plug into :func:`ltd.cycle.decode`
 unchanged; greedy output stays the target's greedy output whatever they decide.
 
 :class:`HeuristicController` needs to know how the last cycle went: the cycle calls
 every controller's ``observe_result(CycleResult)`` after each cycle (a no-op from
-:class:`ltd.control.ControllerBase` for the LTD policies, which decide from the tree alone).
+:class:`ltd.control.base.ControllerBase` for the LTD policies, which decide from the tree alone).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ltd.control import MAX_DEPTH, ControllerBase, DraftStepState, validate_static
+from ltd.control.base import MAX_DEPTH, ControllerBase, validate_static
+from ltd.control.policy import LoadedPolicy, load_policy
+from ltd.control.spaces import CONTINUE, History, depth_observation, size_observation
+from ltd.controller import DraftStepState
 from ltd.cycle import CycleResult
 from ltd.errors import LtdError
-from ltd.rl.policy import LoadedPolicy, load_policy
-from ltd.rl.spaces import CONTINUE, History, depth_observation, size_observation
 
 
 class LTDController(ControllerBase):

@@ -1,6 +1,6 @@
 """Observation and action spaces of the LTD policies, shared by every consumer.
 
-The replay environment, the live environment and :class:`ltd.control_ltd.LTDController`
+The replay environment, the live environment and :class:`ltd.control.learned.LTDController`
 all build observations with the two functions here, so a policy trained in replay sees
 exactly the same numbers when it runs live.
 

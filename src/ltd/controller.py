@@ -1,0 +1,50 @@
+"""What the cycle asks a controller, and what it shows it while asking.
+
+The cycle calls :meth:`Controller.continue_drafting` before each draft step and
+:meth:`Controller.choose_size` once drafting stops. The protocol lives below the cycle
+(which needs only these two types) and the implementations above it, in
+:mod:`ltd.control`: static trees, the transformers heuristic and trained LTD policies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ltd.tree import Tree
+
+
+@dataclass
+class DraftStepState:
+    """What a controller sees while drafting.
+
+    Attributes:
+        step: draft steps done so far (0 = nothing drafted yet; the tree's depth).
+        candidate_scores: cumulative scores of the candidates proposed by the last step
+            (k for the first step, k*k after), empty before the first step.
+        context_length: committed tokens (prompt + generated).
+        tree: the tree drafted so far.
+        topk: branching factor in use.
+    """
+
+    step: int
+    candidate_scores: torch.Tensor
+    context_length: int
+    tree: Tree
+    topk: int
+
+
+class Controller(Protocol):
+    """Chooses draft depth (step by step) and verification size.
+
+    ``observe_result`` receives each finished cycle's result (accepted length, timings),
+    for controllers that adapt from feedback; stateless ones ignore it.
+    """
+
+    def continue_drafting(self, state: DraftStepState) -> bool: ...
+
+    def choose_size(self, state: DraftStepState) -> int: ...
+
+    def observe_result(self, result) -> None: ...
