@@ -19,7 +19,7 @@ import sys
 
 from ltd.bench.methods import grid_methods, grid_peer_methods, parse_int_list, parse_methods, with_baseline
 from ltd.bench.runner import BenchConfig, GridSpec, run_bench
-from ltd.bench.suites import SUITES, load_hub_suite, load_questions, load_suites, parse_suite_list, resolve_data_dir
+from ltd.bench.suites import MIXED, SUITES, load_hub_suite, load_questions, load_suites, parse_suite_list, resolve_data_dir
 from ltd.cliargs import add_speed_args
 from ltd.errors import LtdError
 from ltd.registry import DEFAULT_MODEL
@@ -50,11 +50,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--drafter", default=None, help="drafter: none, self, builtin:NAME, EAGLE-3 head dir, or a small LM (default: the model's registry default)")
     p.add_argument("--assistant", default=None, help="draft model for hf-assisted (default: the drafter when it is a standalone LM)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--suites", default=None, help=f"comma-separated suites from {','.join(SUITES)} (default: all)")
+    src.add_argument("--suites", default=None, help=f"comma-separated suites from {','.join(SUITES)}, or {MIXED} (all interleaved in a fixed, seeded order) (default: all)")
     src.add_argument("--questions", default=None, help="a question.jsonl file (question_id, category, turns); categories become the breakdown")
-    p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default: ../shared/data/bench from here or the repo root)")
+    p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default: the copy shipped with ltd)")
     p.add_argument("--from-hub", action="store_true", help="build the suites from their Hugging Face datasets (needs internet and `datasets`)")
-    p.add_argument("--multi-turn", action="store_true", help="run every turn (later turns follow hf's replies); default: first turn only")
+    p.add_argument("--multi-turn", action="store_true", help="run every turn (later turns follow hf's replies); default: first turn only (multiturn always runs both)")
     p.add_argument("--methods", default=None, help=f"comma-separated: hf, llama.cpp, ar, static:DxKxV, hf-assisted, prompt-lookup, "
                         f"llama.cpp-spec:TYPE[:N] (default: the baseline,{DEFAULT_METHODS}; with --grid: the baseline)")
     p.add_argument("--backend", default="hf", choices=["hf", "llamacpp"], help="hf (transformers) or llamacpp (the GGUF on llama.cpp; baseline llama.cpp) (default hf)")
@@ -99,7 +99,7 @@ def _questions(args: argparse.Namespace):
         if args.suites or args.questions:
             raise LtdError("--grid runs on --grid-suite only; drop --suites/--questions (or run a separate bench)")
         target = args.grid_suite
-        if target in SUITES:
+        if target in SUITES or target == MIXED:
             names = [target]
         elif target.endswith(".jsonl") or Path(target).is_file():
             return load_questions(target, limit=args.limit), {"questions_file": str(Path(target).resolve())}
