@@ -158,7 +158,9 @@ def load_drafter(
     """Build a drafter from a spec.
 
     ``none``; ``ngram`` or ``ngram:N`` (continuations found in the text so far);
-    ``hybrid:ngram[:N]+SPEC[@D]`` (n-gram and another drafter merged in one tree, the
+    ``suffix`` or ``suffix:D`` (deep drafts from the longest earlier match, see
+    :mod:`ltd.drafting.suffix`); ``hybrid:ngram[:N]+SPEC[@D]`` or
+    ``hybrid:suffix[:D]+SPEC[@D]`` (a model-free and another drafter merged in one tree, the
     other drafting only the first D levels with ``@D``); ``self``
     (the target drafting for itself); ``builtin:NAME`` (a head shipped in the package); a
     directory holding an EAGLE-3 head (config.json with ``LlamaForCausalLMEagle3``); or
@@ -178,6 +180,10 @@ def load_drafter(
         from ltd.drafting.ngram import parse_ngram_spec
 
         return parse_ngram_spec(spec)
+    if spec == "suffix" or spec.startswith("suffix:"):
+        from ltd.drafting.suffix import parse_suffix_spec
+
+        return parse_suffix_spec(spec)
     if spec.startswith("hybrid:"):
         from ltd.drafting.hybrid import HybridDrafter, split_hybrid_spec, split_model_depth
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from itertools import product
 
+from ltd.drafting.suffix import STORE_FILES, SuffixDrafter
 from ltd.errors import LtdError
 from ltd.fileio import atomic_dir
 from ltd.online.knn import KNN_FILES, KnnConfig, KnnMemory, head_fingerprint
@@ -57,12 +58,13 @@ def parse_variant(variant: str) -> OnlineParts:
 
 
 def ngram_part(drafter):
-    """The n-gram drafter the memory attaches to: the drafter itself or a hybrid's n-gram half."""
+    """The model-free drafter the memory attaches to: the drafter itself or a hybrid's first half."""
     from ltd.drafting.hybrid import hybrid_part
     from ltd.drafting.ngram import NgramDrafter
 
-    return hybrid_part(drafter, "ngram", NgramDrafter,
-                       "online memory needs an n-gram drafter (--drafter ngram or hybrid:ngram+...); drop +memory for a head alone")
+    return hybrid_part(drafter, "ngram", (NgramDrafter, SuffixDrafter),
+                       "online memory needs an n-gram drafter or a suffix drafter (--drafter ngram, suffix, hybrid:ngram+... "
+                       "or hybrid:suffix+...); drop +memory for a head alone")
 
 
 class OnlineAdapter:
@@ -85,7 +87,9 @@ class OnlineAdapter:
         self.ngram = ngram_part(drafter) if parts.memory else None
         self.memory = None
         self.reliability = None
-        if self.ngram is not None:
+        if isinstance(self.ngram, SuffixDrafter):
+            self.memory = self.ngram.enable_store()  # its global store of past outputs (no q re-learning)
+        elif self.ngram is not None:
             self.memory = StreamMemory()
             self.ngram.memory = self.memory
             self.reliability = OnlineReliability(self.ngram.reliabilities)
@@ -119,6 +123,7 @@ class OnlineAdapter:
                 self.knn.write_files(tmp)
             if self.memory is not None:
                 self.memory.write_files(tmp)
+            if self.reliability is not None:
                 (tmp / RELIABILITY_FILE).write_text(json.dumps(self.reliability.to_json(), indent=2))
             (tmp / ADAPTER_FILE).write_text(json.dumps({"variant": self.variant}, indent=2))
 
@@ -141,6 +146,7 @@ class OnlineAdapter:
             self.knn.read_files(directory)
         if self.memory is not None:
             self.memory.read_files(directory)
+        if self.reliability is not None:
             self._read_reliability(directory / RELIABILITY_FILE)
 
     def _read_reliability(self, path: Path) -> None:
@@ -156,4 +162,4 @@ class OnlineAdapter:
 def has_state(directory: str | Path) -> bool:
     """Whether a directory holds saved online state of any variant."""
     d = Path(directory)
-    return any((d / name).exists() for name in (*LEARNER_FILES, ADAPTER_FILE, *KNN_FILES, *MEMORY_FILES, RELIABILITY_FILE))
+    return any((d / name).exists() for name in (*LEARNER_FILES, ADAPTER_FILE, *KNN_FILES, *MEMORY_FILES, RELIABILITY_FILE, *STORE_FILES))
