@@ -93,9 +93,11 @@ def cmd_generate(args) -> int:
 
     _setup_threads(args)
     _check_device(args.device)
-    cfg = _config_from(args, args.method)
+    # speculation off: our plain loop (method ar), no drafter loaded; the output is the same
+    method = "ar" if args.speculation == "off" else args.method
+    cfg = _config_from(args, method)
     drafter = args.drafter
-    if args.method in ("hf", "llama.cpp", "ar") and drafter is None:
+    if method in ("hf", "llama.cpp", "ar") and drafter is None:
         drafter = "none"
     engine = Engine.load(args.model, drafter=drafter, device=args.device, dtype=args.dtype, backend=args.backend, threads=args.threads, kernels=args.kernels, head_dtype=args.head_dtype)
     if args.online:
@@ -268,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--method", default="static", help="hf | llama.cpp | ar | static | ltd | heuristic (default static; hf needs --backend hf, llama.cpp --backend llamacpp)")
     p.add_argument("--policy", default=None, help="LTD policy dir with depth/ and size/ (default: the shipped one)")
+    p.add_argument("--speculation", default="auto", choices=["auto", "off"],
+                   help="auto: decode with --method; off: decode plainly (method ar; speculation helps code and "
+                        "copying, can cost on prose; the output is the same) (default auto)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_online_args(p)
