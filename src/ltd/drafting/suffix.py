@@ -333,6 +333,7 @@ class SuffixDrafter:
         self._remembered = True
         self._trie: SuffixNode | None = None
         self._memo: dict[int, SuffixNode | None] = {}
+        self._pad: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def last_match_length(self) -> int:
@@ -446,9 +447,15 @@ class SuffixDrafter:
         toks, logps = self._candidates([0], k)
         return toks[0], logps[0]
 
+    def _padding(self, rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Fresh [rows, k] candidate arrays holding only padding (copies of a cached template)."""
+        if self._pad is None or self._pad[0].shape[1] != k or self._pad[0].shape[0] < rows:
+            size = max(rows, 8)
+            self._pad = (np.full((size, k), PAD_TOKEN, dtype=np.int64), np.full((size, k), -np.inf, dtype=np.float32))
+        return self._pad[0][:rows].copy(), self._pad[1][:rows].copy()
+
     def _candidates(self, nodes: list[int], k: int, tree: Tree | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        toks = np.full((len(nodes), k), PAD_TOKEN, dtype=np.int64)
-        logps = np.full((len(nodes), k), -np.inf, dtype=np.float32)
+        toks, logps = self._padding(len(nodes), k)
         for i, node in enumerate(nodes):
             found = self._memo.get(node) if tree is None else trie_node_of(tree, node, self._memo)
             if found is not None and found.children:
@@ -458,7 +465,13 @@ class SuffixDrafter:
         return torch.from_numpy(toks), torch.from_numpy(logps)
 
     def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._candidates(nodes.tolist(), k, tree)
+        ids = nodes.tolist()
+        if self._trie is None or not ids or int(tree.depths[ids[0]]) >= self.stats.depth:
+            # below the trie's deepest level (frontiers are one level): nothing to look up
+            if all(int(tree.depths[i]) >= self.stats.depth for i in ids):
+                toks, logps = self._padding(len(ids), k)
+                return torch.from_numpy(toks), torch.from_numpy(logps)
+        return self._candidates(ids, k, tree)
 
     def end(self) -> None:
         self._trie = None
