@@ -496,7 +496,7 @@ def run_sigterm(args, out: Path) -> dict:
     extra = ["--online", "memory", "--online-state", str(state)]
     if server_knows(args, "--drain-timeout"):
         extra += ["--drain-timeout", str(args.drain_timeout)]
-    proc = start_server(args, port, out / "server-sigterm.log", drafter="ngram", extra=tuple(extra))
+    proc = start_server(args, port, out / "server-sigterm.log", drafter="suffix", extra=tuple(extra))
     res: dict = {"drain_timeout": args.drain_timeout if "--drain-timeout" in extra else None}
     try:
         wait_healthy(url, proc, args.startup_timeout)
@@ -538,13 +538,13 @@ def run_sigterm(args, out: Path) -> dict:
             proc.wait(10)
     res["state_on_disk"] = state.is_dir()
     try:
-        from ltd.drafting.ngram import NgramDrafter
+        from ltd.drafting.suffix import SuffixDrafter
         from ltd.online import OnlineAdapter
 
-        adapter = OnlineAdapter(NgramDrafter(), "memory")
+        adapter = OnlineAdapter(SuffixDrafter(), "memory")
         adapter.load_state(state)
         res["state_reloads"] = True
-        res["state_memory_tokens"] = len(adapter.memory)
+        res["state_memory_tokens"] = len(adapter.store)
     except Exception as exc:  # reported, not raised: this is the figure being measured
         res["state_reloads"] = False
         res["state_error"] = f"{type(exc).__name__}: {exc}"[:200]
@@ -621,7 +621,7 @@ def write_report(path: Path, res: dict, before: dict | None) -> None:
         f"torch {mach['torch']}, transformers {mach['transformers']}. **The machine is shared with other jobs (not quiet): "
         "figures marked * are timings and only indicative; status counts and RSS are what this report is about.**",
         "",
-        f"Model `{cfg['model']}`, drafter `{cfg['drafter']}` (the SIGTERM phase: `ngram` with `--online memory`), method "
+        f"Model `{cfg['model']}`, drafter `{cfg['drafter']}` (the SIGTERM phase: `suffix` with `--online memory`), method "
         f"`{cfg['method']}`, server `--threads {cfg['threads']}`, queue size {cfg['queue_size']}. Load: {cfg['clients']} clients x "
         f"{cfg['requests']} requests, max_tokens {cfg['max_tokens']}. Burst: {cfg['burst']} at once, max_tokens "
         f"{cfg['burst_max_tokens']}, no retries. Disconnects: {cfg['disconnects']} streams closed after the first chunk. Huge: "

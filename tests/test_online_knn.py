@@ -210,7 +210,7 @@ def test_knn_state_round_trips_and_bad_states_are_refused(tiny_model, tmp_path):
     (state / "knn.json").write_text(json.dumps(meta))
     with pytest.raises(LtdError, match="another version or head size"):
         OnlineAdapter(_hybrid(tiny_model), "knn").load_state(state)
-    # a state saved by a variant this version no longer has
+    # a state saved by another variant
     old_state = tmp_path / "memory-only"
     adapter.save_state(old_state)
     (old_state / "adapter.json").write_text(json.dumps({"variant": "memory"}))

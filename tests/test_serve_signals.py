@@ -1,7 +1,7 @@
 """``python -m ltd.serve`` as a real process: signals, shutdown and online state on disk.
 
 The server runs a tiny random Llama saved to a directory (with a word-level tokenizer),
-the n-gram drafter and ``--online memory``, so start-up takes seconds and the online
+the suffix drafter and ``--online memory``, so start-up takes seconds and the online
 state is the real :class:`ltd.online.OnlineAdapter` on disk. The tiny model never
 writes EOS, so a stream lasts as long as ``max_tokens`` says.
 """
@@ -27,7 +27,7 @@ pytest.importorskip("uvicorn")
 from conftest import TINY_VOCAB, make_tiny_llama  # noqa: E402
 
 import ltd  # noqa: E402
-from ltd.drafting.ngram import NgramDrafter  # noqa: E402
+from ltd.drafting.suffix import SuffixDrafter  # noqa: E402
 from ltd.online import OnlineAdapter  # noqa: E402
 
 SRC = Path(ltd.__file__).resolve().parents[1]  # the server runs the code this test imports
@@ -62,7 +62,7 @@ class ServerProcess:
     def __init__(self, model_dir: Path, state_dir: Path, log_path: Path, *flags: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "ltd.serve", "--model", str(model_dir), "--drafter", "ngram", "--method", "static",
+        cmd = [sys.executable, "-m", "ltd.serve", "--model", str(model_dir), "--drafter", "suffix", "--method", "static",
                "--online", "memory", "--online-state", str(state_dir), "--port", str(self.port), "--threads", "1",
                "--queue-size", "2", "--max-tokens-limit", "4000", "--no-access-log", *flags]
         env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -92,9 +92,9 @@ class ServerProcess:
 
 def memory_of(state_dir: Path) -> int:
     """Tokens in a saved stream memory, loaded the way a restart loads it."""
-    adapter = OnlineAdapter(NgramDrafter(), "memory")
+    adapter = OnlineAdapter(SuffixDrafter(), "memory")
     adapter.load_state(state_dir)
-    return len(adapter.memory)
+    return len(adapter.store)
 
 
 def test_sigterm_drains_answers_everyone_and_saves_state_that_reloads(model_dir, tmp_path):

@@ -73,9 +73,11 @@ def _setup_threads(args) -> None:
 def cmd_generate(args) -> int:
     from ltd.engine import method_of
 
-    cfg = _config_from(args, args.method)
+    # speculation off: our plain loop (method ar), no drafter loaded; the output is the same
+    method = "ar" if args.speculation == "off" else args.method
+    cfg = _config_from(args, method)
     drafter = args.drafter
-    if not method_of(args.method).uses_drafter and drafter is None:
+    if not method_of(method).uses_drafter and drafter is None:
         drafter = "none"  # the method never drafts: load none
     engine = load_engine(args, drafter)
     if args.online:
@@ -256,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--method", default="static", help="hf | llama.cpp | ar | static | ltd | heuristic (default static; hf needs --backend hf, llama.cpp --backend llamacpp)")
     p.add_argument("--policy", default=None, help="LTD policy dir with depth/ and size/ (default: the shipped one)")
+    p.add_argument("--speculation", default="auto", choices=["auto", "off"],
+                   help="auto: decode with --method; off: decode plainly (method ar; speculation helps code and "
+                        "copying, can cost on prose; the output is the same) (default auto)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     _add_online_args(p)

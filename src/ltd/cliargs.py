@@ -18,7 +18,8 @@ DRAFTER_HELP = (
     "(default: the model's shipped drafter; ngram on llamacpp)"
 )
 
-ONLINE_HELP = "adapt the drafter while {doing}: a kNN memory of the EAGLE-3 head's states labelled by the target (knn)"
+ONLINE_HELP = ("adapt the drafter while {doing}: knn = a kNN memory of the EAGLE-3 head's states labelled by the target; "
+               "memory = the suffix drafter's store of past outputs (--drafter suffix or hybrid:suffix+...); knn+memory = both")
 
 
 def add_speed_args(p: argparse.ArgumentParser) -> None:

@@ -33,4 +33,4 @@ HEAD_DTYPE_HELP = (
 )
 
 # --online variants (ltd.online.adapter), named here so that parsers need no torch.
-ONLINE_VARIANTS = ("knn",)
+ONLINE_VARIANTS = ("knn", "memory", "knn+memory")

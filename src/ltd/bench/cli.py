@@ -19,7 +19,7 @@ import sys
 
 from ltd.bench.methods import grid_methods, grid_peer_methods, parse_methods, with_baseline
 from ltd.bench.runner import BenchConfig, GridSpec, run_bench
-from ltd.bench.suites import SUITES, load_hub_suite, load_questions, load_suites, parse_suite_list, resolve_data_dir
+from ltd.bench.suites import MIXED, SUITES, load_hub_suite, load_questions, load_suites, parse_suite_list, resolve_data_dir
 from ltd.cliargs import add_model_args, parse_int_list
 from ltd.errors import LtdError
 
@@ -48,11 +48,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--assistant", default=None, help="draft model for hf-assisted (default: the drafter when it is a standalone LM)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--suites", default=None, help=f"comma-separated suites from {','.join(SUITES)} (default: all)")
+    src.add_argument("--suites", default=None, help=f"comma-separated suites from {','.join(SUITES)}, or {MIXED} (all interleaved in a fixed, seeded order) (default: all)")
     src.add_argument("--questions", default=None, help="a question.jsonl file (question_id, category, turns); categories become the breakdown")
-    p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default: ../shared/data/bench from here or the repo root)")
+    p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default: the copy shipped with ltd)")
     p.add_argument("--from-hub", action="store_true", help="build the suites from their Hugging Face datasets (needs internet and `datasets`)")
-    p.add_argument("--multi-turn", action="store_true", help="run every turn (later turns follow hf's replies); default: first turn only")
+    p.add_argument("--multi-turn", action="store_true", help="run every turn (later turns follow hf's replies); default: first turn only (multiturn always runs both)")
     p.add_argument("--methods", default=None, help=f"comma-separated: hf, llama.cpp, ar, static:DxKxV, hf-assisted, prompt-lookup, "
                         f"llama.cpp-spec:TYPE[:N] (default: the baseline,{DEFAULT_METHODS}; with --grid: the baseline)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each suite")
@@ -92,7 +92,7 @@ def _questions(args: argparse.Namespace):
         if args.suites or args.questions:
             raise LtdError("--grid runs on --grid-suite only; drop --suites/--questions (or run a separate bench)")
         target = args.grid_suite
-        if target in SUITES:
+        if target in SUITES or target == MIXED:
             names = [target]
         elif target.endswith(".jsonl") or Path(target).is_file():
             return load_questions(target, limit=args.limit), {"questions_file": str(Path(target).resolve())}

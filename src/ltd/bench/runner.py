@@ -273,7 +273,7 @@ class _Loop:
         return LlamaCppSpecPeer(spec.peer, self.engine, cfg.model, cfg.drafter, cfg.assistant, threads=cfg.threads)
 
     def _turns(self, q: Question) -> int:
-        return len(q.turns) if self.config.multi_turn else 1
+        return len(q.turns) if self.config.multi_turn or q.all_turns else 1
 
     def warm_up(self) -> None:
         q = self.config.questions[0]

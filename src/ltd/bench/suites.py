@@ -4,16 +4,25 @@ Every line is one JSON object with ``question_id``, ``category`` and ``turns`` (
 user turns). A malformed file is a user error, so the message names the file and the
 line to fix instead of surfacing a KeyError deep inside the timing loop.
 
-Suites live in ``DIR/<suite>/question.jsonl``. The default ``DIR`` is
-``../shared/data/bench``, looked up relative to the current directory and to the
-repository root (so ``ltd bench`` works from either). With internet, ``load_hub_suite``
-builds the same questions from the original Hugging Face datasets.
+Suites live in ``DIR/<suite>/question.jsonl``. The package carries its own copy of every
+suite (``ltd/assets/bench``), so a clone or an installed wheel benchmarks with no data
+download; ``--data-dir`` points at another folder of the same layout. With internet,
+``load_hub_suite`` builds the six SpecBench suites from the original Hugging Face datasets.
+
+Six suites are SpecBench-style (chat, code, math, instructions, QA, summaries): drafts are
+mediocre everywhere on them. Three are copy-heavy, built from CPython standard-library
+code and docstrings, where a model-free drafter is right many tokens at a time: ``edit``
+(change a function in the prompt and return it whole), ``rag`` (answer about a passage by
+quoting it) and ``multiturn`` (a second turn revises the first answer, so both turns
+always run). ``mixed`` is no file but a stream: all nine suites interleaved in a fixed,
+seeded order, the unit real, mixed work is judged on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,9 +31,15 @@ from ltd.errors import LtdError
 
 log = logging.getLogger(__name__)
 
-SUITES = ("mt_bench", "humaneval", "gsm8k", "alpaca", "qa", "sum")
+SPECBENCH_SUITES = ("mt_bench", "humaneval", "gsm8k", "alpaca", "qa", "sum")
+COPY_SUITES = ("edit", "rag", "multiturn")
+SUITES = SPECBENCH_SUITES + COPY_SUITES
+MIXED = "mixed"  # all SUITES interleaved (see mixed_stream)
+MIXED_SEED = 0
+# suites whose later turns are the point (a revision of the first answer): always run whole
+ALL_TURN_SUITES = ("multiturn",)
 QUESTION_FILE = "question.jsonl"
-DEFAULT_DATA_DIR = Path("..") / "shared" / "data" / "bench"
+PACKAGED_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "bench"
 
 
 @dataclass(frozen=True)
@@ -35,6 +50,7 @@ class Question:
     question_id: str | int
     category: str
     turns: tuple[str, ...]
+    all_turns: bool = False  # run every turn even without --multi-turn (the multiturn suite)
 
     @property
     def key(self) -> str:
@@ -43,15 +59,18 @@ class Question:
 
 
 def parse_suite_list(text: str) -> list[str]:
-    """``"mt_bench,gsm8k"`` -> names, each checked against the known suites."""
+    """``"mt_bench,gsm8k"`` -> names, each checked against the known suites (or ``mixed`` alone)."""
     names = [n.strip() for n in text.split(",") if n.strip()]
+    known = ", ".join(SUITES + (MIXED,))
     if not names:
-        raise LtdError(f"--suites is empty; choose from {', '.join(SUITES)}")
+        raise LtdError(f"--suites is empty; choose from {known}")
     for name in names:
-        if name not in SUITES:
-            raise LtdError(f"unknown suite {name!r}; choose from {', '.join(SUITES)} or pass --questions FILE.jsonl")
+        if name not in SUITES and name != MIXED:
+            raise LtdError(f"unknown suite {name!r}; choose from {known} or pass --questions FILE.jsonl")
     if len(set(names)) != len(names):
         raise LtdError(f"--suites names a suite twice ({text}); list each once")
+    if MIXED in names and len(names) > 1:
+        raise LtdError(f"--suites {text}: {MIXED} already holds every suite; pass it alone")
     return names
 
 
@@ -113,53 +132,48 @@ def load_questions(path: str | Path, suite: str | None = None, limit: int | None
     return questions
 
 
-def repo_root() -> Path | None:
-    """The source checkout holding this package (editable installs), if any."""
-    for parent in Path(__file__).resolve().parents:
-        if (parent / "pyproject.toml").is_file():
-            return parent
-    return None
-
-
-def default_data_dir(cwd: Path | None = None) -> Path | None:
-    """``../shared/data/bench`` relative to the current directory, else to the repo root."""
-    bases = [cwd or Path.cwd()]
-    root = repo_root()
-    if root is not None:
-        bases.append(root)
-    for base in bases:
-        candidate = (base / DEFAULT_DATA_DIR).resolve()
-        if candidate.is_dir():
-            return candidate
-    return None
-
-
 def resolve_data_dir(data_dir: str | Path | None) -> Path:
-    """The suite directory to use, or an error naming the flags that fix it."""
-    if data_dir is not None:
-        path = Path(data_dir).expanduser()
-        if not path.is_dir():
-            raise LtdError(f"--data-dir {path} is not a directory; point it at the folder holding <suite>/question.jsonl")
-        return path
-    found = default_data_dir()
-    if found is None:
-        raise LtdError(
-            f"no benchmark data found at {DEFAULT_DATA_DIR} (from here or the repo root); "
-            "pass --data-dir DIR, --questions FILE.jsonl, or --from-hub (needs internet)"
-        )
-    return found
+    """The suite directory to use: ``data_dir`` if given, else the package's own copy."""
+    if data_dir is None:
+        return PACKAGED_DATA_DIR
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        raise LtdError(f"--data-dir {path} is not a directory; point it at the folder holding <suite>/question.jsonl")
+    return path
 
 
 def load_suites(names: Sequence[str], data_dir: str | Path | None = None, limit: int | None = None) -> list[Question]:
-    """Questions of the named suites from ``DIR/<suite>/question.jsonl``, suite by suite."""
+    """Questions of the named suites from ``DIR/<suite>/question.jsonl``, suite by suite.
+
+    ``["mixed"]`` gives :func:`mixed_stream` over every suite instead.
+    """
+    if list(names) == [MIXED]:
+        return mixed_stream(data_dir, limit=limit)
     base = resolve_data_dir(data_dir)
     questions: list[Question] = []
     for name in names:
         path = base / name / QUESTION_FILE
         if not path.is_file():
             raise LtdError(f"suite {name!r} has no {path}; check --data-dir or drop it from --suites")
-        questions.extend(load_questions(path, suite=name, limit=limit))
+        loaded = load_questions(path, suite=name, limit=limit)
+        if name in ALL_TURN_SUITES:
+            loaded = [Question(q.suite, q.question_id, q.category, q.turns, all_turns=True) for q in loaded]
+        questions.extend(loaded)
     log.info("loaded %d questions from %s (%s)", len(questions), base, ", ".join(names))
+    return questions
+
+
+def mixed_stream(data_dir: str | Path | None = None, limit: int | None = None, seed: int = MIXED_SEED) -> list[Question]:
+    """Every suite's questions (first ``limit`` of each) interleaved in a fixed, seeded order.
+
+    Real work alternates free text, where drafts are weak, with copy-heavy turns, where a
+    model-free drafter is right many tokens at a time; a policy is judged on that mixture,
+    not on one homogeneous suite. The order is a seeded shuffle, so every run (and every
+    machine) sees the same stream; each question keeps its suite for the breakdown, and
+    multiturn questions keep both turns.
+    """
+    questions = load_suites(SUITES, data_dir, limit=limit)
+    random.Random(seed).shuffle(questions)
     return questions
 
 
@@ -185,7 +199,7 @@ _HUB_SOURCES = {
 def load_hub_suite(name: str, limit: int | None = 80) -> list[Question]:
     """Build a suite from its original dataset on the Hugging Face hub (SpecBench sources)."""
     if name not in _HUB_SOURCES:
-        raise LtdError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+        raise LtdError(f"suite {name!r} has no Hugging Face source (only {', '.join(_HUB_SOURCES)}); drop --from-hub to use the shipped copy")
     try:
         import datasets  # noqa: PLC0415 - optional, only needed for the hub path
     except ImportError:

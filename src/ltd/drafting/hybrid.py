@@ -116,10 +116,15 @@ def split_model_depth(model_spec: str) -> tuple[str, int | None]:
     return base, d
 
 
+MODEL_FREE_KINDS = ("ngram", "suffix")  # drafters that can be a hybrid's first half
+
+
 def split_hybrid_spec(spec: str) -> tuple[str, str]:
-    """``hybrid:ngram[:N]+MODEL_SPEC[@D]`` -> (n-gram spec, model drafter spec incl. ``@D``)."""
+    """``hybrid:ngram[:N]+MODEL_SPEC[@D]`` (or ``hybrid:suffix[:D]+...``) -> (model-free
+    drafter spec, model drafter spec incl. ``@D``)."""
     body = spec[len("hybrid:"):]
     ngram, plus, model = body.partition("+")
-    if not plus or not (ngram == "ngram" or ngram.startswith("ngram:")) or not model:
-        raise LtdError(f"bad drafter {spec!r}: write hybrid:ngram[:N]+DRAFTER, e.g. hybrid:ngram+builtin:smollm2-135m-eagle3")
+    if not plus or ngram.partition(":")[0] not in MODEL_FREE_KINDS or not model:
+        raise LtdError(f"bad drafter {spec!r}: write hybrid:ngram[:N]+DRAFTER or hybrid:suffix[:D]+DRAFTER, "
+                       "e.g. hybrid:suffix+builtin:smollm2-135m-eagle3@1")
     return ngram, model

@@ -1,8 +1,10 @@
 """Drafters by spec: one registry entry per kind of drafter.
 
 The user-facing spec strings: ``none``; ``ngram`` or ``ngram:N`` (continuations found in
-the text so far); ``hybrid:ngram[:N]+DRAFTER[@D]`` (n-gram and another drafter merged in
-one tree, the other drafting only the first D levels with ``@D``); ``self`` (the target
+the text so far); ``suffix`` or ``suffix:D`` (deep drafts from the longest earlier match,
+:mod:`ltd.drafting.suffix`); ``hybrid:ngram[:N]+DRAFTER[@D]`` or
+``hybrid:suffix[:D]+DRAFTER[@D]`` (a model-free and another drafter merged in one tree, the
+other drafting only the first D levels with ``@D``); ``self`` (the target
 drafting for itself); ``builtin:NAME`` (a head shipped in the package); a directory
 holding an EAGLE-3 head; or any model argument :func:`ltd.models.load_model` accepts (an
 independent small LM with the target's tokenizer).
@@ -29,6 +31,7 @@ from ltd.drafting.eagle3 import Eagle3Drafter, check_head_matches_target, is_hea
 from ltd.drafting.hybrid import HybridDrafter, split_hybrid_spec, split_model_depth
 from ltd.drafting.lm import LMDrafter
 from ltd.drafting.ngram import parse_ngram_spec
+from ltd.drafting.suffix import parse_suffix_spec
 from ltd.errors import LtdError
 from ltd.models import LoadedModel, load_model, load_tokenizer_only, parse_dtype, resolve_gguf
 
@@ -115,7 +118,16 @@ def _native_lm(backend_model, ctx: DrafterContext) -> LMDrafter:
 def _build_hybrid(spec: str, ctx: DrafterContext) -> Drafter:
     ngram_spec, model_spec = split_hybrid_spec(spec)
     model_spec, model_depth = split_model_depth(model_spec)
-    return HybridDrafter(parse_ngram_spec(ngram_spec), load_drafter_in(model_spec, ctx), model_depth=model_depth)
+    return HybridDrafter(_build_model_free(ngram_spec), load_drafter_in(model_spec, ctx), model_depth=model_depth)
+
+
+def _is_suffix(spec: str) -> bool:
+    return spec == "suffix" or spec.startswith("suffix:")
+
+
+def _build_model_free(spec: str) -> Drafter:
+    """A hybrid's first half: the suffix drafter or the n-gram drafter."""
+    return parse_suffix_spec(spec) if _is_suffix(spec) else parse_ngram_spec(spec)
 
 
 def _build_self(spec: str, ctx: DrafterContext) -> Drafter:
@@ -162,6 +174,7 @@ def _build_model(spec: str, ctx: DrafterContext) -> Drafter:
 DRAFTER_KINDS: list[DrafterKind] = [
     DrafterKind("none", lambda s: s in ("", "none"), lambda s, ctx: NullDrafter()),
     DrafterKind("ngram", lambda s: s == "ngram" or s.startswith("ngram:"), lambda s, ctx: parse_ngram_spec(s)),
+    DrafterKind("suffix", _is_suffix, lambda s, ctx: parse_suffix_spec(s)),
     DrafterKind("hybrid", lambda s: s.startswith("hybrid:"), _build_hybrid),
     DrafterKind("self", lambda s: s == "self", _build_self),
     DrafterKind("eagle3", is_head_spec, _build_head),

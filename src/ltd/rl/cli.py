@@ -70,7 +70,7 @@ def _prompt_args(p: argparse.ArgumentParser, default_suite: str | None) -> None:
                      help=f"comma-separated suites from {','.join(SUITES)} (default {default_suite}; "
                           f"only {','.join(TRAINING_SUITES)} is for training, others need --allow-held-out)")
     src.add_argument("--questions", default=None, help="a question.jsonl file (question_id, category, turns) to use instead")
-    p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default ../shared/data/bench)")
+    p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default: the copy shipped with ltd)")
     p.add_argument("--limit", type=int, default=None, help="first N questions of each suite")
     p.add_argument("--allow-held-out", action="store_true", help="allow the held-out evaluation suites (results are then in-sample)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")

@@ -1,0 +1,89 @@
+"""The shipped benchmark suites and the mixed stream (no model needed)."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from ltd.bench.suites import COPY_SUITES, MIXED, PACKAGED_DATA_DIR, SUITES, load_suites, mixed_stream, parse_suite_list, resolve_data_dir
+from ltd.errors import LtdError
+
+
+def test_suites_load_from_the_package_in_any_directory(tmp_path, monkeypatch):
+    """A clone or a wheel benchmarks from its own copy: no folder beside the checkout."""
+    monkeypatch.chdir(tmp_path)  # nothing relative to the cwd can be found from here
+    assert os.listdir(tmp_path) == []
+    base = resolve_data_dir(None)
+    assert base == PACKAGED_DATA_DIR and base.is_dir()
+    import ltd
+
+    assert base.resolve().is_relative_to(os.path.dirname(ltd.__file__))
+    questions = load_suites(SUITES)
+    by_suite = {s: [q for q in questions if q.suite == s] for s in SUITES}
+    for suite, qs in by_suite.items():
+        assert len(qs) >= 10, suite
+    assert set(COPY_SUITES) == {"edit", "rag", "multiturn"}
+    # the copy-heavy suites carry the text to copy inside the prompt
+    assert all("def " in q.turns[0] for q in by_suite["edit"])
+    assert all(len(q.turns) == 2 and q.all_turns for q in by_suite["multiturn"])
+    assert not any(q.all_turns for s in SUITES if s != "multiturn" for q in by_suite[s])
+
+
+def test_data_dir_override_still_works(tmp_path):
+    (tmp_path / "edit").mkdir()
+    (tmp_path / "edit" / "question.jsonl").write_text('{"question_id": 1, "category": "edit", "turns": ["x"]}\n')
+    qs = load_suites(["edit"], tmp_path)
+    assert [q.key for q in qs] == ["edit/1"]
+    with pytest.raises(LtdError, match="--data-dir"):
+        load_suites(["edit"], tmp_path / "missing")
+
+
+def test_mixed_stream_holds_every_suite_in_a_fixed_interleaved_order():
+    first = mixed_stream(limit=5)
+    again = load_suites([MIXED], limit=5)
+    assert [q.key for q in first] == [q.key for q in again]  # deterministic
+    assert {q.suite for q in first} == set(SUITES)
+    assert sorted(q.key for q in first) == sorted(q.key for q in load_suites(SUITES, limit=5))
+    assert len({q.key for q in first}) == len(first) == 5 * len(SUITES)
+    # interleaved, not suite after suite: the suite changes often along the stream
+    changes = sum(a.suite != b.suite for a, b in zip(first, first[1:]))
+    assert changes > len(first) // 2
+    # the seed fixes the order; another seed gives another order of the same questions
+    other = mixed_stream(limit=5, seed=1)
+    assert [q.key for q in other] != [q.key for q in first]
+    assert sorted(q.key for q in other) == sorted(q.key for q in first)
+    multi = [q for q in first if q.suite == "multiturn"]
+    assert multi and all(len(q.turns) == 2 and q.all_turns for q in multi)
+
+
+def test_parse_suite_list_knows_the_new_suites_and_mixed():
+    assert parse_suite_list("edit,rag,multiturn") == ["edit", "rag", "multiturn"]
+    assert parse_suite_list("mixed") == ["mixed"]
+    with pytest.raises(LtdError, match="pass it alone"):
+        parse_suite_list("mixed,edit")
+    with pytest.raises(LtdError, match="mixed"):
+        parse_suite_list("mixd")
+
+
+def test_bench_runs_both_turns_of_multiturn_without_the_flag():
+    """multiturn's second turn revises the first answer, so it is never cut to one turn."""
+    from ltd.bench.runner import _Loop
+
+    loop = _Loop.__new__(_Loop)
+    loop.config = SimpleNamespace(multi_turn=False)
+    questions = {q.suite: q for q in mixed_stream(limit=1)}
+    assert loop._turns(questions["multiturn"]) == 2
+    assert loop._turns(questions["mt_bench"]) == 1
+    loop.config = SimpleNamespace(multi_turn=True)
+    assert loop._turns(questions["mt_bench"]) == len(questions["mt_bench"].turns) == 2
+
+
+def test_bench_cli_accepts_mixed(tmp_path):
+    from ltd.bench.cli import _questions
+
+    args = SimpleNamespace(limit=2, grid=False, questions=None, suites="mixed", from_hub=False, data_dir=None)
+    questions, source = _questions(args)
+    assert {q.suite for q in questions} == set(SUITES)
+    assert "shared" not in source["data_dir"].split(os.sep)
