@@ -26,7 +26,7 @@ from ltd.errors import LtdError
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")]
 
 PROMPT = [1, 9690, 198, 2683, 359, 253, 5356, 11173, 30, 2, 198, 1, 4093, 198]  # a short chat-shaped prompt
-TIE = 1e-4  # a top-2 margin below this is a numerical tie (DESIGN.md section 2)
+TIE = 1e-4  # a top-2 margin below this is a numerical tie (docs/design.md)
 
 
 @pytest.fixture(scope="module")

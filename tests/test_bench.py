@@ -328,7 +328,8 @@ def test_online_suffix_parses_and_labels():
     assert spec.online == "knn" and spec.depth == 6 and spec.label == "static:6x8x32+online=knn"
     with pytest.raises(LtdError, match="online"):
         parse_method("static:6x8x32+online=nope")
-    for removed in ("plain", "hedge", "memory", "knn+memory"):  # variants that lost their benchmarks
+    assert parse_method("static:32x1x32+online=memory").online == "memory"  # the suffix store
+    for removed in ("plain", "hedge", "optimistic"):  # variants that lost their benchmarks
         with pytest.raises(LtdError, match="VARIANT one of knn"):
             parse_method(f"ltd+online={removed}")
     with pytest.raises(LtdError, match="static and ltd"):
@@ -386,7 +387,7 @@ def test_peer_outputs_compare_by_text():
 
 
 def test_tie_margin_follows_the_dtype():
-    """fp32 keeps DESIGN.md's 1e-4; a 16-bit dtype ties within a few rounding steps of the logit."""
+    """fp32 keeps the 1e-4 tie margin; a 16-bit dtype ties within a few rounding steps of the logit."""
     from types import SimpleNamespace
 
     import torch

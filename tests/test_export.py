@@ -169,7 +169,7 @@ def test_shipped_head_exports_in_standard_layout(tmp_path):
 
 
 def test_shipped_head_fits_the_size_budget():
-    """The repository ships the SmolLM2 head in half precision under 25 MB (issue #4)."""
+    """The repository ships the SmolLM2 head in half precision under 25 MB."""
     from ltd.drafting.eagle3 import builtin_drafter_dir
 
     weights = builtin_drafter_dir("smollm2-135m-eagle3") / "model.safetensors"

@@ -1,6 +1,6 @@
 """What machine a benchmark ran on.
 
-Our machines differ in the costs that decide the best tree (DESIGN.md section 2), so a
+Our machines differ in the costs that decide the best tree (docs/design.md), so a
 number without the CPU model, thread count and library versions is not comparable.
 """
 

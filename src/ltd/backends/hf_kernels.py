@@ -7,12 +7,12 @@ weights once per row: the 576x49152 LM head cost 23 ms for 2 rows and 34 ms for 
 against 11 ms for one, and a whole forward of 3 tree nodes cost 160 ms against 76 ms for
 one token. The same product written as ``(W @ x.T).T`` takes another BLAS path: 4-5 ms
 for the LM head at 2-4 rows, and whole forwards of 2-4 nodes ~80-100 ms. Which path wins
-depends on the CPU, the BLAS, the thread count and the shapes (DESIGN.md section 2: our
+depends on the CPU, the BLAS, the thread count and the shapes (docs/design.md: our
 machines differ), so nothing is assumed: :func:`measure_plan` times whole forwards of the
 real model both ways for each row count and keeps the faster, and the plan is cached per
 machine, model shape, dtype and thread count.
 
-Plan version 2 adds two findings (session 8, same machine). The input of ``(W @ x.T).T``
+Plan version 2 adds two findings (same machine). The input of ``(W @ x.T).T``
 must be row-major: the previous layer's transposed output, fed as-is, sent MKL down a
 path ~4x slower, which had hidden most of the gain. And a count may be *padded* with
 zero rows to a count that runs faster: one token padded to two rows takes ~38 ms per

@@ -1,6 +1,6 @@
 """llama.cpp backend through llama-cpp-python's low-level API: what CPU users run.
 
-Tree verification needs no change to llama.cpp (DESIGN.md section 2). The context uses
+Tree verification needs no change to llama.cpp (docs/design.md). The context uses
 one unified KV buffer (``kv_unified``) shared by many sequences. Sequence 0 holds the
 committed context. Every speculative node lives in one *path sequence* that holds the
 committed context, the node's ancestors and the node itself; llama.cpp masks a query by

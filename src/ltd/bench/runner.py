@@ -38,7 +38,7 @@ LLAMACPP_REFERENCE = "llama.cpp"
 # llama.cpp's speculative tool with no drafts: the closest reference (same prompt batching)
 LLAMACPP_SPEC_REFERENCE = "llama.cpp-spec:none"
 REFERENCES = (BASELINE, LLAMACPP_REFERENCE, LLAMACPP_SPEC_REFERENCE)
-TIE_MARGIN = 1e-4  # below this a top-2 logit margin is a numerical tie (DESIGN.md section 2)
+TIE_MARGIN = 1e-4  # below this a top-2 logit margin is a numerical tie (docs/design.md)
 SCHEMA_VERSION = 1
 
 
@@ -192,7 +192,7 @@ TIE_ROUNDING_STEPS = 4  # in a 16-bit dtype, margins within this many rounding s
 def tie_margin(backend, top_logit: float) -> float:
     """Top-2 logit margin below which two greedy outputs may differ by rounding alone.
 
-    In fp32 it is :data:`TIE_MARGIN` (DESIGN.md section 2), or the backend's own wider
+    In fp32 it is :data:`TIE_MARGIN` (docs/design.md), or the backend's own wider
     margin (llama.cpp's stock kernels move logits with the batch size). In a 16-bit dtype
     one rounding step at the logit's size is ``eps * |logit|`` (0.125 at a logit of 20 in
     bfloat16), and a tree sums in another order than plain decoding, which moves the

@@ -84,8 +84,8 @@ KNN_FILES = ("knn.json", "knn.safetensors")
 
 @dataclass
 class KnnConfig:
-    """kNN memory settings; defaults from the offline replay (session 11), the temperature
-    and node_votes from a live 80-prompt humaneval stream (session 12)."""
+    """kNN memory settings; defaults from an offline replay of humaneval answers, the temperature
+    and node_votes from a live 80-prompt humaneval stream (benchmarks/knn-settings-80prompts-2026-11-28)."""
 
     capacity: int = 32768  # stored positions (the oldest go first)
     k: int = 16  # neighbours that vote
@@ -96,7 +96,7 @@ class KnnConfig:
     # deeper nodes the root's neighbours say nothing below that ask the store with their own
     # head state, per draft step (best-scored first). Off by default: on the 80-prompt
     # humaneval stream 2 gained 0.4% accepted (benchmarks/knn-settings-80prompts-2026-11-28) and cost ~1.7 ms
-    # per cycle (a head layer and two more queries; session 12 scratch profile), a loss
+    # per cycle (a head layer and two more queries; a scratch profile), a loss
     # here; it may pay where the head is cheap
     node_votes: int = 0
 
@@ -165,7 +165,7 @@ class _Bucket:
 
     Why: gathering a common token's rows out of the ring (``keys[rows]``) copied megabytes
     per query once the store held a few thousand of them (a 3130-row bucket: 0.76 ms per
-    query with the gather, 0.17 ms with this index; session 12 scratch micro-benchmark,
+    query with the gather, 0.17 ms with this index; a scratch micro-benchmark,
     1 thread). Rows are copies of ring entries; a row whose ring slot was overwritten
     is stale (its serial no longer matches the slot's) and is masked, then dropped when
     stale rows outnumber live ones.

@@ -1,7 +1,7 @@
 """Warm-starting the LTD policies by imitation, before PPO.
 
 Why: PPO from a random policy, on a few thousand cycles of replay, settled on the best
-static tree or below it (replay on alpaca traces, session 9: 34.1 and 29.3 tokens/s against
+static tree or below it (replay on alpaca traces, 2026-11-27: 34.1 and 29.3 tokens/s against
 the fixed tree's 34.9 and 33.7). A size rule read off the same observation does better:
 the draft scores are probabilities (the n-gram drafter's are calibrated, the head's are
 its softmax), so verifying the V best nodes should add about ``sum of their

@@ -1,6 +1,6 @@
 """The cost model of one speculative cycle on this machine, and the profiler that measures it.
 
-Our machines differ in exactly the costs that decide the best tree (DESIGN.md section 2),
+Our machines differ in exactly the costs that decide the best tree (docs/design.md),
 so nothing here is a constant: :func:`profile` measures, with the real backend and the
 real drafter, the cost of
 
