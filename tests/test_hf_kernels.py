@@ -228,7 +228,8 @@ def test_plan_is_measured_once_cached_and_remeasured_when_corrupt(monkeypatch, t
     assert {str(r) for r in MEASURED_ROWS} <= set(data["timings"])
     for rows, t in data["timings"].items():
         if int(rows) in backend.kernel_plan.routes:
-            assert t["chosen"] < (1 - MIN_GAIN) * t["stock"] and t["candidate_route"] == list(backend.kernel_plan.route(int(rows)))
+            assert t["chosen"] < (1 - MIN_GAIN) * t["stock"]
+            assert t["candidate_route"] == list(backend.kernel_plan.route(int(rows)))
         else:
             assert t["chosen"] == t["stock"]
     # cached: a second backend reads the file instead of measuring
