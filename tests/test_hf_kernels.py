@@ -81,6 +81,27 @@ def test_plan_applies_only_to_its_row_counts():
         assert state.route(MAX_PLANNED_ROWS + 1) == ("linear", MAX_PLANNED_ROWS + 1)  # prefill: always F.linear
 
 
+def test_a_forward_the_plan_does_not_route_runs_the_stock_layers():
+    """No route for the forward's row counts: the layers see no plan and call F.linear directly."""
+    model = make_tiny_llama(seed=8)
+    plan = KernelPlan({1: ("wxt", 2), 3: ("wxt", 3)})
+    backend = HFBackend(model, kernels=plan)
+    state = installed_state(model)
+    seen = []
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda *_: seen.append(state.plan))
+    backend.score([1, 2], [-1, 0])  # 2 rows: not routed
+    assert seen[-1] is None
+    backend.rollback()
+    backend.score([1, 2, 3], [-1, 0, 0])  # 3 rows: routed
+    assert seen[-1] is plan
+    backend.rollback()
+    backend.score([1, 2], [-1, 0], last_only=True)  # the LM head's one row is routed
+    assert seen[-1] is plan
+    assert state.plan is None  # and the plan ends with the forward
+    assert plan.applies(1) and plan.applies(3) and not plan.applies(2) and plan.applies(2, last_only=True)
+    assert not KernelPlan().applies(1, last_only=True)
+
+
 def test_install_keeps_parameters_and_tied_weights():
     model = make_tiny_llama(seed=3)
     model.lm_head.weight = model.model.embed_tokens.weight  # tied, as SmolLM2's are

@@ -103,6 +103,13 @@ class KernelPlan:
     def route(self, rows: int) -> Route:
         return self.routes.get(rows, ("linear", rows))
 
+    def applies(self, rows: int, last_only: bool = False) -> bool:
+        """Whether a forward of ``rows`` nodes runs any linear off stock ``F.linear``
+        (with ``last_only`` the LM head sees one row). When not, the backend leaves the plan
+        out, so its layers take ``F.linear`` without even a route lookup: a plain decoding
+        step then costs what ``model.generate``'s does."""
+        return rows in self.routes or (last_only and 1 in self.routes)
+
     def summary(self) -> dict:
         """What a report shows: rows on the other path, and rows padded to a larger count."""
         return {
