@@ -20,7 +20,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from ltd.bench.machine import machine_info
 from ltd.bench.timing import median_ms, micro_bench_args
-from ltd.drafting.eagle3 import Eagle3Head
+from ltd.drafting.eagle3 import load_head
 from ltd.engine import builtin_drafter_dir
 from ltd.fileio import atomic_write_json, atomic_write_text
 
@@ -45,7 +45,7 @@ def attention_ms(context: int, queries: int, repeats: int) -> dict[str, float]:
 
 
 def catch_up_ms(dtype: torch.dtype, tokens: int, repeats: int) -> float:
-    head = Eagle3Head.load(builtin_drafter_dir("smollm2-135m-eagle3"), dtype=dtype)
+    head = load_head(builtin_drafter_dir("smollm2-135m-eagle3"), dtype=dtype)
     hidden = head.config.hidden_size
     feats = torch.randn(1, tokens, 3 * hidden, dtype=dtype)
     emb = torch.randn(1, tokens, hidden, dtype=dtype)

@@ -19,7 +19,7 @@ import torch
 
 from ltd.bench.machine import machine_info
 from ltd.bench.timing import median_ms, micro_bench_args
-from ltd.drafting.eagle3 import Eagle3Drafter, Eagle3Head
+from ltd.drafting.eagle3 import Eagle3Drafter, load_head
 from ltd.engine import builtin_drafter_dir
 from ltd.fileio import atomic_write_json, atomic_write_text
 
@@ -50,7 +50,7 @@ def main() -> None:
                             extra=lambda ap: ap.add_argument("--head", default="smollm2-135m-eagle3", help="built-in head name"))
     results = {}
     for name, dtype in DTYPES.items():
-        head = Eagle3Head.load(builtin_drafter_dir(args.head), dtype=dtype)
+        head = load_head(builtin_drafter_dir(args.head), dtype=dtype)
         results[name] = {rows: round(root_step_ms(head, rows, args.repeats), 3) for rows in (1, 2, 3)}
     machine = machine_info("float32", "cpu")
     out = Path(args.out)

@@ -224,8 +224,10 @@ def test_knn_needs_a_head_and_valid_settings(tiny_model):
         OnlineAdapter(NgramDrafter(), "knn")
     with pytest.raises(LtdError, match="capacity >= 16"):
         KnnMemory(hidden_size=4, fingerprint="x", cfg=KnnConfig(capacity=4))
-    with pytest.raises(LtdError, match="unknown online variant 'memory'"):
-        OnlineAdapter(_hybrid(tiny_model), "memory")
+    with pytest.raises(LtdError, match="needs a suffix drafter"):
+        OnlineAdapter(_hybrid(tiny_model), "memory")  # the store belongs to a suffix drafter
+    with pytest.raises(LtdError, match="unknown online variant 'plain'"):
+        OnlineAdapter(_hybrid(tiny_model), "plain")
     adapter = OnlineAdapter(_hybrid(tiny_model), "knn", knn_config=KnnConfig(k=3))
     assert adapter.knn.cfg.k == 3
 

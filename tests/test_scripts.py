@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from ltd.cli import main
-from ltd.drafting.eagle3 import Eagle3Head
+from ltd.drafting.eagle3 import load_head, save_head
 from ltd.drafting.ngram import SEP
 from ltd.fileio import atomic_write_json
 
@@ -73,7 +73,7 @@ def _feature_cache(directory: Path, top_ids: torch.Tensor, input_ids: torch.Tens
 
 def test_cli_shrink_vocab_keeps_the_most_frequent_draft_tokens(tmp_path, capsys):
     head = make_tiny_head(make_tiny_llama(seed=0), draft_vocab_size=24, layer_ids=[1, 2, 3], seed=3)
-    head.save(tmp_path / "head", dtype=torch.float32)
+    save_head(head, tmp_path / "head", dtype=torch.float32)
     own = head.draft_to_target(torch.arange(24))
     frequent = own[[5, 0, 17, 9]]  # counted 4, 3, 2 and 1 times among the labels and inputs
     outside = [t for t in range(96) if t not in own.tolist()][0]  # frequent, but not a draft token
@@ -85,7 +85,7 @@ def test_cli_shrink_vocab_keeps_the_most_frequent_draft_tokens(tmp_path, capsys)
     argv = ["drafter", "shrink-vocab", "--head", str(tmp_path / "head"), "--features", str(tmp_path / "features")]
     assert main([*argv, "--size", "4", "--out", str(tmp_path / "small")]) == 0
     assert "draft vocabulary -> 4 tokens" in capsys.readouterr().out
-    small = Eagle3Head.load(tmp_path / "small")
+    small = load_head(tmp_path / "small")
     assert small.draft_to_target(torch.arange(4)).tolist() == sorted(frequent.tolist())
     rows = torch.tensor(sorted([5, 0, 17, 9]))
     # the kept rows' trained weights, written in the shipped half precision

@@ -236,6 +236,7 @@ def test_hybrid_suffix_is_lossless_on_hf(tiny_model, other_model, tiny_backend):
             assert_same_tokens(got, ref, tiny_model, PROMPT, f"hybrid suffix @{depth}")
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
 def test_suffix_is_lossless_on_llamacpp_exact():
     """Deep suffix trees emit llama.cpp's plain greedy output token for token (exact mode)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ltd.drafting.eagle3 import Eagle3Head, shrink_draft_vocab
+from ltd.drafting.eagle3 import Eagle3Head, load_head, save_head, shrink_draft_vocab
 from ltd.errors import LtdError
 from ltd.train.features import read_manifest
 
@@ -66,9 +66,9 @@ def shrink_to_most_frequent(head: Eagle3Head, counts: torch.Tensor, size: int) -
 
 def shrink_head_vocab(head_dir: str | Path, features: str | Path, size: int, out_dir: str | Path) -> Eagle3Head:
     """Load a head, cut its draft vocabulary by the feature cache's counts, save it to ``out_dir``."""
-    head = Eagle3Head.load(head_dir)
+    head = load_head(head_dir)
     counts = token_counts(read_token_columns(features), head.config.vocab_size)
     small = shrink_to_most_frequent(head, counts, size)
-    small.save(out_dir)
+    save_head(small, out_dir)
     log.info("draft vocabulary %d -> %d written to %s", head.config.draft_vocab_size, size, out_dir)
     return small
