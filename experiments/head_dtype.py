@@ -27,7 +27,7 @@ CONTEXT = 200
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def root_step_ms(head: Eagle3Head, rows: int, repeats: int) -> float:
+def root_step_ms(head, rows: int, repeats: int) -> float:
     """Median time of ``root`` on ``rows`` new positions after CONTEXT committed ones."""
     hidden = head.config.hidden_size
     dtype = next(head.parameters()).dtype
