@@ -2,9 +2,9 @@
 
 The best static tree of `ltd bench --grid` for smollm2's default drafter (hybrid@1) on this
 project's CPU machine, with the measured kernel plan of ltd.backends.hf_kernels
-(benchmarks/smollm2-grid-plan2-2026-11-27; also the best of six suites, benchmarks/smollm2-plan2-2026-11-27). Since
-plan version 2 pads one row to two, verifying one draft token costs what a plain step
-does, so the cheapest tree wins here; other hardware and drafters should run the grid.
+(benchmarks/smollm2-grid-plan2-2026-11-27; also the best of six suites, benchmarks/smollm2-plan2-2026-11-27). On that
+machine verifying one draft token cost what a plain step does, so the cheapest tree won;
+other hardware and drafters should run the grid or ``ltd tune-policy``.
 """
 
 DEFAULT_DEPTH = 1
