@@ -292,17 +292,55 @@ def commit(state: DecodeState, verified: Verified, accepted: Accepted) -> list[i
 
     Returns the tokens this cycle added (accepted drafted tokens, then the bonus).
     """
-    sub = verified.selection.tree
-    state.target.commit(accepted.path)
-    new = [int(sub.tokens[i]) for i in accepted.path[1:]] + [accepted.bonus]
-    state.tokens.extend(new)
+    tokens = verified.selection.tree.tokens.tolist()
     feats = verified.features[accepted.path] if verified.features is not None else None
-    state.drafter.sync(state.tokens, feats)
-    if state.listeners:
-        processed = [int(sub.tokens[i]) for i in accepted.path]
-        logits = verified.logits[accepted.path]
-        for listener in state.listeners:
-            listener.on_commit(processed, logits, feats)
+    logits = verified.logits[accepted.path] if state.listeners else None
+    return _commit_path(state, accepted.path, [tokens[i] for i in accepted.path], accepted.bonus, logits, feats)
+
+
+def _commit_path(
+    state: DecodeState,
+    path: list[int],
+    processed: list[int],
+    bonus: int,
+    logits: torch.Tensor | None,
+    features: torch.Tensor | None,
+) -> list[int]:
+    """:func:`commit` given the accepted ``path`` of speculative entries, the tokens
+    there (``processed``, root first) and their logits and features (listeners, drafter)."""
+    state.target.commit(path)
+    new = processed[1:] + [bonus]
+    state.tokens.extend(new)
+    state.drafter.sync(state.tokens, features)
+    for listener in state.listeners:
+        listener.on_commit(processed, logits, features)
+    return new
+
+
+def _root_cycle(state: DecodeState, timer: StageTimer | None) -> list[int]:
+    """Verify, accept and commit a tree of the root alone: one token through the target.
+
+    The rules of :func:`verify`, :func:`accept` and :func:`commit` on a one-node tree (the
+    root is always accepted, the bonus is the target's choice from its logits) without
+    building a selection, walking a tree or copying logits a greedy choice does not need
+    (:meth:`~ltd.backends.base.Backend.score_next`). This is every cycle when nothing is
+    drafted, so it is what plain decoding through the cycle costs.
+    """
+    target, pending = state.target, state.pending
+    if target.speculative_length:
+        raise RuntimeError("target has uncommitted speculative entries")
+    t0 = time.perf_counter()
+    layers = state.drafter.feature_layers
+    if state.sampling.greedy and layers is None and not state.listeners:
+        bonus, logits, feats = target.score_next(pending), None, None
+    else:
+        out = target.score([pending], [-1], layers)
+        bonus, logits, feats = _choose(out.logits[0], state.sampling, state.generator), out.logits, out.features
+    t1 = time.perf_counter()
+    new = _commit_path(state, [0], [pending], bonus, logits, feats)
+    if timer is not None:
+        for stage, seconds in (("select", 0.0), ("verify", t1 - t0), ("accept", 0.0), ("commit", time.perf_counter() - t1)):
+            timer(stage, seconds)
     return new
 
 
@@ -334,35 +372,42 @@ def finish(state: DecodeState, session: DraftSession, size: int, timer: StageTim
 
     The result's ``new_tokens`` are the tokens the output keeps (see :func:`emit`);
     ``verify_seconds`` and ``total_seconds`` cover this call, ``draft_seconds`` the
-    session's draft steps. ``timer`` (if given) is told each stage's seconds.
+    session's draft steps. ``timer`` (if given) is told each stage's seconds. With
+    nothing to verify but the root (nothing drafted, or ``size`` 0) the stages run as
+    one token through the target (:func:`_root_cycle`).
     """
     t0 = time.perf_counter()
     tree = session.finish()
     size = max(int(size), 0) if tree.num_drafted else 0
-    t1 = time.perf_counter()
-    selection = select(tree, size)
-    t2 = time.perf_counter()
-    verified = verify(state, selection)
-    t3 = time.perf_counter()
-    accepted = accept(state, verified)
-    t4 = time.perf_counter()
-    new = commit(state, verified, accepted)
-    t5 = time.perf_counter()
-    if timer is not None:
-        for stage, seconds in (("select", t2 - t1), ("verify", t3 - t2), ("accept", t4 - t3), ("commit", t5 - t4)):
-            timer(stage, seconds)
+    if size == 0:
+        new, selected, num_accepted = _root_cycle(state, timer), 0, 0
+    else:
+        t1 = time.perf_counter()
+        selection = select(tree, size)
+        t2 = time.perf_counter()
+        verified = verify(state, selection)
+        t3 = time.perf_counter()
+        accepted = accept(state, verified)
+        t4 = time.perf_counter()
+        new = commit(state, verified, accepted)
+        t5 = time.perf_counter()
+        if timer is not None:
+            for stage, seconds in (("select", t2 - t1), ("verify", t3 - t2), ("accept", t4 - t3), ("commit", t5 - t4)):
+                timer(stage, seconds)
+        selected, num_accepted = selection.tree.num_drafted, accepted.num_accepted
     state.cycles += 1
     draft_seconds = sum(session.step_seconds)
+    seconds = time.perf_counter() - t0
     return CycleResult(
         new_tokens=emit(state, new),
         cycle=state.cycles,
-        depth=tree.max_depth,
+        depth=tree.max_depth if session.step_count else 0,
         drafted=tree.num_drafted,
-        size=selection.tree.num_drafted,
-        num_accepted=accepted.num_accepted,
+        size=selected,
+        num_accepted=num_accepted,
         draft_seconds=draft_seconds,
-        verify_seconds=t5 - t0,
-        total_seconds=draft_seconds + t5 - t0,
+        verify_seconds=seconds,
+        total_seconds=draft_seconds + seconds,
     )
 
 
