@@ -30,7 +30,7 @@ import torch
 from ltd.acceptance import Accepted, SamplingConfig, accept as accept_tree, target_probs
 from ltd.backends.base import Backend
 from ltd.control import Controller, DraftStepState
-from ltd.drafting.base import Drafter
+from ltd.drafting.base import Drafter, NullDrafter
 from ltd.errors import LtdError
 from ltd.tree import Selection, Tree, select as select_tree
 
@@ -167,6 +167,10 @@ def _choose(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Gen
     return int(torch.multinomial(target_probs(logits, sampling), 1, generator=generator))
 
 
+_NO_NODES = torch.empty(0, dtype=torch.long)  # shared by every session before its first step:
+_NO_SCORES = torch.empty(0)  # empty, so nothing can change them in place
+
+
 class DraftSession:
     """Tree expansion one step at a time.
 
@@ -181,9 +185,9 @@ class DraftSession:
         self.timer = timer
         self.topk = topk
         self.max_depth = max_depth
-        self.tree = Tree.root(state.pending)
-        self.frontier = torch.empty(0, dtype=torch.long)
-        self.last_scores = torch.empty(0)
+        self._tree: Tree | None = None  # built on first use: a cycle that drafts nothing never needs it
+        self.frontier = _NO_NODES  # replaced (never changed in place) by each step
+        self.last_scores = _NO_SCORES
         self.step_count = 0
         self.step_seconds: list[float] = []
         self._open = False
@@ -191,6 +195,18 @@ class DraftSession:
     @property
     def can_step(self) -> bool:
         return self.step_count < self.max_depth
+
+    @property
+    def tree(self) -> Tree:
+        """The tree drafted so far: the root alone until the first step."""
+        if self._tree is None:
+            self._tree = Tree.root(self.state.pending)
+        return self._tree
+
+    @property
+    def drafted(self) -> int:
+        """Drafted nodes so far, without building a tree when there are none."""
+        return self._tree.num_drafted if self._tree is not None else 0
 
     def observe(self) -> DraftStepState:
         return DraftStepState(self.step_count, self.last_scores, self.state.context_length, self.tree, self.topk)
@@ -219,11 +235,15 @@ class DraftSession:
         if self.timer is not None:
             self.timer("draft", self.step_seconds[-1])
 
-    def finish(self) -> Tree:
-        """Release the drafter's speculative state and return the tree (idempotent)."""
+    def release(self) -> None:
+        """Release the drafter's speculative state (idempotent)."""
         if self._open:
             self.state.drafter.end()
             self._open = False
+
+    def finish(self) -> Tree:
+        """Release the drafter's speculative state and return the tree (idempotent)."""
+        self.release()
         return self.tree
 
 
@@ -243,12 +263,17 @@ def begin(state: DecodeState, topk: int, max_depth: int | None = None, timer: St
 
 def draft(session: DraftSession, controller: Controller) -> Tree:
     """Draft step by step while the controller says continue; returns the finished tree."""
+    _draft(session, controller)
+    return session.tree
+
+
+def _draft(session: DraftSession, controller: Controller) -> None:
+    """:func:`draft` without handing out the tree (which builds one even when nothing was drafted)."""
     try:
         while session.can_step and controller.continue_drafting(session.observe()):
             session.step()
     finally:
-        tree = session.finish()
-    return tree
+        session.release()
 
 
 def size_state(tree: Tree, context_length: int, topk: int) -> DraftStepState:
@@ -377,13 +402,14 @@ def finish(state: DecodeState, session: DraftSession, size: int, timer: StageTim
     one token through the target (:func:`_root_cycle`).
     """
     t0 = time.perf_counter()
-    tree = session.finish()
-    size = max(int(size), 0) if tree.num_drafted else 0
+    session.release()
+    drafted = session.drafted
+    size = max(int(size), 0) if drafted else 0
     if size == 0:
         new, selected, num_accepted = _root_cycle(state, timer), 0, 0
     else:
         t1 = time.perf_counter()
-        selection = select(tree, size)
+        selection = select(session.tree, size)
         t2 = time.perf_counter()
         verified = verify(state, selection)
         t3 = time.perf_counter()
@@ -401,8 +427,8 @@ def finish(state: DecodeState, session: DraftSession, size: int, timer: StageTim
     return CycleResult(
         new_tokens=emit(state, new),
         cycle=state.cycles,
-        depth=tree.max_depth if session.step_count else 0,
-        drafted=tree.num_drafted,
+        depth=session.tree.max_depth if drafted else 0,
+        drafted=drafted,
         size=selected,
         num_accepted=num_accepted,
         draft_seconds=draft_seconds,
@@ -415,9 +441,10 @@ def run_cycle(state: DecodeState, controller: Controller, topk: int) -> CycleRes
     """One controller-driven cycle: draft, choose the size, finish; timed."""
     t0 = time.perf_counter()
     session = begin(state, topk)
-    tree = draft(session, controller)
+    if not isinstance(state.drafter, NullDrafter):  # it cannot draft: nothing to ask the controller
+        _draft(session, controller)
     t1 = time.perf_counter()
-    size = controller.choose_size(size_state(tree, state.context_length, topk)) if tree.num_drafted else 0
+    size = controller.choose_size(size_state(session.tree, state.context_length, topk)) if session.drafted else 0
     result = finish(state, session, size)
     t2 = time.perf_counter()
     result.draft_seconds = t1 - t0
