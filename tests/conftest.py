@@ -19,7 +19,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import ltd.models
 from ltd.backends.hf import HFBackend
-from ltd.cycle import CycleResult, decode
+from ltd.cycle import CycleResult, accept, commit, decode, emit, select, start, verify
+from ltd.drafting.base import NullDrafter
+from ltd.tree import Tree
 from ltd.drafting.eagle3 import Eagle3Config, Eagle3Head, init_random_head
 
 # The tiny models are latency-bound; on a shared 2-core machine one intra-op thread is
@@ -139,6 +141,18 @@ def run_decode(target, drafter, controller, prompt, max_new_tokens, topk=None, *
     results = list(decode(target, drafter, controller, prompt, max_new_tokens, topk=topk, **kwargs))
     tokens = [t for r in results for t in r.new_tokens]
     return tokens, results
+
+
+def run_general_stages(target, prompt, max_new_tokens, sampling=None, seed=None) -> list[int]:
+    """Plain decoding through the cycle's general stages: each cycle selects the root alone
+    from a tree, verifies, accepts and commits it, with none of the root-only shortcuts
+    of :func:`ltd.cycle.finish`. Returns the new tokens."""
+    state, first = start(target, NullDrafter(), prompt, sampling, seed, max_new_tokens=max_new_tokens)
+    out = list(first.new_tokens)
+    while not state.done:
+        verified = verify(state, select(Tree.root(state.pending), 0))
+        out += emit(state, commit(state, verified, accept(state, verified)))
+    return out
 
 
 def mean_accepted(results: Sequence[CycleResult]) -> float:

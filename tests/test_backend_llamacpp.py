@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import first_difference, run_decode
+from conftest import first_difference, run_decode, run_general_stages
 from ltd.control import StaticController
 from ltd.drafting.base import NullDrafter
 from ltd.drafting.lm import LMDrafter
@@ -218,6 +218,45 @@ def test_greedy_is_lossless_with_every_drafter(lmodel, backend, shape):
             assert margin < backend.tie_margin, f"{name} {shape}: differs at {pos} with reference top-2 margin {margin:.3g}"
         if name == "self":
             assert sum(r.num_accepted for r in results[1:]) > 0  # the target drafting for itself is accepted
+
+
+def test_root_alone_is_plain_decoding(backend, monkeypatch):
+    """A cycle with nothing drafted decodes the root straight onto the context
+    (``score_next``): ``ar`` equals llama.cpp's plain loop and the general cycle stages
+    token for token, and nothing but the prefill goes through ``score``."""
+    prompt = PROMPT + [504, 3525, 314]
+    n = 32
+    ref = backend.greedy_generate(prompt, n)
+    calls = []
+    real_score = backend.score
+    monkeypatch.setattr(backend, "score", lambda *a, **kw: calls.append(1) or real_score(*a, **kw))
+    got, results = run_decode(backend, NullDrafter(), StaticController(depth=0, topk=1, size=0), prompt, n, topk=1)
+    monkeypatch.undo()
+    assert got == ref
+    assert len(calls) == 1  # the prefill: every cycle took the root-only path
+    assert run_general_stages(backend, prompt, n) == ref
+    backend.reset()
+
+
+def test_root_on_the_context_commits_and_rolls_back(backend):
+    """After ``score_next`` the root is speculative: an empty commit or a rollback drops it,
+    a commit keeps it, and a later tree after it is scored on a path sequence."""
+    prompt = PROMPT + [504]
+    ref = backend.greedy_generate(prompt, 3)
+    backend.score(prompt, list(range(-1, len(prompt) - 1)))
+    backend.commit(list(range(len(prompt))))
+    first = backend.score_next(ref[0])
+    backend.commit([])
+    assert backend.score_next(ref[0]) == first == ref[1]
+    backend.rollback()
+    assert (backend.committed_length, backend.speculative_length) == (len(prompt), 0)
+    assert backend.score_next(ref[0]) == ref[1]
+    assert backend.speculative_length == 1
+    out = backend.score([ref[1], 42], [0, 0])  # a tree after the lone root
+    assert int(out.logits[0].argmax()) == ref[2]
+    backend.commit([0, 1])
+    assert backend.committed_length == len(prompt) + 2 and backend.speculative_length == 0
+    backend.reset()
 
 
 def test_engine_on_llamacpp_matches_its_reference():

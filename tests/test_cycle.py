@@ -17,7 +17,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import TINY_MAX_POS, assert_same_tokens, hf_greedy, run_decode
+from conftest import TINY_MAX_POS, assert_same_tokens, hf_greedy, run_decode, run_general_stages
 from ltd.acceptance import Accepted
 from ltd.backends.hf import HFBackend
 from ltd.control import StaticController
@@ -185,3 +185,69 @@ def test_finish_with_no_size_verifies_the_root_alone(tiny_model, size):
     result = finish(state, session, size)
     assert result.size == 0 and result.num_accepted == 0 and len(result.new_tokens) == 1
     assert result.new_tokens == hf_greedy(tiny_model, PROMPT, 2)[1:]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_root_cycles_equal_the_general_stages(tiny_model, temperature):
+    """A cycle with nothing drafted takes a shortcut (one token through the target, no
+    tree); it must emit what the general select/verify/accept/commit stages emit, greedy
+    (then also transformers' own greedy output) and sampled (same seed, same draws)."""
+    from ltd.acceptance import SamplingConfig
+
+    sampling = SamplingConfig(temperature=temperature)
+    ctrl = StaticController(depth=0, topk=1, size=0)
+    got, results = run_decode(HFBackend(tiny_model), NullDrafter(), ctrl, PROMPT, 12, sampling=sampling, seed=5)
+    assert got == run_general_stages(HFBackend(tiny_model), PROMPT, 12, sampling, seed=5)
+    if sampling.greedy:
+        assert got == hf_greedy(tiny_model, PROMPT, 12)
+    assert all(r.depth == 0 and r.drafted == 0 and r.size == 0 and r.num_accepted == 0 for r in results[1:])
+
+
+def test_a_drafter_that_cannot_draft_asks_the_controller_nothing(tiny_model):
+    class OnlyObserves:
+        topk = 1
+
+        def __init__(self):
+            self.results = 0
+
+        def continue_drafting(self, state):
+            raise AssertionError("asked to draft with a NullDrafter")
+
+        def choose_size(self, state):
+            raise AssertionError("asked for a size with nothing drafted")
+
+        def observe_result(self, result):
+            self.results += 1
+
+    ctrl = OnlyObserves()
+    got, results = run_decode(HFBackend(tiny_model), NullDrafter(), ctrl, PROMPT, 6)
+    assert got == hf_greedy(tiny_model, PROMPT, 6)
+    assert ctrl.results == len(results) - 1
+
+
+def test_root_cycle_reports_every_stage_and_feeds_listeners(tiny_model):
+    """The root-only shortcut still times the four stages (the profiler reads them) and
+    still tells listeners what the target processed, with its logits."""
+    seen = []
+
+    class Listener:
+        def on_commit(self, tokens, logits, features):
+            seen.append((list(tokens), logits))
+
+    state, _ = start(HFBackend(tiny_model), NullDrafter(), PROMPT, listeners=[Listener()])
+    pending = state.pending
+    times = StageTimes()
+    result = finish(state, begin(state, 1), 0, timer=times)
+    assert set(times) == {"select", "verify", "accept", "commit"} and times["verify"] > 0
+    assert result.new_tokens == hf_greedy(tiny_model, PROMPT, 2)[1:]
+    tokens, logits = seen[-1]
+    assert tokens == [pending] and logits.shape[0] == 1 and int(logits[0].argmax()) == result.new_tokens[0]
+
+
+def test_score_next_is_the_argmax_of_score(tiny_model):
+    a, b = HFBackend(tiny_model), HFBackend(tiny_model)
+    for backend in (a, b):
+        backend.score(PROMPT, list(range(-1, len(PROMPT) - 1)))
+        backend.commit(list(range(len(PROMPT))))
+    assert a.score_next(PROMPT[0]) == int(b.score([PROMPT[0]], [-1]).logits[0].argmax())
+    assert a.speculative_length == 1  # still speculative: committed or rolled back as usual

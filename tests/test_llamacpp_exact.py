@@ -228,6 +228,30 @@ def test_next_tokens_after_an_off_chain_commit_equal_sequential_decoding(backend
     assert checked >= 1
 
 
+@pytest.mark.parametrize("root_call", ["score", "score_next"])
+def test_a_lone_root_then_a_tree_equals_one_batch(backend, reference, long_text, exact_kernels, root_call):
+    """A lone root is decoded straight onto the context; a tree scored after it, a commit
+    off its first-child chain and the next tokens give bit for bit the logits of the
+    general path, where the root comes in one batch with its children."""
+    context, truth = long_text[:80], long_text[80:84]
+    tokens, parents = [truth[0], 42, truth[1]], [-1, 0, 0]  # the true child sits off the chain
+    prefill(reference, context)
+    whole = reference.score(tokens, parents).logits
+    reference.commit([0, 2])
+    want_next = reference.score(truth[2:], [-1, 0]).logits
+    reference.reset()
+    prefill(backend, context)
+    if root_call == "score":
+        assert torch.equal(backend.score(tokens[:1], [-1]).logits[0], whole[0])
+    else:
+        assert backend.score_next(tokens[0]) == int(torch.argmax(whole[0]))
+    assert torch.equal(backend.score(tokens[1:], [0, 0]).logits, whole[1:])
+    backend.commit([0, 2])
+    got_next = backend.score(truth[2:], [-1, 0]).logits
+    backend.reset()
+    assert torch.equal(got_next, want_next)
+
+
 @pytest.mark.parametrize("shape", [(4, 4, 8), (6, 4, 16)])
 def test_deep_trees_equal_plain_greedy(lmodel, backend, exact_kernels, monkeypatch, shape):
     """Greedy static trees emit llama.cpp's plain greedy output token for token (exact mode),

@@ -30,7 +30,7 @@ import torch
 from ltd.acceptance import Accepted, SamplingConfig, accept as accept_tree, target_probs
 from ltd.backends.base import Backend
 from ltd.controller import Controller, DraftStepState
-from ltd.drafting.base import Drafter
+from ltd.drafting.base import Drafter, NullDrafter
 from ltd.errors import LtdError
 from ltd.tree import Selection, Tree, select as select_tree
 
@@ -167,6 +167,10 @@ def _choose(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Gen
     return int(torch.multinomial(target_probs(logits, sampling), 1, generator=generator))
 
 
+_NO_NODES = torch.empty(0, dtype=torch.long)  # shared by every session before its first step:
+_NO_SCORES = torch.empty(0)  # empty, so nothing can change them in place
+
+
 class DraftSession:
     """Tree expansion one step at a time.
 
@@ -181,9 +185,9 @@ class DraftSession:
         self.timer = timer
         self.topk = topk
         self.max_depth = max_depth
-        self.tree = Tree.root(state.pending)
-        self.frontier = torch.empty(0, dtype=torch.long)
-        self.last_scores = torch.empty(0)
+        self._tree: Tree | None = None  # built on first use: a cycle that drafts nothing never needs it
+        self.frontier = _NO_NODES  # replaced (never changed in place) by each step
+        self.last_scores = _NO_SCORES
         self.step_count = 0
         self.step_seconds: list[float] = []
         self._open = False
@@ -191,6 +195,18 @@ class DraftSession:
     @property
     def can_step(self) -> bool:
         return self.step_count < self.max_depth
+
+    @property
+    def tree(self) -> Tree:
+        """The tree drafted so far: the root alone until the first step."""
+        if self._tree is None:
+            self._tree = Tree.root(self.state.pending)
+        return self._tree
+
+    @property
+    def drafted(self) -> int:
+        """Drafted nodes so far, without building a tree when there are none."""
+        return self._tree.num_drafted if self._tree is not None else 0
 
     def observe(self) -> DraftStepState:
         return DraftStepState(self.step_count, self.last_scores, self.state.context_length, self.tree, self.topk)
@@ -219,11 +235,15 @@ class DraftSession:
         if self.timer is not None:
             self.timer("draft", self.step_seconds[-1])
 
-    def finish(self) -> Tree:
-        """Release the drafter's speculative state and return the tree (idempotent)."""
+    def release(self) -> None:
+        """Release the drafter's speculative state (idempotent)."""
         if self._open:
             self.state.drafter.end()
             self._open = False
+
+    def finish(self) -> Tree:
+        """Release the drafter's speculative state and return the tree (idempotent)."""
+        self.release()
         return self.tree
 
 
@@ -243,12 +263,17 @@ def begin(state: DecodeState, topk: int, max_depth: int | None = None, timer: St
 
 def draft(session: DraftSession, controller: Controller) -> Tree:
     """Draft step by step while the controller says continue; returns the finished tree."""
+    _draft(session, controller)
+    return session.tree
+
+
+def _draft(session: DraftSession, controller: Controller) -> None:
+    """:func:`draft` without handing out the tree (which builds one even when nothing was drafted)."""
     try:
         while session.can_step and controller.continue_drafting(session.observe()):
             session.step()
     finally:
-        tree = session.finish()
-    return tree
+        session.release()
 
 
 def size_state(tree: Tree, context_length: int, topk: int) -> DraftStepState:
@@ -292,17 +317,55 @@ def commit(state: DecodeState, verified: Verified, accepted: Accepted) -> list[i
 
     Returns the tokens this cycle added (accepted drafted tokens, then the bonus).
     """
-    sub = verified.selection.tree
-    state.target.commit(accepted.path)
-    new = [int(sub.tokens[i]) for i in accepted.path[1:]] + [accepted.bonus]
-    state.tokens.extend(new)
+    tokens = verified.selection.tree.tokens.tolist()
     feats = verified.features[accepted.path] if verified.features is not None else None
-    state.drafter.sync(state.tokens, feats)
-    if state.listeners:
-        processed = [int(sub.tokens[i]) for i in accepted.path]
-        logits = verified.logits[accepted.path]
-        for listener in state.listeners:
-            listener.on_commit(processed, logits, feats)
+    logits = verified.logits[accepted.path] if state.listeners else None
+    return _commit_path(state, accepted.path, [tokens[i] for i in accepted.path], accepted.bonus, logits, feats)
+
+
+def _commit_path(
+    state: DecodeState,
+    path: list[int],
+    processed: list[int],
+    bonus: int,
+    logits: torch.Tensor | None,
+    features: torch.Tensor | None,
+) -> list[int]:
+    """:func:`commit` given the accepted ``path`` of speculative entries, the tokens
+    there (``processed``, root first) and their logits and features (listeners, drafter)."""
+    state.target.commit(path)
+    new = processed[1:] + [bonus]
+    state.tokens.extend(new)
+    state.drafter.sync(state.tokens, features)
+    for listener in state.listeners:
+        listener.on_commit(processed, logits, features)
+    return new
+
+
+def _root_cycle(state: DecodeState, timer: StageTimer | None) -> list[int]:
+    """Verify, accept and commit a tree of the root alone: one token through the target.
+
+    The rules of :func:`verify`, :func:`accept` and :func:`commit` on a one-node tree (the
+    root is always accepted, the bonus is the target's choice from its logits) without
+    building a selection, walking a tree or copying logits a greedy choice does not need
+    (:meth:`~ltd.backends.base.Backend.score_next`). This is every cycle when nothing is
+    drafted, so it is what plain decoding through the cycle costs.
+    """
+    target, pending = state.target, state.pending
+    if target.speculative_length:
+        raise RuntimeError("target has uncommitted speculative entries")
+    t0 = time.perf_counter()
+    layers = state.drafter.feature_layers
+    if state.sampling.greedy and layers is None and not state.listeners:
+        bonus, logits, feats = target.score_next(pending), None, None
+    else:
+        out = target.score([pending], [-1], layers)
+        bonus, logits, feats = _choose(out.logits[0], state.sampling, state.generator), out.logits, out.features
+    t1 = time.perf_counter()
+    new = _commit_path(state, [0], [pending], bonus, logits, feats)
+    if timer is not None:
+        for stage, seconds in (("select", 0.0), ("verify", t1 - t0), ("accept", 0.0), ("commit", time.perf_counter() - t1)):
+            timer(stage, seconds)
     return new
 
 
@@ -334,35 +397,43 @@ def finish(state: DecodeState, session: DraftSession, size: int, timer: StageTim
 
     The result's ``new_tokens`` are the tokens the output keeps (see :func:`emit`);
     ``verify_seconds`` and ``total_seconds`` cover this call, ``draft_seconds`` the
-    session's draft steps. ``timer`` (if given) is told each stage's seconds.
+    session's draft steps. ``timer`` (if given) is told each stage's seconds. With
+    nothing to verify but the root (nothing drafted, or ``size`` 0) the stages run as
+    one token through the target (:func:`_root_cycle`).
     """
     t0 = time.perf_counter()
-    tree = session.finish()
-    size = max(int(size), 0) if tree.num_drafted else 0
-    t1 = time.perf_counter()
-    selection = select(tree, size)
-    t2 = time.perf_counter()
-    verified = verify(state, selection)
-    t3 = time.perf_counter()
-    accepted = accept(state, verified)
-    t4 = time.perf_counter()
-    new = commit(state, verified, accepted)
-    t5 = time.perf_counter()
-    if timer is not None:
-        for stage, seconds in (("select", t2 - t1), ("verify", t3 - t2), ("accept", t4 - t3), ("commit", t5 - t4)):
-            timer(stage, seconds)
+    session.release()
+    drafted = session.drafted
+    size = max(int(size), 0) if drafted else 0
+    if size == 0:
+        new, selected, num_accepted = _root_cycle(state, timer), 0, 0
+    else:
+        t1 = time.perf_counter()
+        selection = select(session.tree, size)
+        t2 = time.perf_counter()
+        verified = verify(state, selection)
+        t3 = time.perf_counter()
+        accepted = accept(state, verified)
+        t4 = time.perf_counter()
+        new = commit(state, verified, accepted)
+        t5 = time.perf_counter()
+        if timer is not None:
+            for stage, seconds in (("select", t2 - t1), ("verify", t3 - t2), ("accept", t4 - t3), ("commit", t5 - t4)):
+                timer(stage, seconds)
+        selected, num_accepted = selection.tree.num_drafted, accepted.num_accepted
     state.cycles += 1
     draft_seconds = sum(session.step_seconds)
+    seconds = time.perf_counter() - t0
     return CycleResult(
         new_tokens=emit(state, new),
         cycle=state.cycles,
-        depth=tree.max_depth,
-        drafted=tree.num_drafted,
-        size=selection.tree.num_drafted,
-        num_accepted=accepted.num_accepted,
+        depth=session.tree.max_depth if drafted else 0,
+        drafted=drafted,
+        size=selected,
+        num_accepted=num_accepted,
         draft_seconds=draft_seconds,
-        verify_seconds=t5 - t0,
-        total_seconds=draft_seconds + t5 - t0,
+        verify_seconds=seconds,
+        total_seconds=draft_seconds + seconds,
     )
 
 
@@ -370,9 +441,10 @@ def run_cycle(state: DecodeState, controller: Controller, topk: int) -> CycleRes
     """One controller-driven cycle: draft, choose the size, finish; timed."""
     t0 = time.perf_counter()
     session = begin(state, topk)
-    tree = draft(session, controller)
+    if not isinstance(state.drafter, NullDrafter):  # it cannot draft: nothing to ask the controller
+        _draft(session, controller)
     t1 = time.perf_counter()
-    size = controller.choose_size(size_state(tree, state.context_length, topk)) if tree.num_drafted else 0
+    size = controller.choose_size(size_state(session.tree, state.context_length, topk)) if session.drafted else 0
     result = finish(state, session, size)
     t2 = time.perf_counter()
     result.draft_seconds = t1 - t0

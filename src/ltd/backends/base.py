@@ -90,6 +90,15 @@ class SpeculativeCounters:
             )
         return toks, pars, depths
 
+    def score_next(self, token: int) -> int:
+        """Score ``token`` alone after the committed context and return its greedy next token.
+
+        Exactly ``score([token], [-1])`` followed by the argmax of its logits: the entry
+        stays speculative (commit or roll it back as usual). A cycle with nothing drafted
+        needs only this, so backends may override it to skip building the logits tensor.
+        """
+        return int(torch.argmax(self.score([token], [-1]).logits[0]))
+
     def _check_path(self, keep: Sequence[int] | torch.Tensor) -> list[int]:
         """Validate a commit: ``keep`` must be speculative entries forming a root path, in order."""
         keep_l = as_int_list(keep)
@@ -140,6 +149,10 @@ class Backend(Protocol):
         or catch-up chain needs only those, and skipping the LM head on the other rows
         matters for large vocabularies (152k for Qwen) and long prompts.
         """
+
+    def score_next(self, token: int) -> int:
+        """``score([token], [-1])`` and the argmax of its logits, without handing the
+        logits out: the one-token decode of a cycle with nothing drafted (greedy)."""
 
     def commit(self, keep: Sequence[int] | torch.Tensor) -> None:
         """Make the speculative entries ``keep`` (a root path, in order) committed; drop the rest."""

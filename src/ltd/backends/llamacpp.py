@@ -13,6 +13,12 @@ no data), the part in the same batch by listing the new sequence id on those tok
 Rollback drops every speculative sequence; commit first gives the accepted path's cells
 to sequence 0.
 
+A tree of the root alone (a cycle where nothing was drafted) skips all of this: the root
+is decoded straight onto sequence 0 in the cell after the context, as plain decoding
+does, so its commit is only a count. Should another score() call follow before the
+commit, the root is first handed to a path sequence, which leaves exactly the cells the
+general path would have made.
+
 Cell layout. llama.cpp's attention sums over KV cells in cell order (softmax in blocks of
 8 cells, the V product in SIMD lanes by cell index), and masked cells add exact zeros, so
 a token's logits depend on *which cells* hold its context, not only on the positions: the
@@ -370,6 +376,7 @@ class LlamaCppBackend(SpeculativeCounters):
         self._spec_cell: list[int] = []  # each entry's KV cell, counted from the committed context's end
         self._tip: dict[int, int] = {}  # sequence -> entry at its end (a child may extend it)
         self._free = list(range(self.n_seq - 1, 0, -1))  # sequence 0 is the committed context
+        self._root_on_context = False  # the only speculative entry is a root on sequence 0
         self._context_exact = True  # every committed cell was computed in sequential decoding's layout
 
     # -- scoring -----------------------------------------------------------------------
@@ -403,7 +410,12 @@ class LlamaCppBackend(SpeculativeCounters):
                 "use --drafter with a small model or ngram, or --backend hf"
             )
         toks, pars, new_depths = self._check_nodes(tokens, parents)
+        if self._root_on_context:
+            self._root_to_path_sequence()
         n, spec = len(toks), self.speculative_length
+        if spec == 0 and pars == [-1]:
+            self._decode_root(toks[0])
+            return self._read_output([0], [0], [0], last_only)
         if self._committed + spec + n > self.n_ctx:
             raise LtdError(
                 f"{spec + n} speculative entries do not fit the llama.cpp KV cache of {self.n_ctx} cells; "
@@ -424,6 +436,58 @@ class LlamaCppBackend(SpeculativeCounters):
             cells[i] = spec + slot  # the free cells after the context, taken in batch order
         self._spec_cell.extend(cells)
         return self._read_output(order, cells, new_depths, last_only)
+
+    def score_next(self, token: int) -> int:
+        """The root alone, decoded onto the context (module docstring); returns the argmax
+        of its logits read in place from llama.cpp's buffer, as :meth:`greedy_generate` does."""
+        if self.speculative_length:
+            return super().score_next(token)
+        self._check_nodes([token], [-1])
+        self._decode_root(int(token))
+        return int(self._last_logits().argmax())
+
+    def _decode_root(self, token: int) -> None:
+        """Decode one root node on sequence 0 right after the committed context; it stays
+        speculative (``_root_on_context``) until commit or rollback."""
+        self._fill_context_batch([token], self._committed)
+        rc = self.lc.llama_decode(self.ctx, self._batch)
+        if rc != 0:
+            raise LtdError(f"llama.cpp decode failed (code {rc}: {_last_error()}); use a shorter context")
+        self._spec_parents.append(-1)
+        self._spec_depths.append(0)
+        self._spec_seq.append(0)
+        self._spec_cell.append(0)
+        self._root_on_context = True
+
+    def _root_to_path_sequence(self) -> None:
+        """Give a root decoded onto the context its own path sequence, as the general path
+        does: the new sequence shares the context's and the root's cells, sequence 0 lets
+        go of the root's cell. No model forward."""
+        s, n = self._new_seq(), self._committed
+        self.lc.llama_memory_seq_cp(self.mem, 0, s, -1, n + 1)
+        self.lc.llama_memory_seq_rm(self.mem, 0, n, -1)
+        self._spec_seq[0] = s
+        self._tip = {s: 0}
+        self._root_on_context = False
+
+    def _fill_context_batch(self, tokens: Sequence[int], pos: int) -> None:
+        """Write ``tokens`` into the llama batch on sequence 0 from position ``pos``, with
+        logits for the last only: plain decoding's batch."""
+        n = len(tokens)
+        self._ensure_batch(n)
+        b = self._batch
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 0
+        b.logits[n - 1] = 1
+        b.n_tokens = n
+
+    def _last_logits(self) -> np.ndarray:
+        """The last decoded row of logits, a view of llama.cpp's buffer (valid until the next decode)."""
+        return np.ctypeslib.as_array(self.lc.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab_size,))
 
     def _assign_sequences(self, pars: list[int]) -> list[list[int]]:
         """Give each new node its path sequence (module docstring) and share the cached part
@@ -500,6 +564,10 @@ class LlamaCppBackend(SpeculativeCounters):
 
     # -- cache surgery -----------------------------------------------------------------
     def _drop_speculative(self) -> None:
+        if self._root_on_context:  # the root alone, in the cell after the context
+            self.lc.llama_memory_seq_rm(self.mem, 0, self._committed, -1)
+            self._root_on_context = False
+            self._spec_seq = []
         for s in set(self._spec_seq):
             self.lc.llama_memory_seq_rm(self.mem, s, -1, -1)
             self._free.append(s)
@@ -511,6 +579,12 @@ class LlamaCppBackend(SpeculativeCounters):
 
     def commit(self, keep: Sequence[int] | torch.Tensor) -> None:
         keep_l = self._check_path(keep)
+        if self._root_on_context and keep_l:  # the root is already where plain decoding puts it
+            self._root_on_context = False
+            self._spec_seq = []
+            self._drop_speculative()
+            self._committed += 1
+            return
         n, k = self._committed, len(keep_l)
         j = 0  # accepted entries already in the cells sequential decoding would use
         while j < k and self._spec_cell[keep_l[j]] == j:
@@ -569,25 +643,16 @@ class LlamaCppBackend(SpeculativeCounters):
         lc = self.lc
         eos = set(int(e) for e in eos_ids)
         self.reset()
-        self._ensure_batch(len(prompt))
-        b = self._batch
         out: list[int] = []
         todo, pos = list(prompt), 0
         try:
             while True:
-                for i, tok in enumerate(todo):
-                    b.token[i] = tok
-                    b.pos[i] = pos + i
-                    b.n_seq_id[i] = 1
-                    b.seq_id[i][0] = 0
-                    b.logits[i] = 1 if i == len(todo) - 1 else 0
-                b.n_tokens = len(todo)
-                rc = lc.llama_decode(self.ctx, b)
+                self._fill_context_batch(todo, pos)
+                rc = lc.llama_decode(self.ctx, self._batch)
                 if rc != 0:
                     raise LtdError(f"llama.cpp decode failed (code {rc}: {_last_error()}); use a shorter prompt")
                 pos += len(todo)
-                row = np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, -1), shape=(self.vocab_size,))
-                nxt = int(row.argmax())
+                nxt = int(self._last_logits().argmax())
                 out.append(nxt)
                 if len(out) >= max_new_tokens or nxt in eos:
                     return out
