@@ -81,8 +81,7 @@ class HFBackend(SpeculativeCounters):
         else:
             mask = self._tree_mask(pars)
         planned = self._kernel_state is not None and self.kernel_plan is not None
-        routed = planned and self.kernel_plan.applies(n, last_only)
-        with (self._kernel_state.use(self.kernel_plan) if routed else contextlib.nullcontext(),
+        with (self._kernel_state.use(self.kernel_plan) if planned else contextlib.nullcontext(),
               sdpa_gqa_in_place() if planned and self._gqa_in_place else contextlib.nullcontext()):
             out = self.model(
                 input_ids=torch.tensor([toks], dtype=torch.long, device=self.device),

@@ -18,15 +18,6 @@ path ~4x slower, which had hidden most of the gain. And a count may be *padded* 
 zero rows to a count that runs faster: one token padded to two rows takes ~38 ms per
 SmolLM2 forward against ~57 ms through ``F.linear``'s single-vector path.
 
-Plan version 3 makes the plan safe by construction. On an Intel Xeon a version-2 plan
-padded one row to two, and plain decoding (``ar``) ran at 0.87-0.89x ``model.generate``:
-the padded route had only been inferred from a two-row forward, never timed itself. Now
-a first pass only *proposes* routes; each proposal is then timed as it will run (padding
-included) against plain ``F.linear`` at that exact row count, the two alternating, and
-kept only if both the median time and the median paired ratio beat stock by ``MIN_GAIN``.
-Anything not confirmed within the time budget stays stock, so a measured plan can make a
-forward slower than stock only by less than the measurement noise.
-
 Only the backend's own forwards use the plan (:class:`KernelState`); the same
 model run by ``model.generate`` (the ``hf`` baseline of ``ltd bench``) keeps stock
 kernels. Both formulations compute the same products; like any change of batch shape
@@ -45,7 +36,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,21 +47,13 @@ from ltd.errors import LtdError
 
 log = logging.getLogger(__name__)
 
-# 2: routes may pad rows; inputs of (W @ x.T).T made contiguous first
-# 3: every route other than F.linear is confirmed against F.linear at its exact row count
-PLAN_VERSION = 3
+PLAN_VERSION = 2  # 2: routes may pad rows; inputs of (W @ x.T).T made contiguous first
 MEASURED_ROWS = tuple(range(1, 18)) + (24, 32, 48, 64)
 MAX_PLANNED_ROWS = 64  # larger batches (prefill) always use F.linear
-# another route must be at least 5% faster than F.linear to replace it: repeated medians of
-# whole forwards on a shared 2-core machine move by 1-4% (and a 3% margin let through
-# padded routes worth nothing), while the routes worth having gain 20-60%
-MIN_GAIN = 0.05
-MIN_CONFIRM_REPEATS = 3  # a proposal timed fewer times than this is not confirmed
+MIN_GAIN = 0.03  # another route must be at least 3% faster to replace F.linear
 MODES = ("linear", "wxt")
 
 Route = tuple[str, int]  # (formulation, rows actually multiplied: >= the real rows)
-# seconds of one whole forward of ``rows`` tree nodes with their linears run on ``route``
-Timer = Callable[[int, Route], float]
 
 
 @dataclass
@@ -86,10 +69,6 @@ class KernelPlan:
     routes: dict[int, Route] = field(default_factory=dict)
     measured: dict[str, dict[str, float]] = field(default_factory=dict)  # rows -> {"linear": s, "wxt": s}
     key: dict = field(default_factory=dict)
-    # rows -> {"stock": s, "chosen": s}: median whole forwards at that exact row count of
-    # F.linear and of the route the plan runs (the same number when it kept F.linear); a
-    # count whose proposal was timed also has "candidate" (s) and "candidate_route"
-    timings: dict[str, dict] = field(default_factory=dict)
 
     @staticmethod
     def wxt(rows: "set[int] | frozenset[int] | range") -> "KernelPlan":
@@ -103,22 +82,11 @@ class KernelPlan:
     def route(self, rows: int) -> Route:
         return self.routes.get(rows, ("linear", rows))
 
-    def applies(self, rows: int, last_only: bool = False) -> bool:
-        """Whether a forward of ``rows`` nodes runs any linear off stock ``F.linear``
-        (with ``last_only`` the LM head sees one row). When not, the backend leaves the plan
-        out, so its layers take ``F.linear`` without even a route lookup: a plain decoding
-        step then costs what ``model.generate``'s does."""
-        return rows in self.routes or (last_only and 1 in self.routes)
-
     def summary(self) -> dict:
         """What a report shows: rows on the other path, and rows padded to a larger count."""
         return {
             "wxt_rows": sorted(self.wxt_rows),
             "padded": {str(r): p for r, (_, p) in sorted(self.routes.items()) if p != r},
-            "timings_ms": {
-                r: {"stock": round(1e3 * t["stock"], 2), "chosen": round(1e3 * t["chosen"], 2)}
-                for r, t in sorted(self.timings.items(), key=lambda kv: int(kv[0]))
-            },
         }
 
     def to_json(self) -> dict:
@@ -126,7 +94,6 @@ class KernelPlan:
             "version": PLAN_VERSION,
             "routes": {str(r): [m, p] for r, (m, p) in sorted(self.routes.items())},
             "measured": self.measured,
-            "timings": self.timings,
             "key": self.key,
         }
 
@@ -140,13 +107,7 @@ class KernelPlan:
             if mode not in MODES or not 1 <= rows <= padded <= MAX_PLANNED_ROWS:
                 raise ValueError(f"bad route for {r} rows")
             routes[rows] = (str(mode), padded)
-        timings = data.get("timings", {})
-        if not isinstance(timings, dict) or not all(
-            isinstance(t, dict) and isinstance(t.get("stock"), (int, float)) and isinstance(t.get("chosen"), (int, float))
-            for t in timings.values()
-        ):
-            raise ValueError("bad timings")
-        return KernelPlan(routes, dict(data.get("measured", {})), dict(data.get("key", {})), dict(timings))
+        return KernelPlan(routes, dict(data.get("measured", {})), dict(data.get("key", {})))
 
 
 class KernelState:
@@ -158,6 +119,7 @@ class KernelState:
 
     def __init__(self) -> None:
         self.plan: KernelPlan | None = None  # None outside a planned forward: stock F.linear
+        self.forced: str | None = None  # "linear" or "wxt" while measuring
 
     @contextlib.contextmanager
     def use(self, plan: KernelPlan) -> Iterator[None]:
@@ -172,6 +134,8 @@ class KernelState:
         """How a linear over ``rows`` rows runs now (stock ``F.linear`` outside a plan)."""
         if self.plan is None or rows > MAX_PLANNED_ROWS:
             return ("linear", rows)
+        if self.forced is not None:
+            return (self.forced, rows)
         return self.plan.route(rows)
 
 
@@ -290,14 +254,13 @@ def plan_path(key: dict) -> Path:
 
 
 def decide(measured: dict[int, dict[str, float]], min_gain: float = MIN_GAIN) -> dict[int, Route]:
-    """Each row count's proposed route (formulation, padded rows) from a first pass.
+    """Each row count's fastest route (formulation, padded rows) from measured forwards.
 
     Padding ``rows`` to a measured count ``p >= rows`` costs about what a forward of ``p``
     nodes costs, so every measured larger count is a candidate. An unmeasured count's own
     cost is taken as that of the next measured count above it. Plain ``F.linear`` on the
-    real rows stays unless another route looks at least ``min_gain`` faster; on equal cost,
-    fewer padded rows win. These are proposals: :func:`plan_from_timer` keeps one only
-    after timing it as it runs against ``F.linear`` at its exact row count.
+    real rows stays unless another route is at least ``min_gain`` faster; on equal cost,
+    fewer padded rows win.
     """
     if not measured:
         return {}
@@ -314,135 +277,25 @@ def decide(measured: dict[int, dict[str, float]], min_gain: float = MIN_GAIN) ->
     return routes
 
 
-def beats_stock(stock: list[float], route: list[float], min_gain: float = MIN_GAIN) -> bool:
-    """Whether ``route``'s forwards beat ``stock``'s clearly, from paired, interleaved times.
+def measure_plan(backend, rounds: int = 4, context: int = 128, budget_seconds: float = 60.0) -> KernelPlan:
+    """Time whole tree forwards of the backend's model with each formulation, per row count.
 
-    Both the ratio of the medians and the median of the paired ratios must be below
-    ``1 - min_gain``: the first is robust to a few outliers, the second to a slow spell of
-    the machine, which hits the two forwards of a pair alike.
-    """
-    if len(stock) != len(route) or len(stock) < 1:
-        raise ValueError("beats_stock needs paired times")
-    limit = 1.0 - min_gain
-    ratios = [r / max(s, 1e-12) for s, r in zip(stock, route)]
-    return statistics.median(route) < limit * statistics.median(stock) and statistics.median(ratios) < limit
-
-
-def _route_name(rows: int, route: Route) -> str:
-    mode, padded = route
-    name = "(W @ x.T).T" if mode == "wxt" else "F.linear"
-    return name + (f" padded to {padded} rows" if padded != rows else "")
-
-
-def plan_from_timer(
-    timer: Timer,
-    rounds: int = 4,
-    repeats: int = 5,
-    budget_seconds: float = 30.0,
-    min_gain: float = MIN_GAIN,
-) -> KernelPlan:
-    """The plan from whole-forward times: a first pass proposes, a second confirms.
-
-    Pass one times both formulations, unpadded, at every count of ``MEASURED_ROWS`` (the
-    two alternate inside each round, the order flipping between rounds, medians decide)
-    and :func:`decide` proposes routes. Pass two takes the proposals in increasing row
-    count (one row, plain decoding, first) and times each as it will run, padding
-    included, against ``F.linear`` at that exact count, alternating, ``repeats`` pairs;
-    :func:`beats_stock` decides. A proposal that is not confirmed, or that the budget
-    leaves untimed, runs ``F.linear``. ``budget_seconds`` counts the timed forwards: about
-    60% to pass one (2 to ``rounds`` rounds), the rest to pass two; the first proposal
-    always gets its ``MIN_CONFIRM_REPEATS`` pairs, so a large model still has its one-row
-    entry checked.
-    """
-    spent = 0.0
-
-    def run(rows: int, route: Route) -> float:
-        nonlocal spent
-        dt = float(timer(rows, route))
-        spent += dt
-        return dt
-
-    run(1, ("linear", 1))  # warm-up of both paths
-    run(2, ("wxt", 2))
-    t1 = run(1, ("linear", 1))
-    top = max(MEASURED_ROWS)
-    t_top = run(top, ("linear", top))
-    est = {r: t1 + (t_top - t1) * (r - 1) / max(1, top - 1) for r in MEASURED_ROWS}
-    per_round = 2 * sum(est.values())
-    rounds = max(2, min(rounds, int(0.6 * budget_seconds / max(per_round, 1e-9))))
-    times: dict[int, dict[str, list[float]]] = {r: {"linear": [], "wxt": []} for r in MEASURED_ROWS}
-    for rnd in range(rounds):
-        for rows in MEASURED_ROWS:
-            for mode in MODES if rnd % 2 == 0 else MODES[::-1]:
-                times[rows][mode].append(run(rows, (mode, rows)))
-    measured = {r: {m: statistics.median(v) for m, v in t.items()} for r, t in times.items()}
-    proposals = decide(measured, min_gain)
-
-    def cost(rows: int) -> float:  # a forward of ``rows`` nodes, from pass one
-        return measured[min(k for k in MEASURED_ROWS if k >= rows)]["linear"]
-
-    routes: dict[int, Route] = {}
-    timings: dict[str, dict] = {
-        str(r): {"stock": t["linear"], "chosen": t["linear"]} for r, t in measured.items() if r not in proposals
-    }
-    for i, (rows, route) in enumerate(sorted(proposals.items())):
-        stock_route = ("linear", rows)
-        pair = cost(rows) + cost(route[1])
-        n = min(repeats, int((budget_seconds - spent) / max(pair, 1e-9)))
-        if i == 0:
-            n = max(n, MIN_CONFIRM_REPEATS)
-        if n < MIN_CONFIRM_REPEATS:
-            log.info("kernel plan: time budget spent; %d+ rows keep F.linear unconfirmed", rows)
-            break
-        stock_t: list[float] = []
-        route_t: list[float] = []
-        for j in range(n):
-            if j % 2 == 0:
-                stock_t.append(run(rows, stock_route))
-                route_t.append(run(rows, route))
-            else:
-                route_t.append(run(rows, route))
-                stock_t.append(run(rows, stock_route))
-        stock_s, route_s = statistics.median(stock_t), statistics.median(route_t)
-        keep = beats_stock(stock_t, route_t, min_gain)
-        if keep:
-            routes[rows] = route
-        timings[str(rows)] = {
-            "stock": stock_s,
-            "chosen": route_s if keep else stock_s,
-            "candidate": route_s,
-            "candidate_route": list(route),
-        }
-        log.info(
-            "kernel plan: %d row%s: %s %.1f ms against F.linear %.1f ms over %d pairs -> %s",
-            rows, "" if rows == 1 else "s", _route_name(rows, route), 1e3 * route_s, 1e3 * stock_s, n,
-            _route_name(rows, route) if keep else f"F.linear (not {min_gain:.0%} faster)",
-        )
-    if 1 not in proposals:
-        log.info("kernel plan: 1 row: F.linear %.1f ms, (W @ x.T).T %.1f ms; nothing proposed -> F.linear",
-                 1e3 * measured[1]["linear"], 1e3 * measured[1]["wxt"])
-    return KernelPlan(routes, {str(r): t for r, t in measured.items()}, timings=timings)
-
-
-def measure_plan(backend, rounds: int = 4, context: int = 128, budget_seconds: float = 30.0) -> KernelPlan:
-    """:func:`plan_from_timer` on whole tree forwards of the backend's model.
-
-    Each timed forward scores ``rows`` nodes (a chain root's children, as a tree
-    verification does; one node is exactly a plain decoding step) after ``context``
-    committed tokens, then rolls them back. Large models get fewer rounds and pairs so
-    the whole measurement stays near ``budget_seconds``: a 1.5B model in fp32 takes
-    0.5-2 s per forward here.
+    The two formulations alternate inside every round so that a slow moment of a shared
+    machine hits both; the median over rounds decides. Large models get fewer rounds (at
+    least 2) so that the whole measurement stays near ``budget_seconds``: a 1.5B model in
+    fp32 takes 0.5-2 s per forward here, and 4 rounds would cost minutes.
     """
     state = backend._kernel_state
     if state is None:
         raise ValueError("measure_plan needs a backend with planned layers (kernels other than 'stock')")
+    backend.kernel_plan = KernelPlan()  # planned forwards; ``forced`` picks the path
     context = max(1, min(context, int(backend.max_context) - max(MEASURED_ROWS) - 1))
     vocab = int(backend.vocab_size)
     ctx = [(7 * i + 11) % vocab for i in range(context)]
+    times: dict[int, dict[str, list[float]]] = {r: {"linear": [], "wxt": []} for r in MEASURED_ROWS}
 
-    def forward(rows: int, route: Route) -> float:
-        # a plan of this one route; an empty plan runs F.linear through the planned layers
-        backend.kernel_plan = KernelPlan({} if route == ("linear", rows) else {rows: route})
+    def forward(rows: int, mode: str) -> float:
+        state.forced = mode
         t0 = time.perf_counter()
         backend.score([(13 * j + 5) % vocab for j in range(rows)], [-1] + [0] * (rows - 1))
         dt = time.perf_counter() - t0
@@ -451,12 +304,22 @@ def measure_plan(backend, rounds: int = 4, context: int = 128, budget_seconds: f
 
     backend.reset()
     try:
-        backend.kernel_plan = KernelPlan()
         backend.score(ctx, list(range(-1, context - 1)), last_only=True)
         backend.commit(list(range(context)))
-        return plan_from_timer(forward, rounds=rounds, budget_seconds=budget_seconds)
+        forward(1, "linear")  # warm-up of both paths
+        forward(2, "wxt")
+        # one round: two forwards per row count, multi-row ones ~1.5x a one-row forward
+        per_round = 2 * 1.5 * forward(1, "linear") * len(MEASURED_ROWS)
+        rounds = max(2, min(rounds, int(budget_seconds / max(per_round, 1e-9))))
+        for rnd in range(rounds):
+            for rows in MEASURED_ROWS:
+                for mode in ("linear", "wxt") if rnd % 2 == 0 else ("wxt", "linear"):
+                    times[rows][mode].append(forward(rows, mode))
     finally:
+        state.forced = None
         backend.reset()
+    measured = {r: {m: statistics.median(v) for m, v in t.items()} for r, t in times.items()}
+    return KernelPlan(decide(measured), {str(r): t for r, t in measured.items()})
 
 
 def resolve_plan(backend, mode: str) -> KernelPlan:
@@ -471,13 +334,9 @@ def resolve_plan(backend, mode: str) -> KernelPlan:
     path = plan_path(key)
     if mode == "auto" and path.is_file():
         try:
-            data = json.loads(path.read_text())
-            if isinstance(data, dict) and isinstance(data.get("version"), int) and data["version"] < PLAN_VERSION:
-                log.info("kernel plan %s is of an older version; measuring again", path)
-            else:
-                plan = KernelPlan.from_json(data)
-                if plan.key == key:
-                    return plan
+            plan = KernelPlan.from_json(json.loads(path.read_text()))
+            if plan.key == key:
+                return plan
         except (ValueError, json.JSONDecodeError):
             log.warning("kernel plan %s is unreadable; measuring again", path)
     log.info("measuring matmul kernels for this machine and model (once; cached in %s)", path)
@@ -485,8 +344,6 @@ def resolve_plan(backend, mode: str) -> KernelPlan:
     plan = measure_plan(backend)
     plan.key = key
     atomic_write_json(path, plan.to_json())
-    one = plan.timings.get("1", {})
-    log.info("kernel plan: (W @ x.T).T for rows %s, padded %s; one row %s (%.1f ms, F.linear %.1f ms) (%.0f s)",
-             sorted(plan.wxt_rows) or "none", plan.summary()["padded"] or "none", _route_name(1, plan.route(1)),
-             1e3 * one.get("chosen", float("nan")), 1e3 * one.get("stock", float("nan")), time.perf_counter() - t0)
+    log.info("kernel plan: (W @ x.T).T for rows %s, padded %s (%.0f s)", sorted(plan.wxt_rows) or "none",
+             plan.summary()["padded"] or "none", time.perf_counter() - t0)
     return plan
