@@ -32,6 +32,7 @@ from ltd.backends.base import Backend
 from ltd.controller import Controller, DraftStepState
 from ltd.drafting.base import Drafter, NullDrafter
 from ltd.errors import LtdError
+from ltd.limits import check_prompt_fits
 from ltd.tree import Selection, Tree, select as select_tree
 
 
@@ -472,13 +473,7 @@ def decode(
     an end-of-sequence token (kept, like transformers' ``generate``), or when the
     context is full.
     """
-    if max_new_tokens < 1:
-        raise LtdError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if len(prompt) + max_new_tokens > target.max_context:
-        raise LtdError(
-            f"prompt ({len(prompt)} tokens) + max-new-tokens ({max_new_tokens}) exceeds the model's context of "
-            f"{target.max_context}; shorten the prompt or lower --max-new-tokens"
-        )
+    check_prompt_fits(prompt, max_new_tokens, target.max_context)
     state, result = start(target, drafter, prompt, sampling, seed, listeners, max_new_tokens, eos_token_ids)
     yield result
     while not state.done:

@@ -288,32 +288,10 @@ def profile(
     With ``out`` the JSON is written there and a PNG of verify cost vs V next to it.
     """
     from ltd.machine import machine_info
-    from ltd.drafting.base import NullDrafter
 
-    if isinstance(drafter, NullDrafter):
-        raise LtdError("profiling needs a drafter; pass --drafter (self, a small LM, or an EAGLE-3 head)")
-    if repeats < 1 or cycles < 1:
-        raise LtdError("--repeats and --cycles must be at least 1")
-    tokens = sorted(set(int(t) for t in verify_tokens))
-    if not tokens or tokens[0] < 1:
-        raise LtdError("verify token counts must be >= 1")
-    fit = [int(c) for c in sorted(set(contexts)) if c >= 1 and c + tokens[-1] + 1 <= target.max_context]
-    if not fit:
-        raise LtdError(
-            f"no profiling context fits the model's {target.max_context} positions with {tokens[-1]} verified tokens; "
-            "lower --contexts or the largest verify size"
-        )
+    tokens, fit = _profile_grid(drafter, repeats, cycles, verify_tokens, contexts, target.max_context)
     rng = np.random.default_rng(seed)
-    controller = None
-    if policy_sizes is not None:
-        from ltd.control.learned import LTDController
-        from ltd.rl.policy import untrained_policy
-        from ltd.control.spaces import for_kind
-
-        controller = LTDController.from_policies(
-            untrained_policy(for_kind("depth", topk, max_depth, policy_sizes)),
-            untrained_policy(for_kind("size", topk, max_depth, policy_sizes)),
-        )
+    controller = _untrained_controller(topk, max_depth, policy_sizes) if policy_sizes is not None else None
     cycle_ctx = min(fit[0], max(1, target.max_context - 4 * (max_depth + 2) - 1))
     with torch.inference_mode():
         steps, overhead, depth_call, size_call = _measure_cycles(
@@ -334,15 +312,53 @@ def profile(
         repeats=repeats,
         machine=machine_info(dtype, device),
     )
-    plan = getattr(target, "kernel_plan", None)
-    if plan is not None:  # the verify costs above were measured with this matmul plan
-        summary = plan.summary()
-        model.machine["kernel_wxt_rows"] = summary["wxt_rows"]
-        model.machine["kernel_padded_rows"] = summary["padded"]
+    _note_kernel_plan(model, target)
     if out is not None:
         model.save(out)
         plot_latency(model, Path(out).with_suffix(".png"))
     return model
+
+
+def _profile_grid(drafter, repeats: int, cycles: int, verify_tokens: Sequence[int], contexts: Sequence[int],
+                  max_context: int) -> tuple[list[int], list[int]]:
+    """Check the profile's settings; (verify token counts, the contexts that fit the model)."""
+    from ltd.drafting.base import NullDrafter
+
+    if isinstance(drafter, NullDrafter):
+        raise LtdError("profiling needs a drafter; pass --drafter (self, a small LM, or an EAGLE-3 head)")
+    if repeats < 1 or cycles < 1:
+        raise LtdError("--repeats and --cycles must be at least 1")
+    tokens = sorted(set(int(t) for t in verify_tokens))
+    if not tokens or tokens[0] < 1:
+        raise LtdError("verify token counts must be >= 1")
+    fit = [int(c) for c in sorted(set(contexts)) if c >= 1 and c + tokens[-1] + 1 <= max_context]
+    if not fit:
+        raise LtdError(
+            f"no profiling context fits the model's {max_context} positions with {tokens[-1]} verified tokens; "
+            "lower --contexts or the largest verify size"
+        )
+    return tokens, fit
+
+
+def _untrained_controller(topk: int, max_depth: int, policy_sizes: Sequence[int]):
+    """An LTD controller with untrained policies of the given shape: what a policy call costs."""
+    from ltd.control.learned import LTDController
+    from ltd.control.spaces import for_kind
+    from ltd.rl.policy import untrained_policy
+
+    return LTDController.from_policies(
+        untrained_policy(for_kind("depth", topk, max_depth, policy_sizes)),
+        untrained_policy(for_kind("size", topk, max_depth, policy_sizes)),
+    )
+
+
+def _note_kernel_plan(model: LatencyModel, target) -> None:
+    """Record the matmul plan the verify costs were measured with, if the backend has one."""
+    plan = getattr(target, "kernel_plan", None)
+    if plan is not None:
+        summary = plan.summary()
+        model.machine["kernel_wxt_rows"] = summary["wxt_rows"]
+        model.machine["kernel_padded_rows"] = summary["padded"]
 
 
 def profile_engine(engine, out: str | Path | None = None, model_name: str = "", drafter_name: str = "", **kwargs) -> LatencyModel:

@@ -30,6 +30,7 @@ from ltd.cycle import CycleResult, begin, size_state
 from ltd.cycle import finish as finish_cycle
 from ltd.cycle import start as start_sequence
 from ltd.errors import LtdError
+from ltd.limits import check_prompt_fits
 from ltd.rl.latency import LatencyModel
 from ltd.rl.traces import TraceSet
 
@@ -241,11 +242,7 @@ class LiveSource:
         if latency.draft_topk != topk:
             raise LtdError(f"the latency profile was measured with topk {latency.draft_topk}, not {topk}; re-run ltd profile --topk {topk}")
         for p in prompts:
-            if len(p) + max_new_tokens > target.max_context:
-                raise LtdError(
-                    f"a prompt of {len(p)} tokens + {max_new_tokens} new tokens exceeds the model's context "
-                    f"{target.max_context}; lower --max-new-tokens"
-                )
+            check_prompt_fits(p, max_new_tokens, target.max_context)
         self.target = target
         self.drafter = drafter
         self.prompts = [list(p) for p in prompts]

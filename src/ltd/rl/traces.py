@@ -414,7 +414,6 @@ def record(
     """
     from tqdm import tqdm
 
-    from ltd.machine import machine_info, utc_now
     from ltd.engine import GenerateConfig
 
     if max_depth < 1 or topk < 1:
@@ -426,24 +425,9 @@ def record(
         raise ValueError("keys must be unique, one per prompt")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = {"max_depth": max_depth, "topk": topk, "max_new_tokens": max_new_tokens, "max_size": max_size}
     manifest_path = out_dir / MANIFEST
-    if manifest_path.exists():
-        manifest = read_json(manifest_path, "trace manifest")
-        _check_manifest(manifest, manifest_path)
-        old = {k: manifest.get(k) for k in config}
-        if old != config:
-            raise LtdError(f"traces in {out_dir} were recorded with {old}, not {config}; use another --out")
-    else:
-        manifest = {
-            "format": TRACE_FORMAT,
-            "version": TRACE_VERSION,
-            **config,
-            "created": utc_now(),
-            "machine": machine_info(str(engine.backend.dtype).replace("torch.", ""), str(engine.backend.device)),
-            **(meta or {}),
-            "sequences": [],
-        }
+    config = {"max_depth": max_depth, "topk": topk, "max_new_tokens": max_new_tokens, "max_size": max_size}
+    manifest = _open_manifest(manifest_path, config, engine, meta)
     done = {s["key"]: s for s in manifest["sequences"] if (out_dir / s["file"]).is_file()}
     manifest["sequences"] = list(done.values())
     next_index = 1 + max((int(s["file"][4:9]) for s in manifest["sequences"]), default=-1)
@@ -470,6 +454,28 @@ def record(
     bar.close()
     atomic_write_json(manifest_path, manifest)
     return manifest_path
+
+
+def _open_manifest(manifest_path: Path, config: dict, engine, meta: dict | None) -> dict:
+    """The manifest to resume (recorded with the same settings, else a one-line error) or a new one."""
+    from ltd.machine import machine_info, utc_now
+
+    if manifest_path.exists():
+        manifest = read_json(manifest_path, "trace manifest")
+        _check_manifest(manifest, manifest_path)
+        old = {k: manifest.get(k) for k in config}
+        if old != config:
+            raise LtdError(f"traces in {manifest_path.parent} were recorded with {old}, not {config}; use another --out")
+        return manifest
+    return {
+        "format": TRACE_FORMAT,
+        "version": TRACE_VERSION,
+        **config,
+        "created": utc_now(),
+        "machine": machine_info(str(engine.backend.dtype).replace("torch.", ""), str(engine.backend.device)),
+        **(meta or {}),
+        "sequences": [],
+    }
 
 
 def _check_manifest(manifest: dict, where: Path) -> None:
