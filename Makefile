@@ -3,10 +3,9 @@ setup:
 	bash scripts/setup.sh
 demo: setup
 	.venv/bin/ltd demo
-# the full suite, end-to-end tests on the embedded model included, on two processes of one
-# torch thread each (two 2-thread processes on 2 cores would spin against each other)
+# the full suite, end-to-end tests on the embedded model included
 test: setup
-	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n 2
+	.venv/bin/python -m pytest -q
 # the edit-test loop: everything but the tests that load a real model (e2e) and the few
 # statistical and whole-pipeline tests that take tens of seconds each (slow), on two
 # processes of one torch thread each
