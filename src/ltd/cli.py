@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from ltd.cliargs import add_model_args, add_online_args, load_engine
+from ltd.cliargs import add_latency_arg, add_model_args, add_online_args, load_engine
 from ltd.errors import LtdError
 
 DEMO_PROMPT = "Explain in a few sentences why the sky is blue."
@@ -80,6 +80,8 @@ def cmd_generate(args) -> int:
     if not method_of(method).uses_drafter and drafter is None:
         drafter = "none"  # the method never drafts: load none
     engine = load_engine(args, drafter)
+    engine.latency_file = args.latency
+    engine.prepare(cfg)  # a cost profile or a policy load is one-time work: keep it out of the timing
     if args.online:
         engine.enable_online(args.online, state_dir=args.online_state)
     prompt = engine.encode(args.prompt, chat=not args.raw)
@@ -256,8 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text for a prompt")
     add_model_args(p)
     p.add_argument("--prompt", required=True)
-    p.add_argument("--method", default="static", help="hf | llama.cpp | ar | static | ltd | heuristic (default static; hf needs --backend hf, llama.cpp --backend llamacpp)")
+    p.add_argument("--method", default="static",
+                   help="hf | llama.cpp | ar | static | ltd | heuristic | greedy (expected throughput from this machine's "
+                        "measured costs; may decide not to draft) | suffix-rule (SuffixDecoding's rule, --drafter suffix) "
+                        "(default static; hf needs --backend hf, llama.cpp --backend llamacpp)")
     p.add_argument("--policy", default=None, help="LTD policy dir with depth/ and size/ (default: the shipped one)")
+    add_latency_arg(p)
     p.add_argument("--speculation", default="auto", choices=["auto", "off"],
                    help="auto: decode with --method; off: decode plainly (method ar; speculation helps code and "
                         "copying, can cost on prose; the output is the same) (default auto)")

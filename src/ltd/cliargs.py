@@ -63,6 +63,13 @@ def load_engine(args: argparse.Namespace, drafter: str | None):
     )
 
 
+def add_latency_arg(p) -> None:
+    """``--latency PATH``: a full ``ltd profile`` file for the cost-aware methods."""
+    p.add_argument("--latency", default=None, metavar="PATH",
+                   help="cost profile (ltd profile --out) for the cost-aware method greedy "
+                        "(default: a quick profile, measured once per machine and cached)")
+
+
 def parse_int_list(text: str, flag: str) -> list[int]:
     """``"2,3,4"`` -> [2, 3, 4] with an error naming the flag."""
     try:

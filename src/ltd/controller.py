@@ -41,6 +41,10 @@ class Controller(Protocol):
 
     ``observe_result`` receives each finished cycle's result (accepted length, timings),
     for controllers that adapt from feedback; stateless ones ignore it.
+
+    A controller that reads the drafter's own signals (e.g. the suffix trie's depth) may
+    also define ``bind_drafter(drafter)``: the engine calls it with the drafter of the
+    request before decoding, and it may refuse a drafter it cannot follow (LtdError).
     """
 
     def continue_drafting(self, state: DraftStepState) -> bool: ...

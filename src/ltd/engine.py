@@ -4,7 +4,9 @@
 otherwise run) and ``llama.cpp`` its counterpart on the llama.cpp backend (a plain greedy
 loop through the same bindings); ``ar`` is our cycle with depth 0 (plain decoding with a
 KV cache); ``static`` is tree speculative decoding with fixed depth, branching and size;
-``ltd`` and ``heuristic`` are learned and adaptive controllers of the same cycle. Each is
+``ltd`` and ``heuristic`` are learned and adaptive controllers of the same cycle;
+``greedy`` decides each cycle from this machine's measured costs (expected tokens per
+second, including "do not draft") and ``suffix-rule`` is SuffixDecoding's rule. Each is
 one :class:`Method` entry in :data:`METHODS`; adding a method is one
 :func:`register_method` call.
 """
@@ -22,7 +24,11 @@ import torch
 from ltd.acceptance import SamplingConfig
 from ltd.backends.base import Backend
 from ltd.backends.hf import HFBackend
-from ltd.control import Controller, HeuristicController, LTDController, StaticController, validate_static
+from ltd.control import (
+    Controller, HeuristicController, LatencyModel, LTDController, StaticController, SuffixRuleController, ThroughputController,
+    validate_static,
+)
+from ltd.control.costcache import cached_quick_profile
 from ltd.control.policy import default_policy_dir, load_ltd_policies
 from ltd.cycle import CycleResult, decode
 from ltd.defaults import DEFAULT_DEPTH, DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, DEFAULT_SIZE, DEFAULT_TOPK
@@ -155,8 +161,11 @@ class Engine:
         # a backend with its own greedy loop and tokenizer is llama.cpp's (by capability, not class)
         self.backend_name = "llamacpp" if is_native_greedy(self.backend) else "hf"
         self.drafter = drafter or NullDrafter()
+        self.drafter_name = type(self.drafter).__name__  # Engine.load sets the spec; it keys the cost profile
         self.online: OnlineAdapter | None = None  # set by enable_online; saves what the drafter learned
+        self.latency_file: str | None = None  # a full ``ltd profile`` file for cost-aware methods (else the quick profile)
         self._policies: dict[str, tuple] = {}  # loaded once per directory, not inside each timed request
+        self._costs: dict[int, LatencyModel] = {}  # cost tables by branching k, measured or read once
 
     @property
     def reference_method(self) -> str:
@@ -193,11 +202,14 @@ class Engine:
         log.info("target %s on %s, drafter %s", model, backend, spec)
         if backend == "llamacpp":
             target, target_backend = load_llamacpp_target(model, threads=threads)
-            return Engine(target, load_drafter(spec, target, target_backend=target_backend, threads=threads), target_backend)
-        target = load_model(model, device=device, dtype=dtype)
-        target_backend = HFBackend(target.model, kernels=kernels)
-        drafter_ = load_drafter(spec, target, device=device, dtype=dtype, kernels=kernels, head_dtype=head_dtype)
-        return Engine(target, drafter_, target_backend)
+            engine = Engine(target, load_drafter(spec, target, target_backend=target_backend, threads=threads), target_backend)
+        else:
+            target = load_model(model, device=device, dtype=dtype)
+            target_backend = HFBackend(target.model, kernels=kernels)
+            drafter_ = load_drafter(spec, target, device=device, dtype=dtype, kernels=kernels, head_dtype=head_dtype)
+            engine = Engine(target, drafter_, target_backend)
+        engine.drafter_name = spec
+        return engine
 
     def encode(self, text: str, chat: bool = True) -> list[int]:
         return encode_prompt(self.target.tokenizer, text, chat=chat, tokenize=self.prompt_tokenizer)
@@ -211,12 +223,42 @@ class Engine:
         """The backend's own text tokenizer when it has one (llama.cpp), else None (HF's)."""
         return getattr(self.backend, "tokenize", None)
 
-    def controller_for(self, cfg: GenerateConfig) -> Controller:
-        """A fresh controller of ``cfg.method`` (a speculative method's)."""
+    def controller_for(self, cfg: GenerateConfig, drafter: Drafter | None = None) -> Controller:
+        """A fresh controller of ``cfg.method`` (a speculative method's), bound to ``drafter``
+        (default: the engine's) when it reads the drafter's signals."""
         make = method_of(cfg.method).controller
         if make is None:
             raise LtdError(f"method {cfg.method} decodes with its own loop; it has no controller")
-        return make(self, cfg)
+        ctrl = make(self, cfg)
+        bind = getattr(ctrl, "bind_drafter", None)
+        if bind is not None:
+            bind(drafter if drafter is not None else self.drafter)
+        return ctrl
+
+    def costs(self, topk: int) -> LatencyModel:
+        """This machine's cycle costs for cost-aware methods: :attr:`latency_file` when set
+        (a full ``ltd profile``), else the quick profile, measured on first use per machine,
+        model, backend, dtype, threads and drafter, and cached (:mod:`ltd.control.costcache`)."""
+        if topk not in self._costs:
+            if self.latency_file:
+                costs = LatencyModel.load(self.latency_file)
+                if costs.model and costs.model != self.target.name:
+                    log.warning("latency profile %s was measured for %s, not %s", self.latency_file, costs.model, self.target.name)
+            else:
+                costs = cached_quick_profile(
+                    self.backend, self.drafter, model=self.target.name, backend_name=self.backend_name,
+                    drafter_name=self.drafter_name, topk=topk,
+                )
+            self._costs[topk] = costs
+        return self._costs[topk]
+
+    def prepare(self, cfg: GenerateConfig, drafter: Drafter | None = None) -> None:
+        """Do a method's one-time work before anything is timed: measure (or read) the cost
+        profile, load policies, check the drafter. A no-op for methods without a controller."""
+        method = method_of(cfg.method)
+        drafter = drafter if drafter is not None else self.drafter
+        if method.controller is not None and method.uses_drafter and not isinstance(drafter, NullDrafter):
+            self.controller_for(cfg, drafter)
 
     def policies(self, policy_dir: str | None) -> tuple:
         """The LTD policies of a directory (default: the shipped ones), loaded once."""
@@ -239,7 +281,7 @@ class Engine:
         drafter = drafter if drafter is not None else self.drafter
         if method.uses_drafter and controller is None and isinstance(drafter, NullDrafter):
             raise LtdError(f"method {cfg.method} needs a drafter; pass --drafter (e.g. self, a model, or an EAGLE-3 head)")
-        ctrl = controller or self.controller_for(cfg)
+        ctrl = controller or self.controller_for(cfg, drafter)
         topk = getattr(ctrl, "topk", None) or cfg.topk
         return decode(
             self.backend,
@@ -342,6 +384,10 @@ def _ltd_controller(engine: Engine, cfg: GenerateConfig) -> Controller:
     return LTDController.from_policies(*engine.policies(cfg.policy))  # fresh history per request
 
 
+def _greedy_controller(engine: Engine, cfg: GenerateConfig) -> Controller:
+    return ThroughputController(engine.costs(cfg.topk), topk=cfg.topk)  # fresh history per request
+
+
 METHODS: dict[str, Method] = {}
 
 
@@ -360,6 +406,8 @@ for _m in (
     Method("ltd", controller=_ltd_controller),
     Method("heuristic", controller=lambda e, c: HeuristicController(depth=c.depth, topk=c.topk, size=c.size),
            static_shape=True, benchmarked=False),
+    Method("greedy", controller=_greedy_controller),
+    Method("suffix-rule", controller=lambda e, c: SuffixRuleController(topk=c.topk)),
 ):
     register_method(_m)
 

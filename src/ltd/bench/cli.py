@@ -20,7 +20,7 @@ import sys
 from ltd.bench.methods import grid_methods, grid_peer_methods, parse_methods, with_baseline
 from ltd.bench.runner import BenchConfig, GridSpec, run_bench
 from ltd.bench.suites import MIXED, SUITES, load_hub_suite, load_questions, load_suites, parse_suite_list, resolve_data_dir
-from ltd.cliargs import add_model_args, parse_int_list
+from ltd.cliargs import add_latency_arg, add_model_args, parse_int_list
 from ltd.errors import LtdError
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default: the copy shipped with ltd)")
     p.add_argument("--from-hub", action="store_true", help="build the suites from their Hugging Face datasets (needs internet and `datasets`)")
     p.add_argument("--multi-turn", action="store_true", help="run every turn (later turns follow hf's replies); default: first turn only (multiturn always runs both)")
-    p.add_argument("--methods", default=None, help=f"comma-separated: hf, llama.cpp, ar, static:DxKxV, hf-assisted, prompt-lookup, "
-                        f"llama.cpp-spec:TYPE[:N] (default: the baseline,{DEFAULT_METHODS}; with --grid: the baseline)")
+    p.add_argument("--methods", default=None, help=f"comma-separated: hf, llama.cpp, ar, static:DxKxV, ltd[:DIR], greedy, suffix-rule, "
+                        f"hf-assisted, prompt-lookup, llama.cpp-spec:TYPE[:N] (default: the baseline,{DEFAULT_METHODS}; "
+                        "with --grid: the baseline)")
+    add_latency_arg(p)
     p.add_argument("--limit", type=int, default=None, help="first N questions of each suite")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each method per prompt; min/median/max are reported (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -158,6 +160,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         threads=args.threads,
         kernels=args.kernels,
         head_dtype=args.head_dtype,
+        latency=args.latency,
     )
     config.validate()
     return config

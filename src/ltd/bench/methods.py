@@ -238,6 +238,8 @@ class MethodRunner:
         self.drafter = engine.drafter
         self.online: OnlineAdapter | None = None
         self.restart_online()
+        if spec.kind in METHODS:  # one-time work (a cost profile, policies) before anything is timed
+            engine.prepare(self.config(Sampling(1)), self.drafter)
         self.assistant = assistant
         self.assistant_tokenizer = assistant_tokenizer
         self.prompt_lookup_tokens = prompt_lookup_tokens
@@ -254,20 +256,24 @@ class MethodRunner:
             return self._run_ours(prompt, sampling)
         return PEER_RUNNERS[self.spec.kind](self, prompt, sampling)
 
-    def _run_ours(self, prompt: list[int], sampling: Sampling) -> GenerateResult:
+    def config(self, sampling: Sampling) -> GenerateConfig:
+        """The engine's settings for this method (a static tree's shape; the defaults otherwise)."""
         static = method_of(self.spec.kind).static_shape
-        cfg = GenerateConfig(
+        d = GenerateConfig()
+        return GenerateConfig(
             method=self.spec.kind,
             max_new_tokens=sampling.max_new_tokens,
-            depth=self.spec.depth if static else 0,
-            topk=self.spec.topk if static else 1,
-            size=self.spec.size if static else 0,
+            depth=self.spec.depth if static else d.depth,
+            topk=self.spec.topk if static else d.topk,
+            size=self.spec.size if static else d.size,
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=sampling.seed,
             policy=self.spec.policy,
         )
-        result = self.engine.generate(prompt, cfg, drafter=self.drafter)
+
+    def _run_ours(self, prompt: list[int], sampling: Sampling) -> GenerateResult:
+        result = self.engine.generate(prompt, self.config(sampling), drafter=self.drafter)
         result.method = self.spec.label
         return result
 

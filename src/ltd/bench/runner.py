@@ -81,6 +81,7 @@ class BenchConfig:
     kernels: str = DEFAULT_KERNELS  # hf backend matmul plan (ltd.backends.hf_kernels); the hf baseline keeps stock kernels
     head_dtype: str = DEFAULT_HEAD_DTYPE  # EAGLE-3 draft head weights (drafts never change the output)
     skipped: list[str] = field(default_factory=list)  # one line per method dropped before running
+    latency: str | None = None  # a full ltd profile file for cost-aware methods (default: the cached quick profile)
 
     @property
     def baseline(self) -> str:
@@ -508,6 +509,8 @@ def run_bench(config: BenchConfig, out_dir: str | Path | None = None, engine: En
             backend=config.backend, threads=config.threads, kernels=config.kernels, head_dtype=config.head_dtype,
         )
         log.info("models loaded in %.1f s", time.perf_counter() - t0)
+    if config.latency:
+        engine.latency_file = config.latency
     loop = _Loop(config, engine, out)
     loop.run()
     try:

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from ltd.cliargs import add_model_args, add_online_args, load_engine
+from ltd.cliargs import add_latency_arg, add_model_args, add_online_args, load_engine
 from ltd.errors import LtdError
 from ltd.serve.settings import ServeSettings
 
@@ -31,10 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_online_args(p, "serving", "directory to restore (at start) and save (periodically and at exit) online state")
     p.add_argument("--save-every", type=float, default=d.save_every, metavar="SECONDS",
                    help=f"save --online-state this often, between requests (0 = only at exit; default {d.save_every:.0f})")
-    p.add_argument("--method", default=None, choices=["hf", "llama.cpp", "ar", "static"],
+    p.add_argument("--method", default=None, choices=["hf", "llama.cpp", "ar", "static", "greedy", "suffix-rule"],
                    help="static (tree speculation) when a drafter is available, else ar (plain decoding); "
                         "hf = transformers generate, llama.cpp = llama.cpp's plain greedy loop (--backend llamacpp), "
-                        "both answered in one piece")
+                        "both answered in one piece; greedy = expected throughput from this machine's measured costs "
+                        "(may decide not to draft); suffix-rule = SuffixDecoding's rule (--drafter suffix)")
+    add_latency_arg(p)
     p.add_argument("--depth", type=int, default=d.depth, help=f"draft depth D (default {d.depth})")
     p.add_argument("--topk", type=int, default=d.topk, help=f"branching K per draft step (default {d.topk})")
     p.add_argument("--size", type=int, default=d.size, help=f"verified nodes V (default {d.size})")
@@ -94,7 +96,7 @@ def resolve_method(model: str, drafter: str | None, method: str | None, backend:
             log.warning("--method %s does not use the drafter %r; it is not loaded", method, drafter)
         spec = "none"
     elif spec == "none":
-        raise LtdError("--method static needs a drafter; pass --drafter (e.g. self, a smaller model of the same family, "
+        raise LtdError(f"--method {method} needs a drafter; pass --drafter (e.g. self, a smaller model of the same family, "
                        "or an EAGLE-3 head) or use --method ar")
     return method, spec
 
@@ -148,6 +150,9 @@ def load_serving_engine(args: argparse.Namespace, settings: ServeSettings, spec:
     was restored: a restart must not teach the drafter "Hello" every time.
     """
     engine = load_engine(args, spec)
+    engine.latency_file = getattr(args, "latency", None)
+    # one-time work (a cost profile, a drafter check) before serving, and before online learning is attached
+    engine.prepare(settings.generate_config(WARMUP_TOKENS, 0.0, 1.0, None))
     if not args.no_warmup:
         # One-time costs (kernel selection, allocator growth) should not land on the first client.
         engine.generate(engine.encode(WARMUP_PROMPT), settings.generate_config(WARMUP_TOKENS, 0.0, 1.0, None))
