@@ -298,3 +298,15 @@ def test_both_methods_equal_plain_greedy_on_llamacpp():
         backend.close()
     finally:
         mp.undo()
+
+
+def test_the_methods_are_chosen_by_name_in_bench_and_serve():
+    from ltd.bench.methods import parse_methods
+    from ltd.serve.cli import resolve_method
+
+    for backend in ("hf", "llamacpp"):
+        labels = [m.label for m in parse_methods("greedy,suffix-rule", backend)]
+        assert labels[1:] == ["greedy", "suffix-rule"]
+    assert resolve_method("smollm2-135m", "suffix", "greedy", "llamacpp") == ("greedy", "suffix")
+    with pytest.raises(LtdError, match="--method suffix-rule needs a drafter"):
+        resolve_method("smollm2-135m", "none", "suffix-rule", "hf")
