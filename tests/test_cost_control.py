@@ -15,6 +15,7 @@ import torch
 
 import ltd.control.costcache as costcache
 from conftest import assert_same_tokens, first_difference, hf_greedy, run_decode
+from test_llamacpp_exact import exact_env, exact_kernels, lmodel  # noqa: F401  (fixtures of the llama.cpp e2e test)
 from ltd.backends.hf import HFBackend
 from ltd.control import LatencyModel, SuffixRuleController, ThroughputController
 from ltd.control.costcache import cached_quick_profile, cost_key, cost_path
@@ -262,43 +263,31 @@ def test_greedy_reads_a_given_latency_file(tiny_model, tmp_path):
 
 @pytest.mark.e2e
 @pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed")
-def test_both_methods_equal_plain_greedy_on_llamacpp():
+def test_both_methods_equal_plain_greedy_on_llamacpp(request):
+    """On the embedded GGUF (exact mode): the quick profile's choices, a flat table's and
+    the suffix rule all emit llama.cpp's plain greedy output token for token."""
     from test_llamacpp_exact import CHAT, TEXT, new_backend, tokenize
 
-    from ltd.backends.llamacpp import LlamaCppModel, batch_dependent_kernels
-    from ltd.models import registry_gguf
-    from ltd.registry import REGISTRY
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LTD_LLAMACPP_EXACT", "1")
-    try:
-        try:
-            lmodel = LlamaCppModel(registry_gguf(REGISTRY["smollm2-135m"]))
-        except LtdError as exc:
-            pytest.skip(str(exc))
-        if batch_dependent_kernels(lmodel.llama_cpp):
-            pytest.skip("llama-cpp-python built with llamafile kernels; exact tests need CMAKE_ARGS=-DGGML_LLAMAFILE=OFF")
-        backend = new_backend(lmodel)
-        drafter = SuffixDrafter()
-        drafter.enable_store()
-        measured = quick_profile(backend, drafter, topk=4, budget_seconds=3.0)
-        verified = 0
-        for text in (CHAT[0], TEXT + TEXT[:200]):
-            prompt = tokenize(lmodel, text)
-            ref = backend.greedy_generate(prompt, 32)
-            rule = SuffixRuleController(topk=4)
-            rule.bind_drafter(drafter)
-            for name, ctrl in (("greedy", ThroughputController(measured, topk=4)), ("greedy-flat", ThroughputController(FLAT, topk=4)),
-                               ("suffix-rule", rule)):
-                got, results = run_decode(backend, drafter, ctrl, prompt, 32, topk=4)
-                pos = first_difference(got, ref)
-                assert pos is None, f"{name} on {text[:30]!r}: differs from plain greedy at token {pos}"
-                verified += sum(r.size for r in results[1:])
-        assert verified > 0
-        backend.close()
-    finally:
-        mp.undo()
-
+    lmodel = request.getfixturevalue("lmodel")  # the exact-mode model of the llama.cpp tests (skips without it)
+    request.getfixturevalue("exact_kernels")
+    backend = new_backend(lmodel)
+    drafter = SuffixDrafter()
+    drafter.enable_store()
+    measured = quick_profile(backend, drafter, topk=4, budget_seconds=3.0)
+    verified = 0
+    for text in (CHAT[0], TEXT + TEXT[:200]):
+        prompt = tokenize(lmodel, text)
+        ref = backend.greedy_generate(prompt, 32)
+        rule = SuffixRuleController(topk=4)
+        rule.bind_drafter(drafter)
+        for name, ctrl in (("greedy", ThroughputController(measured, topk=4)), ("greedy-flat", ThroughputController(FLAT, topk=4)),
+                           ("suffix-rule", rule)):
+            got, results = run_decode(backend, drafter, ctrl, prompt, 32, topk=4)
+            pos = first_difference(got, ref)
+            assert pos is None, f"{name} on {text[:30]!r}: differs from plain greedy at token {pos}"
+            verified += sum(r.size for r in results[1:])
+    assert verified > 0
+    backend.close()
 
 def test_the_methods_are_chosen_by_name_in_bench_and_serve():
     from ltd.bench.methods import parse_methods
