@@ -252,6 +252,11 @@ class Engine:
             self._costs[topk] = costs
         return self._costs[topk]
 
+    @property
+    def cost_tables(self) -> dict[int, LatencyModel]:
+        """The cost tables cost-aware methods used so far, by branching k (for reports)."""
+        return dict(self._costs)
+
     def prepare(self, cfg: GenerateConfig, drafter: Drafter | None = None) -> None:
         """Do a method's one-time work before anything is timed: measure (or read) the cost
         profile, load policies, check the drafter. A no-op for methods without a controller."""

@@ -143,6 +143,7 @@ class BenchConfig:
             "prompt_lookup_tokens": self.prompt_lookup_tokens,
             "grid": asdict(self.grid) if self.grid else None,
             "skipped": list(self.skipped),
+            "latency": self.latency,
             "questions": len(self.questions),
             "suites": sorted({q.suite for q in self.questions}),
             **self.source,
@@ -468,6 +469,7 @@ class _Loop:
             "config": cfg.to_json(),
             "machine": machine_info(cfg.dtype, cfg.device),
             "kernels": _kernel_summary(self.engine),
+            "costs": {str(k): c.to_json() for k, c in self.engine.cost_tables.items()},  # what cost-aware methods decided from
             "warmup_seconds": round(self.warmup_seconds, 3),
             "methods": overall,
             "suites": per_suite,
