@@ -248,11 +248,8 @@ def cmd_drafter(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltd", description="Lossless tree speculative decoding that learns to draft")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_decode_parsers(sub) -> None:
+    """``generate`` and ``demo``: decode a prompt."""
     p = sub.add_parser("generate", help="generate text for a prompt")
     add_model_args(p)
     p.add_argument("--prompt", required=True)
@@ -273,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_args(p)
     p.set_defaults(func=cmd_demo, max_new_tokens=96)
 
+
+def _add_drafter_parsers(sub) -> None:
+    """Make, export and shrink draft heads, and the data they train on."""
     p = sub.add_parser("regenerate", help="regenerate training responses with the target (self-distillation data)")
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--data", default="sharegpt", help="sharegpt or a jsonl file of conversations (first user turns)")
@@ -284,16 +284,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_regenerate)
-
-    p = sub.add_parser("online", help="manage saved online-adaptation state")
-    p.add_argument("action", choices=["reset"])
-    p.add_argument("directory")
-    p.set_defaults(func=cmd_online)
-
-    p = sub.add_parser("models", help="list or fetch embedded models")
-    p.add_argument("action", choices=["list", "fetch"])
-    p.add_argument("name", nargs="?")
-    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train-drafter", help="train an EAGLE-3 style draft head for a target")
     p.add_argument("--target", default="smollm2-135m")
@@ -325,13 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_export_drafter)
 
-    p = sub.add_parser("peers", help="build other engines' speculative decoders for ltd bench")
-    p.add_argument("action", choices=["build", "status"])
-    p.add_argument("peer", choices=["llama.cpp"])
-    p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
-    p.add_argument("--force", action="store_true", help="rebuild even when a build exists")
-    p.set_defaults(func=cmd_peers)
-
     p = sub.add_parser("drafter", help="tools for EAGLE-3 draft heads")
     p.add_argument("action", choices=["shrink-vocab"], help="shrink-vocab: keep the N most frequent draft tokens")
     p.add_argument("--head", required=True, help="EAGLE-3 head directory")
@@ -339,6 +322,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, required=True, help="new draft vocabulary size")
     p.add_argument("--out", required=True, help="directory to write the smaller head to")
     p.set_defaults(func=cmd_drafter)
+
+
+def _add_tool_parsers(sub) -> None:
+    """Housekeeping: online state, embedded models, peer builds."""
+    p = sub.add_parser("online", help="manage saved online-adaptation state")
+    p.add_argument("action", choices=["reset"])
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_online)
+
+    p = sub.add_parser("models", help="list or fetch embedded models")
+    p.add_argument("action", choices=["list", "fetch"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("peers", help="build other engines' speculative decoders for ltd bench")
+    p.add_argument("action", choices=["build", "status"])
+    p.add_argument("peer", choices=["llama.cpp"])
+    p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
+    p.add_argument("--force", action="store_true", help="rebuild even when a build exists")
+    p.set_defaults(func=cmd_peers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltd", description="Lossless tree speculative decoding that learns to draft")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_decode_parsers(sub)
+    _add_drafter_parsers(sub)
+    _add_tool_parsers(sub)
 
     from ltd.bench import cli as bench_cli
     from ltd.rl import cli as rl_cli

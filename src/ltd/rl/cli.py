@@ -399,8 +399,7 @@ def run_tune(args) -> int:
 # -- parsers ------------------------------------------------------------------------------
 
 
-def add_parsers(subparsers) -> None:
-    """Add ``profile``, ``record``, ``train-policy``, ``oracle`` and ``tune-policy`` to an argparse subparsers object."""
+def _add_profile_parser(subparsers) -> None:
     p = subparsers.add_parser("profile", help="measure draft, verify and overhead costs on this machine (latency model JSON + PNG)")
     add_model_args(p)
     p.add_argument("--out", required=True, help="output FILE.json (a PNG is written next to it)")
@@ -413,6 +412,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--cycles", type=int, default=20, help="real cycles timed for draft steps and overhead (default 20)")
     p.set_defaults(func=run_profile)
 
+
+def _add_record_parser(subparsers) -> None:
     p = subparsers.add_parser("record", help="record max-depth draft trees along greedy outputs (replay traces)")
     add_model_args(p)
     _prompt_args(p, DEFAULT_RECORD_SUITE)
@@ -425,6 +426,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_record)
 
+
+def _add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train-policy", help="train LTD depth/size policies with PPO (replay or live)")
     p.add_argument("--env", default="replay", choices=["replay", "live"])
     p.add_argument("--stage", default="both", choices=["size", "depth", "both"])
@@ -462,6 +465,8 @@ def add_parsers(subparsers) -> None:
     live.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=run_train)
 
+
+def _add_oracle_parser(subparsers) -> None:
     p = subparsers.add_parser("oracle", help="hindsight-optimal throughput on traces, and controllers as a fraction of it")
     p.add_argument("--traces", required=True)
     p.add_argument("--latency", required=True)
@@ -479,6 +484,8 @@ def add_parsers(subparsers) -> None:
     add_model_args(live, model_default=None, default_help="default: the one that recorded the traces")
     p.set_defaults(func=run_oracle)
 
+
+def _add_tune_parser(subparsers) -> None:
     p = subparsers.add_parser("tune-policy", help="profile, record and train LTD policies for this machine in one command",
                               description="Profile this machine, record draft trees on the first --limit (default 10) prompts of "
                                           "alpaca and train the depth and size policies, all into --out; rerunning resumes.")
@@ -501,3 +508,12 @@ def add_parsers(subparsers) -> None:
     _online_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_tune)
+
+
+def add_parsers(subparsers) -> None:
+    """Add ``profile``, ``record``, ``train-policy``, ``oracle`` and ``tune-policy`` to an argparse subparsers object."""
+    _add_profile_parser(subparsers)
+    _add_record_parser(subparsers)
+    _add_train_parser(subparsers)
+    _add_oracle_parser(subparsers)
+    _add_tune_parser(subparsers)
