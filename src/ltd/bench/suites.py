@@ -57,6 +57,10 @@ class Question:
         """A stable identifier, unique across suites."""
         return f"{self.suite}/{self.question_id}"
 
+    def turn_key(self, turn: int) -> str:
+        """The identifier of user turn ``turn`` (0-based): the question's key for the first."""
+        return self.key if turn == 0 else f"{self.key}/turn{turn + 1}"
+
 
 def parse_suite_list(text: str) -> list[str]:
     """``"mt_bench,gsm8k"`` -> names, each checked against the known suites (or ``mixed`` alone)."""

@@ -125,6 +125,7 @@ def run_profile(args) -> int:
 
 
 def run_record(args) -> int:
+    from ltd.rl.prompts import question_prompts
     from ltd.rl.traces import record
 
     _threads(args)
@@ -135,8 +136,7 @@ def run_record(args) -> int:
         raise LtdError("--max-size must be at least 1")
     questions, source = _questions(args)
     engine, spec = _load_engine(args)
-    prompts = [engine.encode(q.turns[0], chat=not args.raw) for q in questions]
-    keys = [q.key for q in questions]
+    keys, prompts = question_prompts(engine, questions, chat=not args.raw)
     meta = {"model": args.model, "drafter": spec, "backend": getattr(args, "backend", "hf"), "chat": not args.raw, **source}
     if args.online:  # the drafter learns along the prompts, in order, as it would while serving
         engine.enable_online(args.online)
@@ -177,11 +177,13 @@ def run_train(args) -> int:
         make_source = replay_source_factory(traces, latency)
         inputs["traces"] = str(Path(args.traces).resolve())
     else:
+        from ltd.rl.prompts import question_prompts, resolve_prompts
         from ltd.rl.sources import LiveSource
 
         questions, source = _questions(args)
         engine, spec = _load_engine(args)
-        prompts = [engine.encode(q.turns[0], chat=not args.raw) for q in questions]
+        keys, turns = question_prompts(engine, questions, chat=not args.raw)
+        prompts = resolve_prompts(engine, keys, turns, args.max_new_tokens)
         topk = traces.topk if traces is not None else args.topk
         max_depth = traces.max_depth if traces is not None else args.max_depth
         live = LiveSource(engine.backend, engine.drafter, prompts, latency, topk=topk, max_depth=max_depth,

@@ -45,6 +45,7 @@ import torch
 
 from ltd.errors import LtdError
 from ltd.fileio import atomic_write, atomic_write_json, read_json
+from ltd.rl.prompts import FollowUp, Prompt, prompt_of
 from ltd.tree import Tree, select
 
 log = logging.getLogger(__name__)
@@ -394,7 +395,7 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def record(
     engine,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Prompt],
     *,
     max_depth: int,
     topk: int,
@@ -405,9 +406,11 @@ def record(
     meta: dict | None = None,
     progress: bool = True,
 ) -> Path:
-    """Record traces for ``prompts`` (token ids) with an :class:`ltd.engine.Engine`.
+    """Record traces for ``prompts`` with an :class:`ltd.engine.Engine`.
 
-    Each prompt's greedy output comes from the engine (method ``ar``); then
+    A prompt is token ids, or a :class:`~ltd.rl.prompts.FollowUp` (a later turn of a
+    conversation, built from the outputs of the turns before it, which come earlier in
+    ``prompts``). Each prompt's greedy output comes from the engine (method ``ar``); then
     :func:`record_sequence` drafts every position. Finished prompts (same key and
     tokens, file present) are skipped, so an interrupted run resumes. Returns the
     manifest path.
@@ -420,10 +423,17 @@ def record(
     config = {"max_depth": max_depth, "topk": topk, "max_new_tokens": max_new_tokens, "max_size": max_size}
     store = _TraceStore(out_dir, _open_manifest(out_dir / MANIFEST, config, engine, meta))
     bar = tqdm(total=len(prompts), desc="record traces", unit="prompt", disable=not progress)
-    for key, prompt in zip(keys, prompts):
-        if not store.is_done(key, prompt):
+    needed = {k for item in prompts if isinstance(item, FollowUp) for k in item.previous}
+    outputs: dict[str, Sequence[int]] = {}  # greedy outputs a later turn follows
+    for key, item in zip(keys, prompts):
+        prompt = prompt_of(item, outputs)
+        if store.is_done(key, prompt):
+            output = store.output(key) if key in needed else None
+        else:
             output, arrays, positions = _record_prompt(engine, prompt, config)
             store.save(key, prompt, output, arrays, positions)
+        if key in needed:
+            outputs[key] = output
         bar.update(1)
     bar.close()
     store.write_manifest()
@@ -473,6 +483,11 @@ class _TraceStore:
     def is_done(self, key: str, prompt: Sequence[int]) -> bool:
         """Whether ``key`` was recorded from these very tokens (then it is skipped)."""
         return key in self.done and self.done[key].get("prompt_sha") == _prompt_hash(prompt)
+
+    def output(self, key: str) -> list[int]:
+        """The recorded greedy output of a finished prompt."""
+        with np.load(self.out_dir / self.done[key]["file"]) as data:
+            return data["output"].tolist()
 
     def save(self, key: str, prompt: Sequence[int], output: Sequence[int], arrays: dict[str, np.ndarray], positions: int) -> None:
         entry = self.done.get(key)
