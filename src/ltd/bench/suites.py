@@ -176,9 +176,16 @@ def mixed_stream(data_dir: str | Path | None = None, limit: int | None = None, s
     machine) sees the same stream; each question keeps its suite for the breakdown, and
     multiturn questions keep both turns.
     """
-    questions = load_suites(SUITES, data_dir, limit=limit)
-    random.Random(seed).shuffle(questions)
-    return questions
+    return interleave(load_suites(SUITES, data_dir, limit=limit), seed)
+
+
+def interleave(questions: Sequence[Question], seed: int = MIXED_SEED) -> list[Question]:
+    """The questions in a fixed, seeded order (a stream that alternates their suites).
+
+    Each question's turns stay together, in order."""
+    shuffled = list(questions)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
 
 
 # -- Hugging Face hub (needs internet and the `datasets` package; not testable offline) ----
