@@ -3,7 +3,8 @@
 Flags are checked before any model loads. Prompts for recording come from the benchmark
 suites; only ``alpaca`` (the suite ``ltd bench --grid`` already tunes on) is a training
 suite, the other five are held out for evaluation and are used only with
-``--allow-held-out`` (the manifest records it).
+``--allow-held-out`` (the manifest records it). Questions judged whole (``multiturn``, also
+inside ``mixed``) run every turn, as ``ltd bench`` runs them (:mod:`ltd.rl.prompts`).
 
 Commands import their machinery (torch, gymnasium, stable-baselines3) when they run,
 inside their functions: the flags are parsed and checked without them.
