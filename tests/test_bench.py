@@ -360,6 +360,24 @@ def test_second_half_metrics_follow_stream_order():
     assert out["tokens_per_second_second_half"] == pytest.approx(10.0)
 
 
+
+def test_report_sets_each_online_method_beside_the_same_method_without_it():
+    """Like with like: the stream's second half of static+online=memory against static alone."""
+    from ltd.bench.report import render_markdown
+
+    methods = {
+        "hf": {"tokens_per_second_second_half": 10.0},
+        "static:8x1x8": {"tokens_per_second_second_half": 20.0, "mean_accepted_second_half": 3.0},
+        "static:8x1x8+online=memory": {"tokens_per_second_second_half": 30.0, "mean_accepted_second_half": 5.0},
+        "ltd+online=knn": {"tokens_per_second_second_half": 12.0},  # no frozen ltd ran: no row
+    }
+    text = render_markdown({"methods": methods, "baseline": "hf"})
+    assert "## Online adaptation over the stream's second half" in text
+    assert "| static:8x1x8+online=memory | static:8x1x8 | 30.0 | 20.0 | 1.50x | 5.00 | 3.00 |" in text
+    section = text.split("## Online adaptation over the stream's second half")[1].split("## Definitions")[0]
+    assert "| ltd+online=knn |" not in section
+    assert "second half" not in render_markdown({"methods": {"static:8x1x8": methods["static:8x1x8"]}, "baseline": "hf"})
+
 @pytest.mark.e2e
 def test_peer_outputs_compare_by_text():
     """llama.cpp's tools print text: the same text read back in other ids is a match

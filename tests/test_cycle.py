@@ -84,6 +84,18 @@ def test_commit_of_a_prefix_and_of_the_root_alone(tiny_model):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [0, 2])
+def test_a_cycle_refuses_a_cache_with_uncommitted_tree_entries(tiny_model, size):
+    """Both verify paths (a tree, and the root alone) refuse to start over a verify that
+    was never committed: those entries would silently corrupt the context."""
+    state, _ = start(HFBackend(tiny_model), LMDrafter(HFBackend(tiny_model)), PROMPT)
+    verify(state, select(_branchy_tree(state.pending), 3))
+    session = begin(state, 2, 1)
+    session.step()
+    with pytest.raises(RuntimeError, match="uncommitted speculative entries"):
+        finish(state, session, size)
+
+
 def _state(max_new: int | None, eos: set[int], context: int = 10, max_context: int = 1000) -> DecodeState:
     target = SimpleNamespace(max_context=max_context)
     return DecodeState(target, NullDrafter(), list(range(context)), context - 1, max_new_tokens=max_new,

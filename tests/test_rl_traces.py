@@ -199,3 +199,56 @@ def test_oracle_on_recorded_traces_beats_every_static_choice(recorded):
             t = replay_controller(traces, lat, StaticController(depth=d, topk=TOPK, size=v))
             assert t.tokens == best.tokens
             assert t.seconds >= best.seconds - 1e-9, (d, v)
+
+
+class _ChatTokenizer:
+    """A tiny tokenizer with a chat template over numbers: "5 6 7" <-> [5, 6, 7]; a user
+    turn is marked by 1, an assistant turn by 2."""
+
+    eos_token_id = None
+    chat_template = "numbers"
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return " ".join(str(i) for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True, return_dict=False):
+        ids = []
+        for m in messages:
+            ids += [1 if m["role"] == "user" else 2] + [int(w) for w in m["content"].split()]
+        return ids + [2] if add_generation_prompt else ids
+
+    def __len__(self) -> int:
+        return 96
+
+
+def test_record_runs_every_turn_of_multiturn_questions(tmp_path, tiny_model, drafter_model):
+    """A multiturn question records both turns (the second after the target's own first
+    reply, as ltd bench runs it); other questions record their first turn."""
+    from ltd.bench.suites import Question
+    from ltd.engine import Engine
+    from ltd.models import LoadedModel
+    from ltd.rl.prompts import question_prompts, resolve_prompts
+
+    engine = Engine(LoadedModel("tiny", tiny_model, _ChatTokenizer()), LMDrafter(HFBackend(drafter_model)))
+    questions = [Question("multiturn", 7, "c", ("5 6 7 8", "9 10"), all_turns=True),
+                 Question("alpaca", 3, "w", ("11 12 13", "14 15"))]
+    keys, prompts = question_prompts(engine, questions)
+    assert keys == ["multiturn/7", "multiturn/7/turn2", "alpaca/3"]
+    out = tmp_path / "traces"
+    record(engine, prompts, keys=keys, max_depth=MAX_DEPTH, topk=TOPK, max_new_tokens=MAX_NEW, out_dir=out,
+           max_size=MAX_SIZE, progress=False)
+    seqs = {s.key: s for s in TraceSet.load(out).sequences}
+    assert set(seqs) == set(keys)
+    first = hf_greedy(tiny_model, [1, 5, 6, 7, 8, 2], MAX_NEW)
+    second_prompt = [1, 5, 6, 7, 8, 2, *first, 1, 9, 10, 2]
+    assert seqs["multiturn/7"].output.tolist() == first
+    assert seqs["multiturn/7/turn2"].prompt.tolist() == second_prompt
+    assert seqs["multiturn/7/turn2"].output.tolist() == hf_greedy(tiny_model, second_prompt, MAX_NEW)
+    assert seqs["multiturn/7/turn2"].num_positions == MAX_NEW - 1
+    # the live environment's prompts are the same turns
+    assert resolve_prompts(engine, keys, prompts, MAX_NEW)[1] == second_prompt
+    # a resumed run finds the second turn's prompt from the stored first output, and skips both
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("seq-*.npz")}
+    record(engine, prompts, keys=keys, max_depth=MAX_DEPTH, topk=TOPK, max_new_tokens=MAX_NEW, out_dir=out,
+           max_size=MAX_SIZE, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("seq-*.npz")} == before

@@ -87,3 +87,23 @@ def test_bench_cli_accepts_mixed(tmp_path):
     questions, source = _questions(args)
     assert {q.suite for q in questions} == set(SUITES)
     assert "shared" not in source["data_dir"].split(os.sep)
+
+
+def test_bench_interleave_streams_the_chosen_suites_like_mixed(tmp_path):
+    """--interleave: the named suites' questions in mixed's seeded order, not suite by suite."""
+    import argparse
+
+    from ltd.bench.cli import add_parser, config_from_args
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    argv = ["bench", "--suites", "edit,rag,multiturn", "--limit", "10", "--repeats", "1", "--out", str(tmp_path)]
+    parse = sub.choices["bench"].parse_args
+    grouped = config_from_args(parse(argv[1:])).questions
+    mixed = config_from_args(parse(argv[1:] + ["--interleave"]))
+    assert sorted(q.key for q in mixed.questions) == sorted(q.key for q in grouped)
+    assert [q.suite for q in grouped] == ["edit"] * 10 + ["rag"] * 10 + ["multiturn"] * 10
+    suites = [q.suite for q in mixed.questions]
+    assert set(suites[:15]) == set(suites[15:]) == {"edit", "rag", "multiturn"}  # both halves hold every kind
+    assert mixed.source["interleaved"] is True
+    assert [q.key for q in config_from_args(parse(argv[1:] + ["--interleave"])).questions] == [q.key for q in mixed.questions]

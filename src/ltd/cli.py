@@ -101,7 +101,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The README's main job: generate with the default speculative setup and with plain decoding."""
+    """The README's main job: plain decoding against speculative decoding on two prompts.
+
+    One is prose, where drafts are weak; the other (the first ``edit`` question of the
+    bench suites) edits code that is in the prompt, where a suffix drafter copies many
+    tokens per cycle. Every method runs on both, and every output must equal plain greedy
+    decoding."""
+    from ltd.bench.suites import load_suites
     from ltd.machine import cpu_model
     from ltd.engine import GenerateConfig, default_drafter_spec, default_policy_dir
 
@@ -109,33 +115,70 @@ def cmd_demo(args) -> int:
     if spec == "none":
         spec = "self"
     engine = load_engine(args, spec)
+    copy_spec = _copy_drafter_spec(spec)
+    copy_drafter = engine.load_drafter(copy_spec, device=args.device, dtype=args.dtype, threads=args.threads,
+                                       kernels=args.kernels, head_dtype=args.head_dtype)
+    edit = load_suites(["edit"], limit=1)[0]
+    prompts = [("prose", args.prompt), (f"copy ({edit.key})", edit.turns[0])]
     ref = engine.reference_method
-    prompt = engine.encode(args.prompt)
     print(f"model {args.model}, drafter {spec}, device {args.device}, CPU {cpu_model()}")
-    print(f"prompt: {args.prompt}\n")
-    # warm-up so that one-time costs do not count against the first method
-    engine.generate(prompt, GenerateConfig(method="ar", max_new_tokens=4))
-    results = {}
+    print(f"suffix rows: drafter {copy_spec}")
     # ar: our own plain loop with the backend's kernels, so the gap between hf and ar is
     # the kernels' share and the gap between ar and static/ltd is speculation's own
-    methods = [ref, "ar", "static"]
+    runs = [(m, GenerateConfig(method=m, max_new_tokens=args.max_new_tokens, depth=args.depth, topk=args.topk, size=args.size), None)
+            for m in [ref, "ar", "static"]]
     if (default_policy_dir(args.model, args.backend) / "depth").is_dir():
-        methods.append("ltd")  # the shipped learned policies decide depth and size per cycle
-    for method in methods:
-        cfg = GenerateConfig(method=method, max_new_tokens=args.max_new_tokens, depth=args.depth, topk=args.topk, size=args.size)
-        results[method] = engine.generate(prompt, cfg)
-    print(results[methods[-1]].text)
-    print()
-    base = results[ref]
-    for method, r in results.items():
-        speed = r.tokens_per_second / base.tokens_per_second if base.tokens_per_second else 0.0
-        print(
-            f"{method:>9}: {r.tokens_per_second:6.1f} tokens/s  ({speed:.2f}x {ref})  "
-            f"{r.new_tokens} tokens, {r.mean_accepted:.2f} tokens/cycle"
-        )
-    same = all(results[m].tokens == base.tokens for m in methods[1:])
-    print(f"outputs of {', '.join(methods[1:])} identical to plain greedy output ({ref}): {'yes' if same else 'NO'}")
+        # the shipped learned policies decide depth and size per cycle
+        runs.append(("ltd", GenerateConfig(method="ltd", max_new_tokens=args.max_new_tokens), None))
+    d, k, v = DEMO_COPY_SHAPE  # deep, narrow trees: a suffix match is right many tokens in a row
+    runs.append((f"static:{d}x{k}x{v} suffix",
+                 GenerateConfig(method="static", max_new_tokens=args.max_new_tokens, depth=d, topk=k, size=v), copy_drafter))
+    # warm-up so that one-time costs do not count against the first method
+    engine.generate(engine.encode(args.prompt), GenerateConfig(method="ar", max_new_tokens=4))
+    same = True
+    for name, text in prompts:
+        prompt = engine.encode(text)
+        results = [(label, engine.generate(prompt, cfg, drafter=drafter)) for label, cfg, drafter in runs]
+        if name == "prose":
+            print(f"\nprompt: {text}\n\n{results[-2][1].text}")
+        same = _print_demo_table(f"{name}: {_first_line(text)}", results) and same
+    print(f"\noutputs of every method identical to plain greedy output ({ref}): {'yes' if same else 'NO'}")
     return 0 if same else 1
+
+
+DEMO_COPY_SHAPE = (32, 1, 32)  # depth x top-k x size of the copy drafter's static tree
+
+
+def _copy_drafter_spec(spec: str) -> str:
+    """The demo's drafter for copies: the suffix drafter, merged with ``spec``'s model drafter."""
+    from ltd.drafting.hybrid import MODEL_FREE_KINDS, split_hybrid_spec
+
+    if spec.startswith("hybrid:"):
+        return f"hybrid:suffix+{split_hybrid_spec(spec)[1]}"
+    if spec.partition(":")[0] in MODEL_FREE_KINDS:
+        return "suffix"
+    return f"hybrid:suffix+{spec}"
+
+
+def _first_line(text: str, width: int = 60) -> str:
+    line = text.strip().splitlines()[0]
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _print_demo_table(title: str, results: list) -> bool:
+    """One prompt's methods against the first (plain decoding); returns whether all outputs equal it."""
+    base = results[0][1]
+    width = max(len(label) for label, _ in results)
+    print(f"\n{title}")
+    print(f"  {'method':<{width}}  tokens/s  speedup  tokens/cycle  output")
+    same = True
+    for i, (label, r) in enumerate(results):
+        speed = r.tokens_per_second / base.tokens_per_second if base.tokens_per_second else 0.0
+        equal = r.tokens == base.tokens
+        same = same and equal
+        verdict = "reference" if i == 0 else ("same" if equal else "DIFFERENT")
+        print(f"  {label:<{width}}  {r.tokens_per_second:8.1f}  {speed:6.2f}x  {r.mean_accepted:12.2f}  {verdict}")
+    return same
 
 
 def cmd_models(args) -> int:
@@ -250,11 +293,8 @@ def cmd_drafter(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ltd", description="Lossless tree speculative decoding that learns to draft")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_decode_parsers(sub) -> None:
+    """``generate`` and ``demo``: decode a prompt."""
     p = sub.add_parser("generate", help="generate text for a prompt")
     add_model_args(p)
     p.add_argument("--prompt", required=True)
@@ -279,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_args(p)
     p.set_defaults(func=cmd_demo, max_new_tokens=96)
 
+
+def _add_drafter_parsers(sub) -> None:
+    """Make, export and shrink draft heads, and the data they train on."""
     p = sub.add_parser("regenerate", help="regenerate training responses with the target (self-distillation data)")
     p.add_argument("--target", default="smollm2-135m")
     p.add_argument("--data", default="sharegpt", help="sharegpt or a jsonl file of conversations (first user turns)")
@@ -290,16 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_regenerate)
-
-    p = sub.add_parser("online", help="manage saved online-adaptation state")
-    p.add_argument("action", choices=["reset"])
-    p.add_argument("directory")
-    p.set_defaults(func=cmd_online)
-
-    p = sub.add_parser("models", help="list or fetch embedded models")
-    p.add_argument("action", choices=["list", "fetch"])
-    p.add_argument("name", nargs="?")
-    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("train-drafter", help="train an EAGLE-3 style draft head for a target")
     p.add_argument("--target", default="smollm2-135m")
@@ -331,13 +364,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_export_drafter)
 
-    p = sub.add_parser("peers", help="build other engines' speculative decoders for ltd bench")
-    p.add_argument("action", choices=["build", "status"])
-    p.add_argument("peer", choices=["llama.cpp"])
-    p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
-    p.add_argument("--force", action="store_true", help="rebuild even when a build exists")
-    p.set_defaults(func=cmd_peers)
-
     p = sub.add_parser("drafter", help="tools for EAGLE-3 draft heads")
     p.add_argument("action", choices=["shrink-vocab"], help="shrink-vocab: keep the N most frequent draft tokens")
     p.add_argument("--head", required=True, help="EAGLE-3 head directory")
@@ -345,6 +371,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, required=True, help="new draft vocabulary size")
     p.add_argument("--out", required=True, help="directory to write the smaller head to")
     p.set_defaults(func=cmd_drafter)
+
+
+def _add_tool_parsers(sub) -> None:
+    """Housekeeping: online state, embedded models, peer builds."""
+    p = sub.add_parser("online", help="manage saved online-adaptation state")
+    p.add_argument("action", choices=["reset"])
+    p.add_argument("directory")
+    p.set_defaults(func=cmd_online)
+
+    p = sub.add_parser("models", help="list or fetch embedded models")
+    p.add_argument("action", choices=["list", "fetch"])
+    p.add_argument("name", nargs="?")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("peers", help="build other engines' speculative decoders for ltd bench")
+    p.add_argument("action", choices=["build", "status"])
+    p.add_argument("peer", choices=["llama.cpp"])
+    p.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
+    p.add_argument("--force", action="store_true", help="rebuild even when a build exists")
+    p.set_defaults(func=cmd_peers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltd", description="Lossless tree speculative decoding that learns to draft")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_decode_parsers(sub)
+    _add_drafter_parsers(sub)
+    _add_tool_parsers(sub)
 
     from ltd.bench import cli as bench_cli
     from ltd.rl import cli as rl_cli

@@ -287,10 +287,15 @@ def select(tree: Tree, size: int) -> Selection:
     return select_tree(tree, size)
 
 
+def _require_committed(target) -> None:
+    """A verify must start from a committed cache: leftover tree entries mean a missed commit."""
+    if target.speculative_length:
+        raise RuntimeError("target has uncommitted speculative entries")
+
+
 def verify(state: DecodeState, selection: Selection) -> Verified:
     """One target forward over the selected tree (root = pending token)."""
-    if state.target.speculative_length:
-        raise RuntimeError("target has uncommitted speculative entries")
+    _require_committed(state.target)
     sub = selection.tree
     out = state.target.score(sub.tokens, sub.parents, state.drafter.feature_layers)
     return Verified(selection=selection, logits=out.logits, features=out.features, exact=out.exact)
@@ -353,8 +358,7 @@ def _root_cycle(state: DecodeState, timer: StageTimer | None) -> list[int]:
     drafted, so it is what plain decoding through the cycle costs.
     """
     target, pending = state.target, state.pending
-    if target.speculative_length:
-        raise RuntimeError("target has uncommitted speculative entries")
+    _require_committed(target)
     t0 = time.perf_counter()
     layers = state.drafter.feature_layers
     if state.sampling.greedy and layers is None and not state.listeners:

@@ -202,14 +202,29 @@ class Engine:
         log.info("target %s on %s, drafter %s", model, backend, spec)
         if backend == "llamacpp":
             target, target_backend = load_llamacpp_target(model, threads=threads)
-            engine = Engine(target, load_drafter(spec, target, target_backend=target_backend, threads=threads), target_backend)
         else:
             target = load_model(model, device=device, dtype=dtype)
             target_backend = HFBackend(target.model, kernels=kernels)
-            drafter_ = load_drafter(spec, target, device=device, dtype=dtype, kernels=kernels, head_dtype=head_dtype)
-            engine = Engine(target, drafter_, target_backend)
+        engine = Engine(target, None, target_backend)
+        engine.drafter = engine.load_drafter(spec, device=device, dtype=dtype, threads=threads, kernels=kernels, head_dtype=head_dtype)
         engine.drafter_name = spec
         return engine
+
+    def load_drafter(
+        self,
+        spec: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        threads: int | None = None,
+        kernels: str = DEFAULT_KERNELS,
+        head_dtype: str = DEFAULT_HEAD_DTYPE,
+    ) -> Drafter:
+        """A drafter for this engine's target, to pass to :meth:`generate` (the engine's own
+        is unchanged). On llama.cpp, model drafters run on llama.cpp too, with ``threads``;
+        on hf the other settings apply (see :func:`load_drafter`)."""
+        if self.backend_name == "llamacpp":
+            return load_drafter(spec, self.target, target_backend=self.backend, threads=threads)
+        return load_drafter(spec, self.target, device=device, dtype=dtype, kernels=kernels, head_dtype=head_dtype)
 
     def encode(self, text: str, chat: bool = True) -> list[int]:
         return encode_prompt(self.target.tokenizer, text, chat=chat, tokenize=self.prompt_tokenizer)

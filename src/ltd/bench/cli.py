@@ -19,7 +19,7 @@ import sys
 
 from ltd.bench.methods import grid_methods, grid_peer_methods, parse_methods, with_baseline
 from ltd.bench.runner import BenchConfig, GridSpec, run_bench
-from ltd.bench.suites import MIXED, SUITES, load_hub_suite, load_questions, load_suites, parse_suite_list, resolve_data_dir
+from ltd.bench.suites import MIXED, SUITES, interleave, load_hub_suite, load_questions, load_suites, parse_suite_list, resolve_data_dir
 from ltd.cliargs import add_latency_arg, add_model_args, parse_int_list
 from ltd.errors import LtdError
 
@@ -52,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--questions", default=None, help="a question.jsonl file (question_id, category, turns); categories become the breakdown")
     p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default: the copy shipped with ltd)")
     p.add_argument("--from-hub", action="store_true", help="build the suites from their Hugging Face datasets (needs internet and `datasets`)")
+    p.add_argument("--interleave", action="store_true",
+                   help=f"run the questions interleaved in the fixed, seeded order of {MIXED} (a stream of "
+                        "mixed work, e.g. for +online methods), not suite by suite")
     p.add_argument("--multi-turn", action="store_true", help="run every turn (later turns follow hf's replies); default: first turn only (multiturn always runs both)")
     p.add_argument("--methods", default=None, help=f"comma-separated: hf, llama.cpp, ar, static:DxKxV, ltd[:DIR], greedy, suffix-rule, "
                         f"hf-assisted, prompt-lookup, llama.cpp-spec:TYPE[:N] (default: the baseline,{DEFAULT_METHODS}; "
@@ -137,6 +140,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.prompt_lookup_tokens < 1:
         raise LtdError(f"--prompt-lookup-tokens must be at least 1, got {args.prompt_lookup_tokens}")
     questions, source = _questions(args)
+    if args.interleave:
+        questions, source = interleave(questions), {**source, "interleaved": True}
     config = BenchConfig(
         model=args.model,
         methods=methods,

@@ -100,6 +100,7 @@ def render_markdown(results: dict, plots: dict[str, Path] | None = None) -> str:
     lines += _overall_lines(methods, base)
     lines += _suite_lines(results.get("suites", {}), methods, base)
     lines += _best_lines(results)
+    lines += _stream_lines(methods)
     if results.get("skipped"):
         lines += ["", "## Skipped methods", ""] + [f"- {line}" for line in results["skipped"]]
     lines += _mismatch_lines(methods)
@@ -183,6 +184,24 @@ def _best_lines(results: dict) -> list[str]:
                   f"speedup {_fmt(peer.get('speedup'))}x, {_fmt(peer.get('tokens_per_second'), 1)} tokens/s, "
                   f"selected by {peer.get('criterion')} on {', '.join(peer.get('selected_on', []))}."]
     return lines
+
+
+def _stream_lines(methods: dict) -> list[str]:
+    """Each ``+online`` method beside the same method without it, over the stream's second
+    half (prompts in run order): what the memory learned along the stream buys."""
+    rows = []
+    for label, s in methods.items():
+        base, plus, _ = label.partition("+online=")
+        if plus and base in methods:
+            ours, theirs = s.get("tokens_per_second_second_half"), methods[base].get("tokens_per_second_second_half")
+            ratio = ours / theirs if ours and theirs else None
+            rows.append(f"| {label} | {base} | {_fmt(ours, 1)} | {_fmt(theirs, 1)} | {_fmt(ratio)}x "
+                        f"| {_fmt(s.get('mean_accepted_second_half'))} | {_fmt(methods[base].get('mean_accepted_second_half'))} |")
+    if not rows:
+        return []
+    return ["", "## Online adaptation over the stream's second half", "",
+            "| method | without online | tokens/s | tokens/s without | ratio | mean accepted | mean accepted without |",
+            "|---|---|---|---|---|---|---|", *rows]
 
 
 def _mismatch_lines(methods: dict) -> list[str]:

@@ -301,7 +301,7 @@ class _Loop:
             for q in cfg.questions:
                 replies: list[str] = []
                 for turn in range(self._turns(q)):
-                    key = q.key if turn == 0 else f"{q.key}/turn{turn + 1}"
+                    key = q.turn_key(turn)
                     prompt = encode_turns(self.engine, q.turns, replies)
                     reply = self._measure(q, key, prompt, bar)
                     replies.append(reply)

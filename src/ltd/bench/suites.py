@@ -57,6 +57,10 @@ class Question:
         """A stable identifier, unique across suites."""
         return f"{self.suite}/{self.question_id}"
 
+    def turn_key(self, turn: int) -> str:
+        """The identifier of user turn ``turn`` (0-based): the question's key for the first."""
+        return self.key if turn == 0 else f"{self.key}/turn{turn + 1}"
+
 
 def parse_suite_list(text: str) -> list[str]:
     """``"mt_bench,gsm8k"`` -> names, each checked against the known suites (or ``mixed`` alone)."""
@@ -172,9 +176,16 @@ def mixed_stream(data_dir: str | Path | None = None, limit: int | None = None, s
     machine) sees the same stream; each question keeps its suite for the breakdown, and
     multiturn questions keep both turns.
     """
-    questions = load_suites(SUITES, data_dir, limit=limit)
-    random.Random(seed).shuffle(questions)
-    return questions
+    return interleave(load_suites(SUITES, data_dir, limit=limit), seed)
+
+
+def interleave(questions: Sequence[Question], seed: int = MIXED_SEED) -> list[Question]:
+    """The questions in a fixed, seeded order (a stream that alternates their suites).
+
+    Each question's turns stay together, in order."""
+    shuffled = list(questions)
+    random.Random(seed).shuffle(shuffled)
+    return shuffled
 
 
 # -- Hugging Face hub (needs internet and the `datasets` package; not testable offline) ----

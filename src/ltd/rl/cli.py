@@ -3,7 +3,8 @@
 Flags are checked before any model loads. Prompts for recording come from the benchmark
 suites; only ``alpaca`` (the suite ``ltd bench --grid`` already tunes on) is a training
 suite, the other five are held out for evaluation and are used only with
-``--allow-held-out`` (the manifest records it).
+``--allow-held-out`` (the manifest records it). Questions judged whole (``multiturn``, also
+inside ``mixed``) run every turn, as ``ltd bench`` runs them (:mod:`ltd.rl.prompts`).
 
 Commands import their machinery (torch, gymnasium, stable-baselines3) when they run,
 inside their functions: the flags are parsed and checked without them.
@@ -125,6 +126,7 @@ def run_profile(args) -> int:
 
 
 def run_record(args) -> int:
+    from ltd.rl.prompts import question_prompts
     from ltd.rl.traces import record
 
     _threads(args)
@@ -135,8 +137,7 @@ def run_record(args) -> int:
         raise LtdError("--max-size must be at least 1")
     questions, source = _questions(args)
     engine, spec = _load_engine(args)
-    prompts = [engine.encode(q.turns[0], chat=not args.raw) for q in questions]
-    keys = [q.key for q in questions]
+    keys, prompts = question_prompts(engine, questions, chat=not args.raw)
     meta = {"model": args.model, "drafter": spec, "backend": getattr(args, "backend", "hf"), "chat": not args.raw, **source}
     if args.online:  # the drafter learns along the prompts, in order, as it would while serving
         engine.enable_online(args.online)
@@ -177,11 +178,13 @@ def run_train(args) -> int:
         make_source = replay_source_factory(traces, latency)
         inputs["traces"] = str(Path(args.traces).resolve())
     else:
+        from ltd.rl.prompts import question_prompts, resolve_prompts
         from ltd.rl.sources import LiveSource
 
         questions, source = _questions(args)
         engine, spec = _load_engine(args)
-        prompts = [engine.encode(q.turns[0], chat=not args.raw) for q in questions]
+        keys, turns = question_prompts(engine, questions, chat=not args.raw)
+        prompts = resolve_prompts(engine, keys, turns, args.max_new_tokens)
         topk = traces.topk if traces is not None else args.topk
         max_depth = traces.max_depth if traces is not None else args.max_depth
         live = LiveSource(engine.backend, engine.drafter, prompts, latency, topk=topk, max_depth=max_depth,
@@ -399,8 +402,7 @@ def run_tune(args) -> int:
 # -- parsers ------------------------------------------------------------------------------
 
 
-def add_parsers(subparsers) -> None:
-    """Add ``profile``, ``record``, ``train-policy``, ``oracle`` and ``tune-policy`` to an argparse subparsers object."""
+def _add_profile_parser(subparsers) -> None:
     p = subparsers.add_parser("profile", help="measure draft, verify and overhead costs on this machine (latency model JSON + PNG)")
     add_model_args(p)
     p.add_argument("--out", required=True, help="output FILE.json (a PNG is written next to it)")
@@ -413,6 +415,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--cycles", type=int, default=20, help="real cycles timed for draft steps and overhead (default 20)")
     p.set_defaults(func=run_profile)
 
+
+def _add_record_parser(subparsers) -> None:
     p = subparsers.add_parser("record", help="record max-depth draft trees along greedy outputs (replay traces)")
     add_model_args(p)
     _prompt_args(p, DEFAULT_RECORD_SUITE)
@@ -425,6 +429,8 @@ def add_parsers(subparsers) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_record)
 
+
+def _add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train-policy", help="train LTD depth/size policies with PPO (replay or live)")
     p.add_argument("--env", default="replay", choices=["replay", "live"])
     p.add_argument("--stage", default="both", choices=["size", "depth", "both"])
@@ -462,6 +468,8 @@ def add_parsers(subparsers) -> None:
     live.add_argument("--max-new-tokens", type=int, default=128)
     p.set_defaults(func=run_train)
 
+
+def _add_oracle_parser(subparsers) -> None:
     p = subparsers.add_parser("oracle", help="hindsight-optimal throughput on traces, and controllers as a fraction of it")
     p.add_argument("--traces", required=True)
     p.add_argument("--latency", required=True)
@@ -479,6 +487,8 @@ def add_parsers(subparsers) -> None:
     add_model_args(live, model_default=None, default_help="default: the one that recorded the traces")
     p.set_defaults(func=run_oracle)
 
+
+def _add_tune_parser(subparsers) -> None:
     p = subparsers.add_parser("tune-policy", help="profile, record and train LTD policies for this machine in one command",
                               description="Profile this machine, record draft trees on the first --limit (default 10) prompts of "
                                           "alpaca and train the depth and size policies, all into --out; rerunning resumes.")
@@ -501,3 +511,12 @@ def add_parsers(subparsers) -> None:
     _online_arg(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_tune)
+
+
+def add_parsers(subparsers) -> None:
+    """Add ``profile``, ``record``, ``train-policy``, ``oracle`` and ``tune-policy`` to an argparse subparsers object."""
+    _add_profile_parser(subparsers)
+    _add_record_parser(subparsers)
+    _add_train_parser(subparsers)
+    _add_oracle_parser(subparsers)
+    _add_tune_parser(subparsers)

@@ -45,6 +45,7 @@ import torch
 
 from ltd.errors import LtdError
 from ltd.fileio import atomic_write, atomic_write_json, read_json
+from ltd.rl.prompts import FollowUp, Prompt, prompt_of
 from ltd.tree import Tree, select
 
 log = logging.getLogger(__name__)
@@ -394,7 +395,7 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def record(
     engine,
-    prompts: Sequence[Sequence[int]],
+    prompts: Sequence[Prompt],
     *,
     max_depth: int,
     topk: int,
@@ -405,17 +406,42 @@ def record(
     meta: dict | None = None,
     progress: bool = True,
 ) -> Path:
-    """Record traces for ``prompts`` (token ids) with an :class:`ltd.engine.Engine`.
+    """Record traces for ``prompts`` with an :class:`ltd.engine.Engine`.
 
-    Each prompt's greedy output comes from the engine (method ``ar``); then
+    A prompt is token ids, or a :class:`~ltd.rl.prompts.FollowUp` (a later turn of a
+    conversation, built from the outputs of the turns before it, which come earlier in
+    ``prompts``). Each prompt's greedy output comes from the engine (method ``ar``); then
     :func:`record_sequence` drafts every position. Finished prompts (same key and
     tokens, file present) are skipped, so an interrupted run resumes. Returns the
     manifest path.
     """
     from tqdm import tqdm
 
-    from ltd.engine import GenerateConfig
+    keys = _check_record_args(prompts, keys, max_depth, topk, max_size)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {"max_depth": max_depth, "topk": topk, "max_new_tokens": max_new_tokens, "max_size": max_size}
+    store = _TraceStore(out_dir, _open_manifest(out_dir / MANIFEST, config, engine, meta))
+    bar = tqdm(total=len(prompts), desc="record traces", unit="prompt", disable=not progress)
+    needed = {k for item in prompts if isinstance(item, FollowUp) for k in item.previous}
+    outputs: dict[str, Sequence[int]] = {}  # greedy outputs a later turn follows
+    for key, item in zip(keys, prompts):
+        prompt = prompt_of(item, outputs)
+        if store.is_done(key, prompt):
+            output = store.output(key) if key in needed else None
+        else:
+            output, arrays, positions = _record_prompt(engine, prompt, config)
+            store.save(key, prompt, output, arrays, positions)
+        if key in needed:
+            outputs[key] = output
+        bar.update(1)
+    bar.close()
+    store.write_manifest()
+    return store.manifest_path
 
+
+def _check_record_args(prompts, keys, max_depth: int, topk: int, max_size: int | None) -> list[str]:
+    """The keys to record under (one per prompt, unique); a one-line error for bad settings."""
     if max_depth < 1 or topk < 1:
         raise LtdError("--max-depth and --topk must be at least 1")
     if max_size is not None and max_size < 1:
@@ -423,37 +449,60 @@ def record(
     keys = list(keys) if keys is not None else [f"prompt-{i}" for i in range(len(prompts))]
     if len(keys) != len(prompts) or len(set(keys)) != len(keys):
         raise ValueError("keys must be unique, one per prompt")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    manifest_path = out_dir / MANIFEST
-    config = {"max_depth": max_depth, "topk": topk, "max_new_tokens": max_new_tokens, "max_size": max_size}
-    manifest = _open_manifest(manifest_path, config, engine, meta)
-    done = {s["key"]: s for s in manifest["sequences"] if (out_dir / s["file"]).is_file()}
-    manifest["sequences"] = list(done.values())
-    next_index = 1 + max((int(s["file"][4:9]) for s in manifest["sequences"]), default=-1)
-    bar = tqdm(total=len(prompts), desc="record traces", unit="prompt", disable=not progress)
-    for key, prompt in zip(keys, prompts):
-        sha = _prompt_hash(prompt)
-        if key in done and done[key].get("prompt_sha") == sha:
-            bar.update(1)
-            continue
-        res = engine.generate(list(prompt), GenerateConfig(method="ar", max_new_tokens=max_new_tokens))
-        records = record_sequence(engine.backend, engine.drafter, prompt, res.tokens, max_depth=max_depth, topk=topk)
-        arrays = pack_sequence(prompt, res.tokens, records, topk, max_depth, max_size)
-        entry = done.get(key)
-        name = entry["file"] if entry else _sequence_file(next_index)
+    return keys
+
+
+def _record_prompt(engine, prompt: Sequence[int], config: dict) -> tuple[list[int], dict[str, np.ndarray], int]:
+    """One prompt's greedy output (method ``ar``), its packed arrays and its decision points."""
+    from ltd.engine import GenerateConfig
+
+    max_depth, topk = config["max_depth"], config["topk"]
+    res = engine.generate(list(prompt), GenerateConfig(method="ar", max_new_tokens=config["max_new_tokens"]))
+    records = record_sequence(engine.backend, engine.drafter, prompt, res.tokens, max_depth=max_depth, topk=topk)
+    arrays = pack_sequence(prompt, res.tokens, records, topk, max_depth, config["max_size"])
+    return list(res.tokens), arrays, len(records)
+
+
+class _TraceStore:
+    """A trace directory being written: which prompts are done, and where the next one goes.
+
+    Every finished sequence is saved, then the manifest rewritten (both atomically), so an
+    interrupted run loses at most the prompt it was on."""
+
+    def __init__(self, out_dir: Path, manifest: dict) -> None:
+        self.out_dir = out_dir
+        self.manifest = manifest
+        self.done = {s["key"]: s for s in manifest["sequences"] if (out_dir / s["file"]).is_file()}
+        manifest["sequences"] = list(self.done.values())
+        self.next_index = 1 + max((int(s["file"][4:9]) for s in manifest["sequences"]), default=-1)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.out_dir / MANIFEST
+
+    def is_done(self, key: str, prompt: Sequence[int]) -> bool:
+        """Whether ``key`` was recorded from these very tokens (then it is skipped)."""
+        return key in self.done and self.done[key].get("prompt_sha") == _prompt_hash(prompt)
+
+    def output(self, key: str) -> list[int]:
+        """The recorded greedy output of a finished prompt."""
+        with np.load(self.out_dir / self.done[key]["file"]) as data:
+            return data["output"].tolist()
+
+    def save(self, key: str, prompt: Sequence[int], output: Sequence[int], arrays: dict[str, np.ndarray], positions: int) -> None:
+        entry = self.done.get(key)
+        name = entry["file"] if entry else _sequence_file(self.next_index)
         if entry is None:
-            next_index += 1
-        _save_npz(out_dir / name, arrays)
-        entry = {"key": key, "file": name, "prompt_sha": sha, "prompt_tokens": len(prompt),
-                 "output_tokens": len(res.tokens), "positions": len(records)}
-        manifest["sequences"] = [s for s in manifest["sequences"] if s["key"] != key] + [entry]
-        done[key] = entry
-        atomic_write_json(manifest_path, manifest)
-        bar.update(1)
-    bar.close()
-    atomic_write_json(manifest_path, manifest)
-    return manifest_path
+            self.next_index += 1
+        _save_npz(self.out_dir / name, arrays)
+        entry = {"key": key, "file": name, "prompt_sha": _prompt_hash(prompt), "prompt_tokens": len(prompt),
+                 "output_tokens": len(output), "positions": positions}
+        self.manifest["sequences"] = [s for s in self.manifest["sequences"] if s["key"] != key] + [entry]
+        self.done[key] = entry
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        atomic_write_json(self.manifest_path, self.manifest)
 
 
 def _open_manifest(manifest_path: Path, config: dict, engine, meta: dict | None) -> dict:

@@ -31,6 +31,56 @@ def _done_count(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def _pending_prompts(tokenizer, data: str, done: int, wanted: int, max_prompt_tokens: int) -> list[tuple[str, list[int]]]:
+    """(first user turn, chat-template ids) of the conversations still to regenerate.
+
+    The first ``done`` short-enough conversations are already in the output (resume)."""
+    prompts: list[tuple[str, list[int]]] = []
+    seen = 0
+    for msgs in iter_conversations(data):
+        user = msgs[0]["content"]
+        ids = tokenizer.apply_chat_template([msgs[0]], add_generation_prompt=True, tokenize=True, return_dict=False)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            continue  # long prompts would dominate padding and memory
+        seen += 1
+        if seen <= done:
+            continue
+        prompts.append((user, list(ids)))
+        if done + len(prompts) >= wanted:
+            break
+    return prompts
+
+
+def _generate_batch(model, tokenizer, batch: list[tuple[str, list[int]]], max_new_tokens: int, pad_id: int) -> tuple[list[dict], int]:
+    """Greedy replies to one left-padded batch: (conversation records, new tokens generated)."""
+    width = max(len(ids) for _, ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (_, ids) in enumerate(batch):
+        input_ids[i, width - len(ids) :] = torch.tensor(ids)
+        mask[i, width - len(ids) :] = 1
+    gen = model.generate(
+        input_ids.to(model.device),
+        attention_mask=mask.to(model.device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=pad_id,
+        eos_token_id=model.generation_config.eos_token_id,
+    )
+    records, new_tokens = [], 0
+    for i, (user, _) in enumerate(batch):
+        reply_ids = gen[i, width:].tolist()
+        new_tokens += sum(1 for t in reply_ids if t != pad_id)
+        reply = tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
+        records.append({"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": reply}]})
+    return records, new_tokens
+
+
 @torch.inference_mode()
 def regenerate(
     model,
@@ -53,50 +103,16 @@ def regenerate(
     if done >= max_prompts:
         return done
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = model.generation_config.eos_token_id
-    prompts: list[tuple[str, list[int]]] = []
-    seen = 0
-    for msgs in iter_conversations(data):
-        user = msgs[0]["content"]
-        ids = tokenizer.apply_chat_template([msgs[0]], add_generation_prompt=True, tokenize=True, return_dict=False)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        if len(ids) > max_prompt_tokens:
-            continue  # long prompts would dominate padding and memory
-        seen += 1
-        if seen <= done:
-            continue
-        prompts.append((user, list(ids)))
-        if done + len(prompts) >= max_prompts:
-            break
+    prompts = _pending_prompts(tokenizer, data, done, max_prompts, max_prompt_tokens)
     bar = tqdm(total=max_prompts, initial=done, unit="conv", desc="regenerate")
     t0 = time.perf_counter()
     new_tokens = 0
     with out_path.open("a", encoding="utf-8") as out:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]
-            width = max(len(ids) for _, ids in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, (_, ids) in enumerate(batch):
-                input_ids[i, width - len(ids) :] = torch.tensor(ids)
-                mask[i, width - len(ids) :] = 1
-            gen = model.generate(
-                input_ids.to(model.device),
-                attention_mask=mask.to(model.device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=pad_id,
-                eos_token_id=eos,
-            )
-            for i, (user, _) in enumerate(batch):
-                reply_ids = gen[i, width:].tolist()
-                new_tokens += sum(1 for t in reply_ids if t != pad_id)
-                reply = tokenizer.decode(reply_ids, skip_special_tokens=True).strip()
-                record = {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": reply}]}
+            records, made = _generate_batch(model, tokenizer, batch, max_new_tokens, pad_id)
+            new_tokens += made
+            for record in records:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())
