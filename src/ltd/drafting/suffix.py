@@ -43,6 +43,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ltd.drafting.base import TreeDraft, beam_flatten
 from ltd.drafting.ngram import DEFAULT_RELIABILITY, PAD_TOKEN, SEP, reliability, trie_node_of
 from ltd.errors import LtdError
 from ltd.tree import Tree
@@ -102,7 +103,7 @@ class SuffixStats:
 class SuffixNode:
     """One trie node: the rows (occurrences) through it and its children by token."""
 
-    __slots__ = ("rows", "depth", "logp", "cum", "children", "_top")
+    __slots__ = ("rows", "depth", "logp", "cum", "children", "_ranked")
 
     def __init__(self, rows: list[int], depth: int = 0, logp: float = 0.0, cum: float = 0.0) -> None:
         self.rows = rows
@@ -110,14 +111,16 @@ class SuffixNode:
         self.logp = logp  # this node's own log-probability given its parent
         self.cum = cum  # path log-probability from the match
         self.children: dict[int, SuffixNode] = {}
-        self._top: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._ranked: tuple[int, list[tuple[int, float, SuffixNode]]] | None = None
 
-    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens and log-probs of the (at most k) best children, most frequent first."""
-        if self._top is None or self._top[0] != k:
-            kids = sorted(self.children.items(), key=lambda kv: -len(kv[1].rows))[:k]  # stable: most recent first on ties
-            self._top = (k, np.array([t for t, _ in kids], dtype=np.int64), np.array([c.logp for _, c in kids], dtype=np.float32))
-        return self._top[1], self._top[2]
+    def ranked(self, k: int) -> list[tuple[int, float, "SuffixNode"]]:
+        """The (at most k) best children as (token, log-prob, node), most frequent first."""
+        if self._ranked is None or self._ranked[0] != k:
+            kids = self.children.items()
+            if len(kids) > 1:
+                kids = sorted(kids, key=lambda kv: -len(kv[1].rows))[:k]  # stable: most recent first on ties
+            self._ranked = (k, [(t, c.logp, c) for t, c in kids])
+        return self._ranked[1]
 
 
 def _keys(values: Sequence[int], n: int) -> list[int | None]:
@@ -433,7 +436,8 @@ class SuffixDrafter:
             stats.chain, stats.score = chain, node.cum
         return root, stats
 
-    def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft_trie(self) -> None:
+        """This cycle's trie (None without a match) and its stats."""
         index, m, ends, source = self._match()
         self._trie = None
         if index is not None:
@@ -444,8 +448,16 @@ class SuffixDrafter:
         else:
             self.stats = SuffixStats()
         self._memo = {0: self._trie}
+
+    def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._draft_trie()
         toks, logps = self._candidates([0], k)
         return toks[0], logps[0]
+
+    def draft_tree(self, k: int, max_depth: int) -> TreeDraft:
+        """The whole trie at once (see :class:`ltd.drafting.base.WholeTreeDrafter`)."""
+        self._draft_trie()
+        return beam_flatten(self._trie, SuffixNode.ranked, k, min(max_depth, self.stats.depth))
 
     def _padding(self, rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Fresh [rows, k] candidate arrays holding only padding (copies of a cached template)."""
@@ -459,9 +471,9 @@ class SuffixDrafter:
         for i, node in enumerate(nodes):
             found = self._memo.get(node) if tree is None else trie_node_of(tree, node, self._memo)
             if found is not None and found.children:
-                t, lp = found.top(k)
-                toks[i, : t.size] = t
-                logps[i, : lp.size] = lp
+                for j, (t, lp, _) in enumerate(found.ranked(k)):
+                    toks[i, j] = t
+                    logps[i, j] = lp
         return torch.from_numpy(toks), torch.from_numpy(logps)
 
     def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
