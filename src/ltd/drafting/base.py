@@ -14,6 +14,7 @@ tree the shape the per-level cycle would have drafted, so both paths verify the 
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence, TypeVar
 
@@ -156,17 +157,19 @@ def beam_flatten(
     scores: list[float] = []
     frontier = [(root, -1, 0.0)] if root is not None else []
     for depth in range(1, max_depth + 1):
-        level = []
-        for node, index, score in frontier:
-            for token, logp, child in children(node, k):
-                cum = score + logp
-                level.append((child, len(tokens), cum))
-                tokens.append(token)
-                parents.append(index)
-                depths.append(depth)
-                scores.append(cum)
-        if not level:
+        kids = [(child, index, score, token, logp) for node, index, score in frontier for token, logp, child in children(node, k)]
+        if not kids:
             break
+        # float32 sums, as the per-level cycle adds float32 tensors: equal scores stay
+        # equal ties whatever order their log-probs were added in
+        logps = array("f", [kid[4] for kid in kids])
+        cums = array("f", [kid[2] + logp for kid, logp in zip(kids, logps)]).tolist()
+        base = len(tokens)
+        tokens.extend(kid[3] for kid in kids)
+        parents.extend(kid[1] for kid in kids)
+        depths.extend([depth] * len(kids))
+        scores.extend(cums)
+        level = [(kid[0], base + i, cum) for i, (kid, cum) in enumerate(zip(kids, cums))]
         frontier = sorted(level, key=lambda c: -c[2])[:k] if len(level) > 1 else level
     return TreeDraft(
         np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64),
