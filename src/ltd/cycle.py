@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from ltd.acceptance import Accepted, SamplingConfig, accept as accept_tree, target_probs
@@ -252,11 +253,12 @@ class DraftSession:
     def _step_whole(self, drafter, t0: float) -> None:
         """The drafter's whole tree in one :meth:`~ltd.tree.Tree.add_subtree`."""
         draft = drafter.draft_tree(self.topk, self.max_depth)
-        added = self.tree.add_subtree(draft.tokens, draft.parents, draft.scores, draft.depths)
         depth = draft.depth
-        deepest = torch.from_numpy(draft.depths == depth)
-        self.frontier = added[deepest]
-        self.last_scores = torch.from_numpy(draft.scores)[deepest]
+        if depth:
+            added = self.tree.add_subtree(draft.tokens, draft.parents, draft.scores, draft.depths)
+            deepest = np.flatnonzero(draft.depths == depth)  # numpy: a torch boolean index costs more than the rest
+            self.frontier = added[torch.from_numpy(deepest)]
+            self.last_scores = torch.from_numpy(draft.scores[deepest])
         self.step_count = max(depth, 1)  # one step that found nothing still counts as one
         self._complete = True
         self._timed(t0, self.step_count)

@@ -82,19 +82,22 @@ class Tree:
         """
         local = np.asarray(parents, dtype=np.int64).reshape(-1)
         deps = np.asarray(depths, dtype=np.int64).reshape(-1)
+        toks = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        vals = np.ascontiguousarray(scores, dtype=np.float32).reshape(-1)
         n = local.size
-        if np.asarray(tokens).size != n or np.asarray(scores).size != n or deps.size != n:
+        if toks.size != n or vals.size != n or deps.size != n:
             raise ValueError("a subtree needs as many tokens, scores and depths as parents")
         if n and bool((local >= np.arange(n)).any()):
             raise ValueError("a parent must be added before its children")
-        if n and bool((deps != np.where(local >= 0, deps[np.maximum(local, 0)] + 1, 1)).any()):
-            raise ValueError("subtree depths do not follow from its parents")
         start = len(self)
-        absolute = np.where(local >= 0, local + start, 0)
-        self.tokens = torch.cat([self.tokens, torch.as_tensor(np.asarray(tokens, dtype=np.int64).reshape(-1))])
+        above = np.maximum(local, 0)
+        if n and bool((deps != np.where(local >= 0, deps[above] + 1, 1)).any()):
+            raise ValueError("subtree depths do not follow from its parents")
+        absolute = np.where(local >= 0, above + start, 0)
+        self.tokens = torch.cat([self.tokens, torch.from_numpy(toks)])
         self.parents = torch.cat([self.parents, torch.from_numpy(absolute)])
         self.depths = torch.cat([self.depths, torch.from_numpy(deps)])
-        self.scores = torch.cat([self.scores, torch.as_tensor(np.asarray(scores, dtype=np.float32).reshape(-1))])
+        self.scores = torch.cat([self.scores, torch.from_numpy(vals)])
         return torch.arange(start, start + n)
 
     def path_to(self, node: int) -> list[int]:

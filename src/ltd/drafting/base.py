@@ -156,10 +156,27 @@ def beam_flatten(
     depths: list[int] = []
     scores: list[float] = []
     frontier = [(root, -1, 0.0)] if root is not None else []
-    for depth in range(1, max_depth + 1):
+    depth = 0
+    while depth < max_depth and frontier:
+        if len(frontier) == 1:  # a chain (one occurrence, or all agree): walk it in one go
+            node, index, score = frontier[0]
+            chain = _chain(node, children, k, max_depth - depth)
+            if chain:
+                logps = np.array([score] + [c[1] for c in chain], dtype=np.float32)
+                cums = np.cumsum(logps, dtype=np.float32)[1:].tolist()  # float32, in order: as the cycle adds
+                base = len(tokens)
+                tokens.extend(c[0] for c in chain)
+                parents.extend(range(base - 1, base + len(chain) - 1))
+                parents[base] = index
+                depths.extend(range(depth + 1, depth + len(chain) + 1))
+                scores.extend(cums)
+                depth += len(chain)
+                frontier = [(chain[-1][2], len(tokens) - 1, cums[-1])]
+                continue
         kids = [(child, index, score, token, logp) for node, index, score in frontier for token, logp, child in children(node, k)]
         if not kids:
             break
+        depth += 1
         # float32 sums, as the per-level cycle adds float32 tensors: equal scores stay
         # equal ties whatever order their log-probs were added in
         logps = array("f", [kid[4] for kid in kids])
@@ -175,3 +192,15 @@ def beam_flatten(
         np.array(tokens, dtype=np.int64), np.array(parents, dtype=np.int64),
         np.array(depths, dtype=np.int64), np.array(scores, dtype=np.float32),
     )
+
+
+def _chain(node, children, k: int, limit: int) -> list:
+    """The run of only children below ``node`` (at most ``limit``), as (token, log-prob, node)."""
+    chain = []
+    while len(chain) < limit:
+        kids = children(node, k)
+        if len(kids) != 1:
+            break
+        chain.append(kids[0])
+        node = kids[0][2]
+    return chain

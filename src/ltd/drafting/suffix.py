@@ -115,12 +115,15 @@ class SuffixNode:
 
     def ranked(self, k: int) -> list[tuple[int, float, "SuffixNode"]]:
         """The (at most k) best children as (token, log-prob, node), most frequent first."""
-        if self._ranked is None or self._ranked[0] != k:
-            kids = self.children.items()
-            if len(kids) > 1:
-                kids = sorted(kids, key=lambda kv: -len(kv[1].rows))[:k]  # stable: most recent first on ties
-            self._ranked = (k, [(t, c.logp, c) for t, c in kids])
-        return self._ranked[1]
+        known = self._ranked
+        if known is not None and (known[0] == k or known[0] == 0):
+            return known[1]
+        kids = self.children.items()
+        if len(kids) > 1:
+            kids = sorted(kids, key=lambda kv: -len(kv[1].rows))[:k]  # stable: most recent first on ties
+        ranked = [(t, c.logp, c) for t, c in kids]
+        self._ranked = (k if len(ranked) > 1 else 0, ranked)  # 0: the same for every k
+        return ranked
 
 
 def _keys(values: Sequence[int], n: int) -> list[int | None]:
@@ -380,7 +383,7 @@ class SuffixDrafter:
         ctx = self._context.tokens()
         m, ends = self._context.longest(ctx, cfg, own=True)
         index, source = self._context, "context"
-        if self.store is not None and len(self.store):
+        if self.store is not None and len(self.store) and m < min(cfg.max_match, ctx.size):  # else the store cannot match longer
             m_store, ends_store = self.store.index.longest(ctx, cfg, own=False)
             if m_store > m:  # the request's own text wins ties
                 index, m, ends, source = self.store.index, m_store, ends_store, "store"
@@ -402,11 +405,18 @@ class SuffixDrafter:
             if d >= depth:
                 continue
             if len(node.rows) == 1:  # one occurrence: a chain, no branching to rank
-                row = rows[node.rows[0]]
-                while d < min(depth, len(row)) and made < cfg.max_nodes and node.cum + logq[d] >= floor:
-                    child = SuffixNode(node.rows, d + 1, logq[d], node.cum + logq[d])
-                    node.children[row[d]] = child
-                    node, d, made = child, d + 1, made + 1
+                members = node.rows
+                row = rows[members[0]]
+                stop = min(depth, len(row), d + cfg.max_nodes - made)
+                start = d
+                while d < stop:
+                    cum = node.cum + logq[d]
+                    if cum < floor:
+                        break
+                    child = node.children[row[d]] = SuffixNode(members, d + 1, logq[d], cum)
+                    node._ranked = (0, [(row[d], logq[d], child)])  # an only child: ranked for every k
+                    node, d = child, d + 1
+                made += d - start
                 deepest = max(deepest, d)
                 continue
             groups: dict[int, list[int]] = {}
@@ -431,7 +441,8 @@ class SuffixDrafter:
             stats.best_count, stats.best_prob = len(best.rows), math.exp(best.logp)
             node, chain = root, 0
             while node.children:
-                node = max(node.children.values(), key=lambda c: len(c.rows))
+                kids = node.children
+                node = next(iter(kids.values())) if len(kids) == 1 else max(kids.values(), key=lambda c: len(c.rows))
                 chain += 1
             stats.chain, stats.score = chain, node.cum
         return root, stats
