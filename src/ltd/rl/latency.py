@@ -5,7 +5,8 @@ so nothing here is a constant: :func:`profile` measures, with the real backend a
 real drafter, the cost of
 
 - each draft step, by step index (step 0 proposes the root's k children; later steps
-  expand a frontier of k nodes into k*k candidates);
+  expand a frontier of k nodes into k*k candidates; a drafter that drafts its whole tree
+  at once costs it all in step 0 and nothing after);
 - one verification forward, by the number of tree nodes it scores (V + 1, the root
   included) and by the committed context length, on a grid that is interpolated;
 - the fixed per-cycle work around them (select, accept, commit, drafter sync);
@@ -221,11 +222,13 @@ def _measure_verify(target, feature_layers, tokens: Sequence[int], contexts: Seq
 
 def _measure_cycles(target, drafter, topk: int, max_depth: int, size: int, context: int, cycles: int, rng, controller=None):
     """Real cycles (draft to max depth, select, verify, accept, commit): per-step draft
-    times, per-cycle overhead (select, accept and commit), and optionally the controller's
-    per-call costs. The cycles are :mod:`ltd.cycle`'s own, timed through its stage hook."""
+    times, per-cycle overhead (select, accept and commit), optionally the controller's
+    per-call costs, and the median drafting time of a cycle. The cycles are
+    :mod:`ltd.cycle`'s own, timed through its stage hook."""
     from ltd.cycle import StageTimes, begin, draft_room, finish, size_state, start
 
     steps: list[list[float]] = []
+    drafting: list[float] = []  # all draft steps of a cycle
     overhead: list[float] = []
     depth_calls: list[float] = []
     size_calls: list[float] = []
@@ -235,7 +238,7 @@ def _measure_cycles(target, drafter, topk: int, max_depth: int, size: int, conte
         if state is None or draft_room(state) < max_depth + 1:
             prompt = rng.integers(0, target.vocab_size, size=context).tolist()
             state, _ = start(target, drafter, prompt)
-        session = begin(state, topk, max_depth)
+        session = begin(state, topk, max_depth, whole=True)  # as decoding drafts (a whole tree at once where it can)
         while session.can_step:
             session.step()
             if controller is not None:
@@ -252,12 +255,13 @@ def _measure_cycles(target, drafter, topk: int, max_depth: int, size: int, conte
         finish(state, session, size, timer=times)
         if done:  # cycle 0 is a warm-up
             steps.append(session.step_seconds)
+            drafting.append(sum(session.step_seconds))
             overhead.append(times["select"] + times["accept"] + times["commit"])
         done += 1
     target.reset()
     drafter.reset()
     per_step = [_median([s[i] for s in steps if len(s) > i]) for i in range(max(len(s) for s in steps))]
-    return per_step, _median(overhead), _median(depth_calls), _median(size_calls)
+    return per_step, _median(overhead), _median(depth_calls), _median(size_calls), _median(drafting)
 
 
 def profile(
@@ -278,6 +282,7 @@ def profile(
     device: str = "cpu",
     seed: int = 0,
     out: str | Path | None = None,
+    measured: dict | None = None,
 ) -> LatencyModel:
     """Measure a :class:`LatencyModel` with the real backend and drafter.
 
@@ -286,6 +291,8 @@ def profile(
     model are dropped. With ``policy_sizes`` the per-call cost of an LTD controller with
     untrained policies of the matching shape is measured too (needs stable-baselines3).
     With ``out`` the JSON is written there and a PNG of verify cost vs V next to it.
+    ``measured`` (a dict) receives what the model does not keep: ``draft_cycle_seconds``,
+    the median drafting time of a cycle (all its draft steps).
     """
     from ltd.machine import machine_info
 
@@ -294,9 +301,11 @@ def profile(
     controller = _untrained_controller(topk, max_depth, policy_sizes) if policy_sizes is not None else None
     cycle_ctx = min(fit[0], max(1, target.max_context - 4 * (max_depth + 2) - 1))
     with torch.inference_mode():
-        steps, overhead, depth_call, size_call = _measure_cycles(
+        steps, overhead, depth_call, size_call, draft_cycle = _measure_cycles(
             target, drafter, topk, max_depth, size, cycle_ctx, cycles, rng, controller
         )
+        if measured is not None:
+            measured["draft_cycle_seconds"] = draft_cycle
         grid = _measure_verify(target, drafter.feature_layers, tokens, fit, topk, repeats, rng)
     model = LatencyModel(
         draft_topk=topk,
