@@ -256,7 +256,7 @@ class DraftSession:
         depth = draft.depth
         if depth:
             added = self.tree.add_subtree(draft.tokens, draft.parents, draft.scores, draft.depths)
-            deepest = np.flatnonzero(draft.depths == depth)  # numpy: a torch boolean index costs more than the rest
+            deepest = np.nonzero(draft.depths == depth)[0]  # numpy: a torch boolean index costs more than the rest
             self.frontier = added[torch.from_numpy(deepest)]
             self.last_scores = torch.from_numpy(draft.scores[deepest])
         self.step_count = max(depth, 1)  # one step that found nothing still counts as one

@@ -239,16 +239,17 @@ class TokenIndex:
             eq &= pos >= 0
         return np.where(eq.all(axis=1), span, eq.argmin(axis=1))
 
-    def rows(self, ends: np.ndarray, length: int) -> list[list[int]]:
-        """The ``length`` tokens after each end, cut at a separator or the end of the buffer."""
+    def rows(self, ends: np.ndarray, length: int) -> tuple[list[list[int]], np.ndarray]:
+        """The ``length`` tokens after each end, cut at a separator or the end of the buffer;
+        and the same as one [ends, length] array, whose cut positions hold separators first."""
         pos = ends[:, None] + 1 + np.arange(length)[None, :]
-        window = np.where(pos < self.size, self.buf[np.clip(pos, None, self.size - 1)], SEP)
+        window = np.where(pos < self.size, self.buf[np.minimum(pos, self.size - 1)], SEP)
         out = []
         for row in window.tolist():
             if SEP in row:
                 row = row[: row.index(SEP)]
             out.append(row)
-        return out
+        return out, window
 
 
 class SuffixStore:
@@ -391,8 +392,9 @@ class SuffixDrafter:
             return None, 0, ends, ""
         return index, m, ends, source
 
-    def _build(self, rows: list[list[int]], m: int, depth: int) -> tuple[SuffixNode, SuffixStats]:
-        """The trie over ``rows``, expanded best-first by path probability."""
+    def _build(self, rows: list[list[int]], window: np.ndarray, m: int, depth: int) -> tuple[SuffixNode, SuffixStats]:
+        """The trie over ``rows`` (``window``: the same as an array, see :meth:`TokenIndex.rows`),
+        expanded best-first by path probability."""
         cfg = self.config
         floor = math.log(cfg.min_prob) if cfg.min_prob > 0 else -math.inf
         logq = self._logq[m - 1 : m - 1 + depth]
@@ -418,6 +420,31 @@ class SuffixDrafter:
                     node, d = child, d + 1
                 made += d - start
                 deepest = max(deepest, d)
+                continue
+            members = node.rows
+            first = rows[members[0]]
+            if d < len(first) and all(d < len(rows[r]) and rows[r][d] == first[d] for r in members):
+                # every occurrence continues alike: a run of only children, made at once while
+                # it stays the best-first choice (as far as the occurrences agree)
+                sub = window[members, d:depth]
+                agree = (sub == sub[0]).all(axis=0) & (sub[0] >= 0)
+                run = agree.size if agree.all() else int(agree.argmin())
+                best_other = -heap[0][0] if heap else -math.inf
+                stop = min(d + run, d + cfg.max_nodes - made)
+                start = d
+                while d < stop:
+                    cum = node.cum + logq[d]
+                    if cum < floor:
+                        break
+                    child = node.children[first[d]] = SuffixNode(members, d + 1, logq[d], cum)
+                    node._ranked = (0, [(first[d], logq[d], child)])
+                    node, d = child, d + 1
+                    if cum <= best_other:  # a node in the heap comes first (ties: the older one)
+                        break
+                made += d - start
+                deepest = max(deepest, d)
+                if d > start:
+                    heapq.heappush(heap, (-node.cum, made, node))
                 continue
             groups: dict[int, list[int]] = {}
             for r in node.rows:
@@ -453,8 +480,8 @@ class SuffixDrafter:
         self._trie = None
         if index is not None:
             depth = min(self.config.max_depth, max(1, math.ceil(self.config.alpha * m)))
-            rows = index.rows(ends, depth)
-            self._trie, self.stats = self._build(rows, m, depth)
+            rows, window = index.rows(ends, depth)
+            self._trie, self.stats = self._build(rows, window, m, depth)
             self.stats.source = source
         else:
             self.stats = SuffixStats()
