@@ -421,25 +421,26 @@ class SuffixDrafter:
                 made += d - start
                 deepest = max(deepest, d)
                 continue
-            members = node.rows
-            first = rows[members[0]]
-            if d < len(first) and all(d < len(rows[r]) and rows[r][d] == first[d] for r in members):
-                # every occurrence continues alike: a run of only children, made at once while
-                # it stays the best-first choice (as far as the occurrences agree)
-                sub = window[members, d:depth]
-                agree = (sub == sub[0]).all(axis=0) & (sub[0] >= 0)
-                run = agree.size if agree.all() else int(agree.argmin())
+            run = self._run(node, window, d, depth)
+            if run is not None:
+                # the occurrences still running all continue alike: a run of only children,
+                # made at once while it stays the best-first choice (some occurrences may end)
+                tokens, alive, counts = run
                 best_other = -heap[0][0] if heap else -math.inf
-                stop = min(d + run, d + cfg.max_nodes - made)
-                start = d
+                stop = min(d + len(tokens), d + cfg.max_nodes - made)
+                start, base, members, j = d, node.rows, node.rows, 0
                 while d < stop:
-                    cum = node.cum + logq[d]
+                    share, previous = counts[j], len(members)
+                    logp = logq[d] + (math.log(share / previous) if share != previous else 0.0)
+                    cum = node.cum + logp
                     if cum < floor:
                         break
-                    child = node.children[first[d]] = SuffixNode(members, d + 1, logq[d], cum)
-                    node._ranked = (0, [(first[d], logq[d], child)])
-                    node, d = child, d + 1
-                    if cum <= best_other:  # a node in the heap comes first (ties: the older one)
+                    if share != previous:  # some occurrences ended here
+                        members = [r for r, keep in zip(base, alive[:, j].tolist()) if keep]
+                    child = node.children[tokens[j]] = SuffixNode(members, d + 1, logp, cum)
+                    node._ranked = (0, [(tokens[j], logp, child)])
+                    node, d, j = child, d + 1, j + 1
+                    if cum <= best_other or share == 1:  # a node in the heap comes first (ties: the older one)
                         break
                 made += d - start
                 deepest = max(deepest, d)
@@ -486,6 +487,20 @@ class SuffixDrafter:
         else:
             self.stats = SuffixStats()
         self._memo = {0: self._trie}
+
+    @staticmethod
+    def _run(node: SuffixNode, window: np.ndarray, d: int, depth: int) -> tuple[list[int], np.ndarray, list[int]] | None:
+        """How far a node's occurrences continue alike from depth ``d``: (the tokens,
+        [occurrences, tokens] whether each occurrence is still running, how many are),
+        None when they branch at once. An occurrence ends at its first separator."""
+        sub = window[node.rows, d:depth]
+        alive = np.logical_and.accumulate(sub >= 0, axis=1)
+        tokens = np.where(alive, sub, -1).max(axis=0)  # the token of the running ones, where they agree
+        same = (~alive | (sub == tokens)).all(axis=0) & (tokens >= 0)
+        run = same.size if same.all() else int(same.argmin())
+        if not run:
+            return None
+        return tokens[:run].tolist(), alive[:, :run], alive[:, :run].sum(axis=0).tolist()
 
     def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._draft_trie()
