@@ -180,7 +180,7 @@ def test_profile_fills_the_suffix_store_and_prints_the_drafting_cost(tmp_path, m
     stored = int(out.split("suffix store: ")[1].split()[0])
     assert 498 <= stored <= 500  # N tokens, separators included (a request is at least 3)
     cost = out.split("drafting per cycle: ")[1]
-    assert float(cost.split()[0]) > 0 and cost.split()[1:3] == ["ms", "(median,"]
+    assert float(cost.split()[0]) > 0 and cost.split()[1:5] == ["ms", "(median)", "at", "depth"]
     for match, extra in (("add --online memory", []), ("more than the store holds", ["--online", "memory"])):
         with pytest.raises(LtdError, match=match) as info:
             run(*common, *extra, "--store-tokens", "500" if not extra else "1000000")

@@ -17,7 +17,9 @@ table, :data:`ltd.drafting.ngram.DEFAULT_RELIABILITY`), so the scores are probab
 on the EAGLE-3 head's scale and a hybrid ranks both in one tree. The draft is capped at
 ``alpha * m`` tokens for an m-token match (at most ``max_depth``), and nodes whose path
 probability falls below ``min_prob`` are pruned. The work per cycle is bounded by the
-candidate, occurrence and node limits, not by the number of stored tokens.
+candidate, occurrence and node limits, not by the number of stored tokens. Runs where
+every occurrence continues alike (copied text) are made in one go, and the cycle takes
+the finished trie in one step (:meth:`SuffixDrafter.draft_tree`) rather than level by level.
 
 After :meth:`SuffixDrafter.root` the drafter's :attr:`SuffixDrafter.stats` hold the
 signals a policy needs (match length, count and probability of the best continuation,

@@ -127,7 +127,7 @@ def run_profile(args) -> int:
     print(lat.summary())
     if stored is not None:
         print(f"suffix store: {stored} tokens of the shipped suites' text before the cycles")
-    print(f"drafting per cycle: {1e3 * measured['draft_cycle_seconds']:.3f} ms (median, up to depth {args.max_depth})")
+    print(f"drafting per cycle: {1e3 * measured['draft_cycle_seconds']:.3f} ms (median) at depth <= {args.max_depth}, k={args.topk}")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     return 0
 
