@@ -2,11 +2,14 @@
 
 Why: the drafter must stay cheap next to a target step (at most 0.3 ms per cycle with
 10^5 stored tokens), however much it has stored. This times what one cycle asks of it
-(sync of the committed tokens, the root draft, ``depth - 1`` expansions of the top-k
-frontier, end) on one thread, in two regimes: copying a span of the prompt (long
-matches, deep chains) and free text (short matches with many occurrences). Tokens are
-synthetic: a Zipf-distributed stream (frequent bigrams: many index hits) for the store,
-and a prompt the output copies from.
+through the cycle's own draft session (:class:`ltd.cycle.DraftSession`): the sync of the
+committed tokens, then the whole tree in one step (what decoding does) or, for
+comparison, the root and ``depth - 1`` expansions of the top-k frontier (the per-level
+path a hybrid takes), and the end. One thread, two regimes: copying a span of the
+prompt (long matches, deep chains) and free text (short matches with many occurrences).
+Tokens are synthetic: a Zipf-distributed stream (frequent bigrams: many index hits) for
+the store, and a prompt the output copies from. ``ltd profile --store-tokens N`` measures
+the same on a real model with real text.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src .venv/bin/python scripts/suffix_cost.py --store-tokens 100000
 """
@@ -16,53 +19,35 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ltd.cycle import DecodeState, begin
 from ltd.drafting.suffix import SuffixConfig, SuffixDrafter
-from ltd.tree import Tree
+
+
+@dataclass
+class _Room:
+    """Only what a draft session reads from a target: how many positions it has."""
+
+    max_context: int = 1 << 30
 
 
 def _zipf(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
     return (rng.zipf(1.3, n) % vocab).tolist()
 
 
-def _cycle(drafter: SuffixDrafter, tokens: list[int], depth: int, topk: int) -> float:
-    """One cycle's drafting work, in seconds (the tree bookkeeping of the cycle mimicked)."""
+def _cycle(state: DecodeState, depth: int, topk: int, whole: bool) -> tuple[float, int]:
+    """One cycle's drafting (sync, draft session, end): seconds and the tree's size."""
     t0 = time.perf_counter()
-    drafter.sync(tokens, None)
-    tree = Tree.root(tokens[-1])
-    tok, lp = drafter.root(tree, topk)
-    frontier = tree.add(tok, torch.zeros_like(tok), lp)
-    for _ in range(depth - 1):
-        ctok, clp = drafter.expand(tree, frontier, topk)
-        cum = tree.scores[frontier].unsqueeze(1) + clp
-        added = tree.add(ctok, frontier.unsqueeze(1).expand_as(ctok), cum)
-        frontier = added[torch.topk(cum.reshape(-1), min(topk, cum.numel())).indices]
-    drafter.end()
-    return time.perf_counter() - t0
-
-
-def _drafter_only(drafter: SuffixDrafter, tokens: list[int], depth: int, topk: int) -> float:
-    """The drafter's own calls only (tree growth, which the cycle pays anyway, excluded)."""
-    tree = Tree.root(tokens[-1])
-    spent = 0.0
-    t0 = time.perf_counter()
-    drafter.sync(tokens, None)
-    tok, lp = drafter.root(tree, topk)
-    spent += time.perf_counter() - t0
-    frontier = tree.add(tok, torch.zeros_like(tok), lp)
-    for _ in range(depth - 1):
-        t0 = time.perf_counter()
-        ctok, clp = drafter.expand(tree, frontier, topk)
-        spent += time.perf_counter() - t0
-        cum = tree.scores[frontier].unsqueeze(1) + clp
-        added = tree.add(ctok, frontier.unsqueeze(1).expand_as(ctok), cum)
-        frontier = added[torch.topk(cum.reshape(-1), min(topk, cum.numel())).indices]
-    t0 = time.perf_counter()
-    drafter.end()
-    return spent + time.perf_counter() - t0
+    state.drafter.sync(state.tokens, None)
+    session = begin(state, topk, depth, whole=whole)
+    while session.can_step:
+        session.step()
+    tree = session.finish()
+    return time.perf_counter() - t0, tree.num_drafted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,18 +68,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"store: {len(store)} tokens, {store.index.entries} index entries, {len(store.lengths)} requests")
     for regime in ("copy", "prose"):
         prompt = _zipf(rng, args.prompt_tokens, args.vocab)
-        drafter.reset()
-        tokens = list(prompt)
-        whole, own = [], []
-        for c in range(args.cycles):
-            # copy: the output repeats the prompt 4 tokens a cycle; prose: fresh Zipf tokens
-            step = prompt[len(tokens) - len(prompt):][:4] if regime == "copy" else _zipf(rng, 4, args.vocab)
-            tokens = tokens + (step or _zipf(rng, 4, args.vocab))
-            whole.append(_cycle(drafter, tokens, args.depth, args.topk))
-            own.append(_drafter_only(drafter, tokens, args.depth, args.topk))
-        print(f"{regime:>5}: drafter calls median {1e3 * statistics.median(own):.3f} ms, p90 "
-              f"{1e3 * sorted(own)[int(0.9 * len(own))]:.3f} ms; with the tree growth of depth {args.depth} x k {args.topk}: "
-              f"median {1e3 * statistics.median(whole):.3f} ms (last match {drafter.stats.match_length}, depth {drafter.stats.depth})")
+        times: dict[bool, list[float]] = {True: [], False: []}
+        sizes: list[int] = []
+        for whole in (True, False):
+            drafter.reset()
+            state = DecodeState(_Room(), drafter, list(prompt), len(prompt) - 1)
+            for _ in range(args.cycles):
+                # copy: the output repeats the prompt 4 tokens a cycle; prose: fresh Zipf tokens
+                step = prompt[len(state.tokens) - len(prompt):][:4] if regime == "copy" else []
+                state.tokens = state.tokens + (step or _zipf(rng, 4, args.vocab))
+                seconds, size = _cycle(state, args.depth, args.topk, whole)
+                times[whole].append(seconds)
+                if whole:
+                    sizes.append(size)
+        own = times[True]
+        print(f"{regime:>5}: drafting per cycle (whole tree, depth {args.depth} x k {args.topk}) median "
+              f"{1e3 * statistics.median(own):.3f} ms, p90 {1e3 * sorted(own)[int(0.9 * len(own))]:.3f} ms; "
+              f"per-level path median {1e3 * statistics.median(times[False]):.3f} ms "
+              f"(last match {drafter.stats.match_length}, depth {drafter.stats.depth}, whole trees of {statistics.median(sizes):.0f} nodes (median))")
     return 0
 
 

@@ -166,3 +166,22 @@ def test_tune_policy_fits_and_resumes(tmp_path, models, questions, capsys):
         run(*[a if a != "3" or argv[i - 1] != "--topk" else "4" for i, a in enumerate(argv)])
     with pytest.raises(LtdError, match="--max-size is 8"):
         run(*argv[:-1], str(tmp_path / "other"), "--sizes", "0,16")
+
+
+def test_profile_fills_the_suffix_store_and_prints_the_drafting_cost(tmp_path, models, questions, capsys):
+    """``--online memory --store-tokens N``: the store holds N tokens of suite text (within
+    its budget) before the cycles, and the summary prints the drafting cost per cycle."""
+    target, _ = models
+    lat = tmp_path / "lat.json"
+    common = ["profile", "--model", target, "--drafter", "suffix", "--out", str(lat), "--topk", "2", "--max-depth", "8",
+              "--sizes", "1,4", "--contexts", "16", "--repeats", "1", "--cycles", "3"]
+    assert run(*common, "--online", "memory", "--store-tokens", "500", "--data-dir", str(questions)) == 0
+    out = capsys.readouterr().out
+    stored = int(out.split("suffix store: ")[1].split()[0])
+    assert 498 <= stored <= 500  # N tokens, separators included (a request is at least 3)
+    cost = out.split("drafting per cycle: ")[1]
+    assert float(cost.split()[0]) > 0 and cost.split()[1:5] == ["ms", "(median)", "at", "depth"]
+    for match, extra in (("add --online memory", []), ("more than the store holds", ["--online", "memory"])):
+        with pytest.raises(LtdError, match=match) as info:
+            run(*common, *extra, "--store-tokens", "500" if not extra else "1000000")
+        assert "\n" not in str(info.value)

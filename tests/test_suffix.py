@@ -272,3 +272,74 @@ def test_suffix_is_lossless_on_llamacpp_exact():
         backend.close()
     finally:
         mp.undo()
+
+
+# -- whole-tree drafting ----------------------------------------------------------------------
+
+
+class _Room:
+    """What a draft session reads from a target: its context size (no model runs here)."""
+
+    max_context = 1 << 20
+
+
+def _session_tree(drafter, tokens: list[int], k: int, depth: int, whole: bool) -> Tree:
+    """The tree a cycle's draft session drafts for ``tokens``, per level or whole."""
+    from ltd.cycle import DecodeState, begin
+
+    drafter.reset()
+    drafter.sync(tokens, None)
+    session = begin(DecodeState(_Room(), drafter, list(tokens), 1), k, depth, whole=whole)
+    while session.can_step:
+        session.step()
+    if whole:
+        assert session.step_count == max(session.tree.max_depth, 1) and len(session.step_seconds) == session.step_count
+    return session.finish()
+
+
+def _scored(tree: Tree) -> tuple[list[int], list[int], list[float]]:
+    """The tree without its padding (score -inf): tokens, parents and scores in index order."""
+    keep = [0] + [i for i in range(1, len(tree)) if math.isfinite(float(tree.scores[i]))]
+    where = {old: new for new, old in enumerate(keep)}
+    parents = [where[int(tree.parents[i])] if i else -1 for i in keep]
+    return [int(tree.tokens[i]) for i in keep], parents, [float(tree.scores[i]) for i in keep]
+
+
+@pytest.mark.parametrize("kind", ["suffix", "ngram"])
+def test_whole_tree_is_the_per_level_tree(kind):
+    """One whole-tree step gives exactly the nodes (tokens, parents, float32 scores, order)
+    that the per-level path scores, on repetitive random contexts of every shape."""
+    from ltd.drafting.ngram import NgramDrafter
+
+    rng = np.random.default_rng(7)
+    deep = 0
+    for _ in range(150):
+        tokens = rng.integers(0, int(rng.integers(2, 16)), int(rng.integers(3, 250))).tolist()
+        k, depth = int(rng.integers(1, 9)), int(rng.integers(1, 40))
+        if kind == "suffix":
+            cfg = SuffixConfig(min_prob=float(rng.choice([0.0, 0.1])), alpha=float(rng.choice([1.0, 3.0])))
+            make = lambda: SuffixDrafter(cfg)  # noqa: E731
+        else:
+            make = NgramDrafter
+        per_level = _scored(_session_tree(make(), tokens, k, depth, whole=False))
+        whole = _session_tree(make(), tokens, k, depth, whole=True)
+        assert _scored(whole) == per_level and torch.isfinite(whole.scores).all()
+        deep += whole.max_depth > 3
+    assert deep > 30  # the cases drafted real trees, not only empty ones
+
+
+def test_static_depth_caps_the_whole_tree_and_stays_lossless(tiny_model, tiny_backend):
+    """A static D x K x V verifies no node deeper than D although the suffix trie is
+    deeper, and the output is still plain greedy's."""
+    from ltd.control import HeuristicController
+
+    ref = hf_greedy(tiny_model, PROMPT, 60)
+    drafter = SuffixDrafter()
+    drafter.enable_store()
+    run_decode(tiny_backend, drafter, StaticController(depth=32, topk=2, size=32), PROMPT, 60)  # fills the store
+    for controller, cap in ((StaticController(depth=3, topk=2, size=32), 3), (HeuristicController(depth=2, max_depth=4), 4)):
+        got, results = run_decode(tiny_backend, drafter, controller, PROMPT, 60)
+        assert_same_tokens(got, ref, tiny_model, PROMPT, f"whole tree under {type(controller).__name__}")
+        depths = [r.depth for r in results[1:]]
+        assert max(depths) == cap and all(d <= cap for d in depths)
+        assert max(r.num_accepted for r in results[1:]) == cap  # the store's deep chains were cut at the cap

@@ -10,6 +10,7 @@ tied with its own parent, are frequent.
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -254,3 +255,22 @@ def test_tensor_ancestor_mask_equals_the_loop(tree: Tree, cut: int) -> None:
 def test_tensor_ancestor_mask_of_a_chain_is_lower_triangular(n: int) -> None:
     parents = torch.arange(-1, n - 1)
     assert torch.equal(ancestor_mask(parents), torch.ones((n, n), dtype=torch.bool).tril())
+
+
+def test_add_subtree_appends_a_whole_tree_and_refuses_a_broken_one():
+    """A subtree in one call equals the same nodes added level by level; parents after
+    their children or depths that do not follow from the parents are refused."""
+    by_level = Tree.root(7)
+    first = by_level.add(torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([-0.5, -1.0]))
+    by_level.add(torch.tensor([3]), first[:1], torch.tensor([-0.75]))
+    whole = Tree.root(7)
+    added = whole.add_subtree(np.array([1, 2, 3]), np.array([-1, -1, 0]), np.array([-0.5, -1.0, -0.75]), np.array([1, 1, 2]))
+    assert added.tolist() == [1, 2, 3]
+    for name in ("tokens", "parents", "depths", "scores"):
+        assert torch.equal(getattr(whole, name), getattr(by_level, name)), name
+    with pytest.raises(ValueError, match="before its children"):
+        Tree.root(7).add_subtree([1, 2], [1, -1], [-1.0, -1.0], [2, 1])
+    with pytest.raises(ValueError, match="depths"):
+        Tree.root(7).add_subtree([1, 2], [-1, 0], [-1.0, -1.0], [1, 1])
+    with pytest.raises(ValueError, match="as many"):
+        Tree.root(7).add_subtree([1, 2], [-1, 0], [-1.0], [1, 2])

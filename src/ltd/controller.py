@@ -1,7 +1,8 @@
 """What the cycle asks a controller, and what it shows it while asking.
 
 The cycle calls :meth:`Controller.continue_drafting` before each draft step and
-:meth:`Controller.choose_size` once drafting stops. The protocol lives below the cycle
+:meth:`Controller.choose_size` once drafting stops; a drafter that drafts its whole tree
+in one step is capped by :func:`depth_limit` instead of per-level answers. The protocol lives below the cycle
 (which needs only these two types) and the implementations above it, in
 :mod:`ltd.control`: static trees, the transformers heuristic and trained LTD policies.
 """
@@ -52,3 +53,16 @@ class Controller(Protocol):
     def choose_size(self, state: DraftStepState) -> int: ...
 
     def observe_result(self, result) -> None: ...
+
+
+def depth_limit(controller) -> int | None:
+    """The deepest tree ``controller`` lets a cycle draft, None when it sets no cap.
+
+    A drafter that knows its whole tree after the root hands it over in one step
+    (:class:`ltd.cycle.DraftSession`), so the controller is not asked before each level:
+    the cycle caps the session at this depth instead. A controller states it with an
+    optional ``depth_limit()`` method (:class:`ltd.control.base.ControllerBase` answers
+    None); a fixed-depth controller must answer its depth, or whole trees go deeper.
+    """
+    limit = getattr(controller, "depth_limit", None)
+    return limit() if limit is not None else None

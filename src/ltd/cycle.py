@@ -25,11 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Collection, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 
 from ltd.acceptance import Accepted, SamplingConfig, accept as accept_tree, target_probs
 from ltd.backends.base import Backend
-from ltd.controller import Controller, DraftStepState
+from ltd.controller import Controller, DraftStepState, depth_limit
 from ltd.drafting.base import Drafter, NullDrafter
 from ltd.errors import LtdError
 from ltd.limits import check_prompt_fits
@@ -177,25 +178,36 @@ class DraftSession:
 
     Step 1 proposes the root's top-k children; each later step expands the current
     frontier (k nodes) into k*k candidates, all kept in the tree, of which the k best by
-    cumulative log-probability form the next frontier (EAGLE-2 dynamic tree). The cycle
-    drives it with a controller; the live RL environment drives it with agent actions.
+    cumulative log-probability (ties: the earlier candidate) form the next frontier
+    (EAGLE-2 dynamic tree). The cycle drives it with a controller; the live RL
+    environment drives it with agent actions.
+
+    With ``whole`` and a drafter that knows its whole tree after the root
+    (:class:`ltd.drafting.base.WholeTreeDrafter`, e.g. the suffix drafter), step 1 adds
+    that whole tree at once, at most ``max_depth`` deep and shaped by the same rule, and
+    the session is complete: ``step_count`` becomes the tree's depth and ``step_seconds``
+    holds the step's time first and zeros for the levels it added for free.
     """
 
-    def __init__(self, state: DecodeState, topk: int, max_depth: int, timer: StageTimer | None = None) -> None:
+    def __init__(
+        self, state: DecodeState, topk: int, max_depth: int, timer: StageTimer | None = None, whole: bool = False
+    ) -> None:
         self.state = state
         self.timer = timer
         self.topk = topk
         self.max_depth = max_depth
+        self.whole = whole
         self._tree: Tree | None = None  # built on first use: a cycle that drafts nothing never needs it
         self.frontier = _NO_NODES  # replaced (never changed in place) by each step
         self.last_scores = _NO_SCORES
         self.step_count = 0
         self.step_seconds: list[float] = []
         self._open = False
+        self._complete = False  # the whole tree was added: nothing is left to draft
 
     @property
     def can_step(self) -> bool:
-        return self.step_count < self.max_depth
+        return not self._complete and self.step_count < self.max_depth
 
     @property
     def tree(self) -> Tree:
@@ -219,6 +231,9 @@ class DraftSession:
         t0 = time.perf_counter()
         drafter = self.state.drafter
         self._open = True
+        if self.step_count == 0 and self.whole and hasattr(drafter, "draft_tree"):
+            self._step_whole(drafter, t0)
+            return
         if self.step_count == 0:
             tokens, logp = drafter.root(self.tree, self.topk)
             self.frontier = self.tree.add(tokens, torch.zeros_like(tokens), logp)
@@ -228,13 +243,33 @@ class DraftSession:
             cum = self.tree.scores[self.frontier].unsqueeze(1) + clp
             parents = self.frontier.unsqueeze(1).expand_as(ctok)
             added = self.tree.add(ctok, parents, cum)
-            keep = torch.topk(cum.reshape(-1), min(self.topk, cum.numel())).indices
+            # the k best; a stable sort keeps ties in candidate order (beam_flatten's rule)
+            keep = torch.argsort(cum.reshape(-1), descending=True, stable=True)[: self.topk]
             self.frontier = added[keep]
             self.last_scores = cum.reshape(-1)
         self.step_count += 1
-        self.step_seconds.append(time.perf_counter() - t0)
+        self._timed(t0, 1)
+
+    def _step_whole(self, drafter, t0: float) -> None:
+        """The drafter's whole tree in one :meth:`~ltd.tree.Tree.add_subtree`."""
+        draft = drafter.draft_tree(self.topk, self.max_depth)
+        depth = draft.depth
+        if depth:
+            added = self.tree.add_subtree(draft.tokens, draft.parents, draft.scores, draft.depths)
+            deepest = np.nonzero(draft.depths == depth)[0]  # numpy: a torch boolean index costs more than the rest
+            self.frontier = added[torch.from_numpy(deepest)]
+            self.last_scores = torch.from_numpy(draft.scores[deepest])
+        self.step_count = max(depth, 1)  # one step that found nothing still counts as one
+        self._complete = True
+        self._timed(t0, self.step_count)
+
+    def _timed(self, t0: float, levels: int) -> None:
+        """Record a step's time; the levels after its first one came free."""
+        seconds = time.perf_counter() - t0
+        self.step_seconds.append(seconds)
+        self.step_seconds.extend([0.0] * (levels - 1))
         if self.timer is not None:
-            self.timer("draft", self.step_seconds[-1])
+            self.timer("draft", seconds)
 
     def release(self) -> None:
         """Release the drafter's speculative state (idempotent)."""
@@ -254,12 +289,15 @@ def draft_room(state: DecodeState) -> int:
     return state.target.max_context - state.context_length
 
 
-def begin(state: DecodeState, topk: int, max_depth: int | None = None, timer: StageTimer | None = None) -> DraftSession:
+def begin(
+    state: DecodeState, topk: int, max_depth: int | None = None, timer: StageTimer | None = None, whole: bool = False
+) -> DraftSession:
     """Open a cycle: a draft session at most ``max_depth`` levels deep (default: as deep as
-    the context allows)."""
+    the context allows); ``whole``: a drafter that can draft its whole tree at once does
+    (see :class:`DraftSession`)."""
     room = draft_room(state)
     depth = room if max_depth is None else min(max_depth, room)
-    return DraftSession(state, topk, max(0, depth), timer)
+    return DraftSession(state, topk, max(0, depth), timer, whole)
 
 
 def draft(session: DraftSession, controller: Controller) -> Tree:
@@ -445,7 +483,9 @@ def finish(state: DecodeState, session: DraftSession, size: int, timer: StageTim
 def run_cycle(state: DecodeState, controller: Controller, topk: int) -> CycleResult:
     """One controller-driven cycle: draft, choose the size, finish; timed."""
     t0 = time.perf_counter()
-    session = begin(state, topk)
+    # a whole-tree drafter adds every level in one step, so the controller's own depth
+    # cap (a static tree's D) bounds the session instead of its per-level answers
+    session = begin(state, topk, depth_limit(controller), whole=True)
     if not isinstance(state.drafter, NullDrafter):  # it cannot draft: nothing to ask the controller
         _draft(session, controller)
     t1 = time.perf_counter()

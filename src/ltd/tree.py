@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -69,6 +70,35 @@ class Tree:
         self.depths = torch.cat([self.depths, self.depths[parents] + 1])
         self.scores = torch.cat([self.scores, scores])
         return torch.arange(start, start + tokens.numel())
+
+    def add_subtree(self, tokens, parents, scores, depths) -> torch.Tensor:
+        """Append a whole subtree below the root in one go; returns the new nodes' indices.
+
+        A drafter that knows its whole tree after the root (a suffix or n-gram trie) hands
+        it over at once instead of one level per call, which saves the per-level
+        concatenations. ``parents`` index the new nodes themselves (-1: the root) and must
+        come before their children; ``depths`` are the new nodes' depths (1 below the
+        root). Arrays or sequences (numpy, lists, tensors) of equal length.
+        """
+        local = np.asarray(parents, dtype=np.int64).reshape(-1)
+        deps = np.asarray(depths, dtype=np.int64).reshape(-1)
+        toks = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        vals = np.ascontiguousarray(scores, dtype=np.float32).reshape(-1)
+        n = local.size
+        if toks.size != n or vals.size != n or deps.size != n:
+            raise ValueError("a subtree needs as many tokens, scores and depths as parents")
+        if n and bool((local >= np.arange(n)).any()):
+            raise ValueError("a parent must be added before its children")
+        start = len(self)
+        above = np.maximum(local, 0)
+        if n and bool((deps != np.where(local >= 0, deps[above] + 1, 1)).any()):
+            raise ValueError("subtree depths do not follow from its parents")
+        absolute = np.where(local >= 0, above + start, 0)
+        self.tokens = torch.cat([self.tokens, torch.from_numpy(toks)])
+        self.parents = torch.cat([self.parents, torch.from_numpy(absolute)])
+        self.depths = torch.cat([self.depths, torch.from_numpy(deps)])
+        self.scores = torch.cat([self.scores, torch.from_numpy(vals)])
+        return torch.arange(start, start + n)
 
     def path_to(self, node: int) -> list[int]:
         """Indices from the root to ``node`` inclusive."""

@@ -21,6 +21,10 @@ class ControllerBase:
     def observe_result(self, result) -> None:
         return None
 
+    def depth_limit(self) -> int | None:
+        """The deepest draft this controller allows (see :func:`ltd.controller.depth_limit`); None: no cap."""
+        return None
+
 
 @dataclass
 class StaticController(ControllerBase):
@@ -38,6 +42,9 @@ class StaticController(ControllerBase):
 
     def choose_size(self, state: DraftStepState) -> int:
         return min(self.size, state.tree.num_drafted)
+
+    def depth_limit(self) -> int:
+        return self.depth
 
 
 MAX_DEPTH = 64

@@ -116,6 +116,10 @@ class LTDController(ControllerBase):
         obs = depth_observation(dp.spec, state.step, state.candidate_scores, state.context_length, self.history)
         return dp.act(obs) == CONTINUE
 
+    def depth_limit(self) -> int:
+        """The fixed depth, or the deepest the depth policy was trained to draft."""
+        return self.depth if self.depth_policy is None else self.depth_policy.spec.max_depth
+
     def choose_size(self, state: DraftStepState) -> int:
         self._follow(state)
         tree = state.tree
@@ -161,6 +165,9 @@ class HeuristicController(ControllerBase):
 
     def choose_size(self, state: DraftStepState) -> int:
         return min(self.size, state.tree.num_drafted)
+
+    def depth_limit(self) -> int:
+        return self.current
 
     def observe_result(self, result: CycleResult) -> None:
         """Adapt the depth to the last cycle: all drafted levels accepted -> +2, else -1."""

@@ -74,14 +74,16 @@ def measure_verify(target, feature_layers, tokens: Sequence[int], contexts: Sequ
 def measure_cycles(target, drafter, topk: int, max_depth: int, size: int, context: int, cycles: int, rng, controller=None,
                    prompt=None):
     """Real cycles (draft to max depth, select, verify, accept, commit): per-step draft
-    times, per-cycle overhead (select, accept and commit), and optionally the controller's
-    per-call costs. The cycles are :mod:`ltd.cycle`'s own, timed through its stage hook.
+    times, per-cycle overhead (select, accept and commit), optionally the controller's
+    per-call costs, and the median drafting time of a cycle. The cycles are
+    :mod:`ltd.cycle`'s own, timed through its stage hook.
 
     ``prompt(rng, context)`` makes each cycle run's prompt (default: random tokens, on
     which model-free drafters find nothing to draft)."""
     from ltd.cycle import StageTimes, begin, draft_room, finish, size_state, start
 
     steps: list[list[float]] = []
+    drafting: list[float] = []  # all draft steps of a cycle
     overhead: list[float] = []
     depth_calls: list[float] = []
     size_calls: list[float] = []
@@ -91,7 +93,7 @@ def measure_cycles(target, drafter, topk: int, max_depth: int, size: int, contex
         if state is None or draft_room(state) < max_depth + 1:
             ids = prompt(rng, context) if prompt is not None else rng.integers(0, target.vocab_size, size=context).tolist()
             state, _ = start(target, drafter, ids)
-        session = begin(state, topk, max_depth)
+        session = begin(state, topk, max_depth, whole=True)  # as decoding drafts (a whole tree at once where it can)
         while session.can_step:
             session.step()
             if controller is not None:
@@ -108,12 +110,13 @@ def measure_cycles(target, drafter, topk: int, max_depth: int, size: int, contex
         finish(state, session, size, timer=times)
         if done:  # cycle 0 is a warm-up
             steps.append(session.step_seconds)
+            drafting.append(sum(session.step_seconds))
             overhead.append(times["select"] + times["accept"] + times["commit"])
         done += 1
     target.reset()
     drafter.reset()
     per_step = [median([s[i] for s in steps if len(s) > i]) for i in range(max(len(s) for s in steps))]
-    return per_step, median(overhead), median(depth_calls), median(size_calls)
+    return per_step, median(overhead), median(depth_calls), median(size_calls), median(drafting)
 
 
 def repeating_prompt(rng, vocab_size: int, context: int, period: int = 24) -> list[int]:
@@ -152,7 +155,7 @@ def quick_profile(
     ctx = max(1, min(int(context), int(target.max_context) - tokens[-1] - 8))
     tokens = [t for t in tokens if ctx + t + 1 <= target.max_context] or [1]
     with torch.inference_mode():
-        steps, overhead, _, _ = measure_cycles(
+        steps, overhead, _, _, _ = measure_cycles(
             target, drafter, topk, max_depth=2, size=min(8, tokens[-1] - 1) or 1, context=ctx, cycles=1, rng=rng,
             prompt=lambda r, c: repeating_prompt(r, target.vocab_size, c),
         )

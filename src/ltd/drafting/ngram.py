@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ltd.drafting.base import TreeDraft, beam_flatten
 from ltd.errors import LtdError
 from ltd.tree import Tree
 
@@ -198,14 +199,32 @@ class NgramDrafter:
     def sync(self, tokens: Sequence[int], features: torch.Tensor | None) -> None:
         self._tokens = list(tokens)
 
-    def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _build(self) -> None:
+        """This cycle's trie (None without a match)."""
         arr = np.asarray(self._tokens, dtype=np.int64)
         n, ends = find_matches(arr, self.max_n, self.max_matches)
         self.last_match_length = n
         self._trie = build_trie(arr, ends, self.max_len) if ends else None
         self._memo = {0: self._trie}
+
+    def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._build()
+        n = self.last_match_length
         toks, logps = top_children(self._trie, k, n, self.reliabilities)
         return torch.tensor(toks, dtype=torch.long), torch.tensor(logps, dtype=torch.float32)
+
+    def draft_tree(self, k: int, max_depth: int) -> TreeDraft:
+        """The whole trie at once (see :class:`ltd.drafting.base.WholeTreeDrafter`)."""
+        self._build()
+        n, q = self.last_match_length, self.reliabilities
+
+        def children(node: TrieNode, k: int) -> list[tuple[int, float, TrieNode]]:
+            if not node.count:
+                return []
+            qd = reliability(q, n + node.depth)  # as top_children scores them
+            return [(tok, math.log(qd * child.count / node.count), child) for tok, child in node.ranked()[:k]]
+
+        return beam_flatten(self._trie, children, k, max_depth)
 
     def trie_node(self, tree: Tree, node: int) -> TrieNode | None:
         """The trie node of a tree node, found by its tokens (None when the trie lacks the path).

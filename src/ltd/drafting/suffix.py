@@ -17,7 +17,9 @@ table, :data:`ltd.drafting.ngram.DEFAULT_RELIABILITY`), so the scores are probab
 on the EAGLE-3 head's scale and a hybrid ranks both in one tree. The draft is capped at
 ``alpha * m`` tokens for an m-token match (at most ``max_depth``), and nodes whose path
 probability falls below ``min_prob`` are pruned. The work per cycle is bounded by the
-candidate, occurrence and node limits, not by the number of stored tokens.
+candidate, occurrence and node limits, not by the number of stored tokens. Runs where
+every occurrence continues alike (copied text) are made in one go, and the cycle takes
+the finished trie in one step (:meth:`SuffixDrafter.draft_tree`) rather than level by level.
 
 After :meth:`SuffixDrafter.root` the drafter's :attr:`SuffixDrafter.stats` hold the
 signals a policy needs (match length, count and probability of the best continuation,
@@ -43,6 +45,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ltd.drafting.base import TreeDraft, beam_flatten
 from ltd.drafting.ngram import DEFAULT_RELIABILITY, PAD_TOKEN, SEP, reliability, trie_node_of
 from ltd.errors import LtdError
 from ltd.tree import Tree
@@ -102,7 +105,7 @@ class SuffixStats:
 class SuffixNode:
     """One trie node: the rows (occurrences) through it and its children by token."""
 
-    __slots__ = ("rows", "depth", "logp", "cum", "children", "_top")
+    __slots__ = ("rows", "depth", "logp", "cum", "children", "_ranked")
 
     def __init__(self, rows: list[int], depth: int = 0, logp: float = 0.0, cum: float = 0.0) -> None:
         self.rows = rows
@@ -110,14 +113,19 @@ class SuffixNode:
         self.logp = logp  # this node's own log-probability given its parent
         self.cum = cum  # path log-probability from the match
         self.children: dict[int, SuffixNode] = {}
-        self._top: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._ranked: tuple[int, list[tuple[int, float, SuffixNode]]] | None = None
 
-    def top(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens and log-probs of the (at most k) best children, most frequent first."""
-        if self._top is None or self._top[0] != k:
-            kids = sorted(self.children.items(), key=lambda kv: -len(kv[1].rows))[:k]  # stable: most recent first on ties
-            self._top = (k, np.array([t for t, _ in kids], dtype=np.int64), np.array([c.logp for _, c in kids], dtype=np.float32))
-        return self._top[1], self._top[2]
+    def ranked(self, k: int) -> list[tuple[int, float, "SuffixNode"]]:
+        """The (at most k) best children as (token, log-prob, node), most frequent first."""
+        known = self._ranked
+        if known is not None and (known[0] == k or known[0] == 0):
+            return known[1]
+        kids = self.children.items()
+        if len(kids) > 1:
+            kids = sorted(kids, key=lambda kv: -len(kv[1].rows))[:k]  # stable: most recent first on ties
+        ranked = [(t, c.logp, c) for t, c in kids]
+        self._ranked = (k if len(ranked) > 1 else 0, ranked)  # 0: the same for every k
+        return ranked
 
 
 def _keys(values: Sequence[int], n: int) -> list[int | None]:
@@ -233,16 +241,17 @@ class TokenIndex:
             eq &= pos >= 0
         return np.where(eq.all(axis=1), span, eq.argmin(axis=1))
 
-    def rows(self, ends: np.ndarray, length: int) -> list[list[int]]:
-        """The ``length`` tokens after each end, cut at a separator or the end of the buffer."""
+    def rows(self, ends: np.ndarray, length: int) -> tuple[list[list[int]], np.ndarray]:
+        """The ``length`` tokens after each end, cut at a separator or the end of the buffer;
+        and the same as one [ends, length] array, whose cut positions hold separators first."""
         pos = ends[:, None] + 1 + np.arange(length)[None, :]
-        window = np.where(pos < self.size, self.buf[np.clip(pos, None, self.size - 1)], SEP)
+        window = np.where(pos < self.size, self.buf[np.minimum(pos, self.size - 1)], SEP)
         out = []
         for row in window.tolist():
             if SEP in row:
                 row = row[: row.index(SEP)]
             out.append(row)
-        return out
+        return out, window
 
 
 class SuffixStore:
@@ -377,7 +386,7 @@ class SuffixDrafter:
         ctx = self._context.tokens()
         m, ends = self._context.longest(ctx, cfg, own=True)
         index, source = self._context, "context"
-        if self.store is not None and len(self.store):
+        if self.store is not None and len(self.store) and m < min(cfg.max_match, ctx.size):  # else the store cannot match longer
             m_store, ends_store = self.store.index.longest(ctx, cfg, own=False)
             if m_store > m:  # the request's own text wins ties
                 index, m, ends, source = self.store.index, m_store, ends_store, "store"
@@ -385,8 +394,9 @@ class SuffixDrafter:
             return None, 0, ends, ""
         return index, m, ends, source
 
-    def _build(self, rows: list[list[int]], m: int, depth: int) -> tuple[SuffixNode, SuffixStats]:
-        """The trie over ``rows``, expanded best-first by path probability."""
+    def _build(self, rows: list[list[int]], window: np.ndarray, m: int, depth: int) -> tuple[SuffixNode, SuffixStats]:
+        """The trie over ``rows`` (``window``: the same as an array, see :meth:`TokenIndex.rows`),
+        expanded best-first by path probability."""
         cfg = self.config
         floor = math.log(cfg.min_prob) if cfg.min_prob > 0 else -math.inf
         logq = self._logq[m - 1 : m - 1 + depth]
@@ -399,12 +409,45 @@ class SuffixDrafter:
             if d >= depth:
                 continue
             if len(node.rows) == 1:  # one occurrence: a chain, no branching to rank
-                row = rows[node.rows[0]]
-                while d < min(depth, len(row)) and made < cfg.max_nodes and node.cum + logq[d] >= floor:
-                    child = SuffixNode(node.rows, d + 1, logq[d], node.cum + logq[d])
-                    node.children[row[d]] = child
-                    node, d, made = child, d + 1, made + 1
+                members = node.rows
+                row = rows[members[0]]
+                stop = min(depth, len(row), d + cfg.max_nodes - made)
+                start = d
+                while d < stop:
+                    cum = node.cum + logq[d]
+                    if cum < floor:
+                        break
+                    child = node.children[row[d]] = SuffixNode(members, d + 1, logq[d], cum)
+                    node._ranked = (0, [(row[d], logq[d], child)])  # an only child: ranked for every k
+                    node, d = child, d + 1
+                made += d - start
                 deepest = max(deepest, d)
+                continue
+            run = self._run(node, window, d, depth)
+            if run is not None:
+                # the occurrences still running all continue alike: a run of only children,
+                # made at once while it stays the best-first choice (some occurrences may end)
+                tokens, alive, counts = run
+                best_other = -heap[0][0] if heap else -math.inf
+                stop = min(d + len(tokens), d + cfg.max_nodes - made)
+                start, base, members, j = d, node.rows, node.rows, 0
+                while d < stop:
+                    share, previous = counts[j], len(members)
+                    logp = logq[d] + (math.log(share / previous) if share != previous else 0.0)
+                    cum = node.cum + logp
+                    if cum < floor:
+                        break
+                    if share != previous:  # some occurrences ended here
+                        members = [r for r, keep in zip(base, alive[:, j].tolist()) if keep]
+                    child = node.children[tokens[j]] = SuffixNode(members, d + 1, logp, cum)
+                    node._ranked = (0, [(tokens[j], logp, child)])
+                    node, d, j = child, d + 1, j + 1
+                    if cum <= best_other or share == 1:  # a node in the heap comes first (ties: the older one)
+                        break
+                made += d - start
+                deepest = max(deepest, d)
+                if d > start:
+                    heapq.heappush(heap, (-node.cum, made, node))
                 continue
             groups: dict[int, list[int]] = {}
             for r in node.rows:
@@ -428,24 +471,48 @@ class SuffixDrafter:
             stats.best_count, stats.best_prob = len(best.rows), math.exp(best.logp)
             node, chain = root, 0
             while node.children:
-                node = max(node.children.values(), key=lambda c: len(c.rows))
+                kids = node.children
+                node = next(iter(kids.values())) if len(kids) == 1 else max(kids.values(), key=lambda c: len(c.rows))
                 chain += 1
             stats.chain, stats.score = chain, node.cum
         return root, stats
 
-    def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft_trie(self) -> None:
+        """This cycle's trie (None without a match) and its stats."""
         index, m, ends, source = self._match()
         self._trie = None
         if index is not None:
             depth = min(self.config.max_depth, max(1, math.ceil(self.config.alpha * m)))
-            rows = index.rows(ends, depth)
-            self._trie, self.stats = self._build(rows, m, depth)
+            rows, window = index.rows(ends, depth)
+            self._trie, self.stats = self._build(rows, window, m, depth)
             self.stats.source = source
         else:
             self.stats = SuffixStats()
         self._memo = {0: self._trie}
+
+    @staticmethod
+    def _run(node: SuffixNode, window: np.ndarray, d: int, depth: int) -> tuple[list[int], np.ndarray, list[int]] | None:
+        """How far a node's occurrences continue alike from depth ``d``: (the tokens,
+        [occurrences, tokens] whether each occurrence is still running, how many are),
+        None when they branch at once. An occurrence ends at its first separator."""
+        sub = window[node.rows, d:depth]
+        alive = np.logical_and.accumulate(sub >= 0, axis=1)
+        tokens = np.where(alive, sub, -1).max(axis=0)  # the token of the running ones, where they agree
+        same = (~alive | (sub == tokens)).all(axis=0) & (tokens >= 0)
+        run = same.size if same.all() else int(same.argmin())
+        if not run:
+            return None
+        return tokens[:run].tolist(), alive[:, :run], alive[:, :run].sum(axis=0).tolist()
+
+    def root(self, tree: Tree, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._draft_trie()
         toks, logps = self._candidates([0], k)
         return toks[0], logps[0]
+
+    def draft_tree(self, k: int, max_depth: int) -> TreeDraft:
+        """The whole trie at once (see :class:`ltd.drafting.base.WholeTreeDrafter`)."""
+        self._draft_trie()
+        return beam_flatten(self._trie, SuffixNode.ranked, k, min(max_depth, self.stats.depth))
 
     def _padding(self, rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Fresh [rows, k] candidate arrays holding only padding (copies of a cached template)."""
@@ -459,9 +526,9 @@ class SuffixDrafter:
         for i, node in enumerate(nodes):
             found = self._memo.get(node) if tree is None else trie_node_of(tree, node, self._memo)
             if found is not None and found.children:
-                t, lp = found.top(k)
-                toks[i, : t.size] = t
-                logps[i, : lp.size] = lp
+                for j, (t, lp, _) in enumerate(found.ranked(k)):
+                    toks[i, j] = t
+                    logps[i, j] = lp
         return torch.from_numpy(toks), torch.from_numpy(logps)
 
     def expand(self, tree: Tree, nodes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -111,15 +111,61 @@ def run_profile(args) -> int:
         raise LtdError("--topk and --max-depth must be at least 1")
     if not args.out.endswith(".json"):
         raise LtdError(f"--out must name a .json file, got {args.out}")
+    if args.store_tokens < 0:
+        raise LtdError(f"--store-tokens must be >= 0, got {args.store_tokens}")
+    if args.store_tokens and "memory" not in (args.online or "").split("+"):
+        raise LtdError("--store-tokens fills the suffix drafter's global store; add --online memory")
     engine, spec = _load_engine(args)
+    if args.online:
+        engine.enable_online(args.online)
+    stored = fill_store(engine, args.store_tokens, args.data_dir) if args.store_tokens else None
     tokens = sorted({1} | {v + 1 for v in sizes})
     policy_sizes = sorted({v for v in sizes if v >= 1}) or [1]
+    measured: dict = {}
     lat = profile_engine(engine, out=args.out, drafter_name=spec, topk=args.topk, max_depth=args.max_depth,
                          size=args.size, verify_tokens=tokens, contexts=contexts, repeats=args.repeats,
-                         cycles=args.cycles, policy_sizes=policy_sizes)
+                         cycles=args.cycles, policy_sizes=policy_sizes, measured=measured)
     print(lat.summary())
+    if stored is not None:
+        print(f"suffix store: {stored} tokens of the shipped suites' text before the cycles")
+    print(f"drafting per cycle: {1e3 * measured['draft_cycle_seconds']:.3f} ms (median) at depth <= {args.max_depth}, k={args.topk}")
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.png')}")
     return 0
+
+
+def fill_store(engine, tokens: int, data_dir: str | None = None) -> int:
+    """Fill the suffix drafter's global store with ``tokens`` tokens of real text, as a
+    server's store is after many requests: every suite's turns (raw, no chat
+    template), one stored request each, cycled until ``tokens`` were added (the last one
+    cut to fit). Returns the tokens the store then holds (at most its budget)."""
+    from ltd.bench.suites import QUESTION_FILE, SUITES, load_suites, resolve_data_dir
+    from ltd.online.adapter import suffix_drafter
+
+    store = suffix_drafter(engine.drafter).store
+    if store is None:
+        raise LtdError("--store-tokens needs the suffix drafter's store; add --online memory")
+    if tokens > store.budget:
+        raise LtdError(f"--store-tokens {tokens} is more than the store holds ({store.budget} tokens); lower it")
+    base = resolve_data_dir(data_dir)
+    names = [name for name in SUITES if (base / name / QUESTION_FILE).is_file()]
+    if not names:
+        raise LtdError(f"--data-dir {base} holds no suite (<suite>/{QUESTION_FILE}); drop it to use the shipped suites")
+    texts = [turn for q in load_suites(names, base) for turn in q.turns if turn.strip()]
+    encoded: dict[int, list[int]] = {}
+    added = turns = 0
+    while tokens - added >= 3:  # a stored request is a separator and at least two tokens
+        i = turns % len(texts)
+        turns += 1
+        if i not in encoded:
+            encoded[i] = engine.encode(texts[i], chat=False)
+        seq = encoded[i][: tokens - added - 1]
+        if len(seq) >= 2:
+            store.add(seq)
+            added += len(seq) + 1
+        elif turns > len(texts) and not added:
+            raise LtdError("the suites' texts are too short to fill the store; check --data-dir")
+    log.info("suffix store: %d tokens (%d requests) from the suites' text", len(store), len(store.lengths))
+    return len(store)
 
 
 # -- ltd record ---------------------------------------------------------------------------
@@ -413,6 +459,12 @@ def _add_profile_parser(subparsers) -> None:
     p.add_argument("--contexts", default="128,512,1024", help="committed context lengths (default 128,512,1024)")
     p.add_argument("--repeats", type=int, default=15, help="timed rounds over the verify grid; medians are kept (default 15)")
     p.add_argument("--cycles", type=int, default=20, help="real cycles timed for draft steps and overhead (default 20)")
+    p.add_argument("--online", default=None, choices=ONLINE_VARIANTS,
+                   help="profile the drafter as it serves with --online (memory: the suffix drafter's global store)")
+    p.add_argument("--store-tokens", type=int, default=0,
+                   help="with --online memory: fill the store with N tokens of the shipped suites' text first "
+                        "(the drafting cost of a full store; default 0)")
+    p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl for --store-tokens (default: the shipped copy)")
     p.set_defaults(func=run_profile)
 
 

@@ -5,7 +5,8 @@ so nothing here is a constant: :func:`profile` measures, with the real backend a
 real drafter, the cost of
 
 - each draft step, by step index (step 0 proposes the root's k children; later steps
-  expand a frontier of k nodes into k*k candidates);
+  expand a frontier of k nodes into k*k candidates; a drafter that drafts its whole tree
+  at once costs it all in step 0 and nothing after);
 - one verification forward, by the number of tree nodes it scores (V + 1, the root
   included) and by the committed context length, on a grid that is interpolated;
 - the fixed per-cycle work around them (select, accept, commit, drafter sync);
@@ -58,6 +59,7 @@ def profile(
     device: str = "cpu",
     seed: int = 0,
     out: str | Path | None = None,
+    measured: dict | None = None,
 ) -> LatencyModel:
     """Measure a :class:`LatencyModel` with the real backend and drafter.
 
@@ -66,6 +68,8 @@ def profile(
     model are dropped. With ``policy_sizes`` the per-call cost of an LTD controller with
     untrained policies of the matching shape is measured too (needs stable-baselines3).
     With ``out`` the JSON is written there and a PNG of verify cost vs V next to it.
+    ``measured`` (a dict) receives what the model does not keep: ``draft_cycle_seconds``,
+    the median drafting time of a cycle (all its draft steps).
     """
     from ltd.machine import machine_info
 
@@ -74,9 +78,11 @@ def profile(
     controller = _untrained_controller(topk, max_depth, policy_sizes) if policy_sizes is not None else None
     cycle_ctx = min(fit[0], max(1, target.max_context - 4 * (max_depth + 2) - 1))
     with torch.inference_mode():
-        steps, overhead, depth_call, size_call = measure_cycles(
+        steps, overhead, depth_call, size_call, draft_cycle = measure_cycles(
             target, drafter, topk, max_depth, size, cycle_ctx, cycles, rng, controller
         )
+        if measured is not None:
+            measured["draft_cycle_seconds"] = draft_cycle
         grid = measure_verify(target, drafter.feature_layers, tokens, fit, topk, repeats, rng)
     model = LatencyModel(
         draft_topk=topk,
