@@ -123,7 +123,9 @@ def test_history_pauses_drafting_that_does_not_pay_and_backs_off():
 def test_quick_profile_measures_a_small_table(tiny_model):
     costs = quick_profile(HFBackend(tiny_model), SuffixDrafter(), topk=4, budget_seconds=2.0)
     assert costs.verify_tokens == TOKENS and len(costs.verify_contexts) == 1
-    assert len(costs.draft_step_seconds) == 2 and all(s > 0 for s in costs.draft_step_seconds)
+    # the suffix drafter hands over its whole tree in the first step: the rest cost nothing
+    assert 1 <= len(costs.draft_step_seconds) <= 2 and costs.draft_step_seconds[0] > 0
+    assert all(s == 0 for s in costs.draft_step_seconds[1:])
     assert all(s > 0 for s in costs.verify_seconds[0]) and costs.cycle_overhead_seconds > 0
     assert LatencyModel.from_json(json.loads(json.dumps(costs.to_json()))).verify_tokens == TOKENS
 
@@ -226,8 +228,8 @@ def test_suffix_rule_equals_plain_greedy_and_drafts_the_whole_trie(tiny_model, t
         got, results = run_decode(tiny_backend, drafter, ctrl, PROMPT, 60)
         assert_same_tokens(got, ref, tiny_model, PROMPT, f"suffix-rule run {run}")
         runs.append(results[1:])
-    # no match: one root step that finds nothing, then a plain step
-    assert any(r.depth == 1 and r.size == 0 for r in runs[0])
+    # no match: the root step finds nothing to draft, and the cycle is a plain step
+    assert any(r.drafted == 0 and r.size == 0 for r in runs[0])
     # the second run follows the stored output: deep chains, verified whole and accepted whole
     assert max(r.depth for r in runs[1]) >= 8
     assert max(r.num_accepted for r in runs[1]) >= 8

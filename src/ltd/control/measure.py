@@ -144,7 +144,7 @@ def quick_profile(
     Measures, at one context: the verification forward of each count in ``verify_tokens``
     (the one-token entry is what a plain step costs; costs are made non-decreasing in the
     token count, as forwards are), the drafter's first two step costs and the per-cycle
-    overhead from a few real cycles. The number of rounds over the
+    overhead from a few real cycles (a whole-tree drafter costs all in its first step). The number of rounds over the
     verification counts follows from the time of the first (warm-up) round, between 3 and
     7 (each visits every count once, in a shuffled order, so a slow spell of a shared
     machine spreads over all counts), so large models stay inside the budget.
