@@ -332,8 +332,22 @@ def test_online_suffix_parses_and_labels():
     for removed in ("plain", "hedge", "optimistic"):  # variants that lost their benchmarks
         with pytest.raises(LtdError, match="VARIANT one of knn"):
             parse_method(f"ltd+online={removed}")
-    with pytest.raises(LtdError, match="static and ltd"):
+    assert parse_method("greedy+online=memory").label == "greedy+online=memory"
+    with pytest.raises(LtdError, match="methods of ours that draft"):
         parse_method("hf+online=knn")
+    with pytest.raises(LtdError, match="methods of ours that draft"):
+        parse_method("ar+online=memory")
+
+
+def test_private_online_copy_of_a_suffix_drafter_has_its_own_store():
+    from ltd.bench.methods import private_online_adapter
+    from ltd.drafting.suffix import SuffixConfig, SuffixDrafter
+
+    shared = SuffixDrafter(SuffixConfig(max_depth=12))
+    adapter = private_online_adapter(shared, "memory")
+    private = adapter.drafter
+    assert private is not shared and private.config.max_depth == 12
+    assert private.store is not None and shared.store is None  # the frozen method stays storeless
 
 
 def test_online_methods_refuse_repeats(tmp_path):

@@ -22,6 +22,7 @@ from ltd.drafting.base import NullDrafter
 from ltd.drafting.eagle3 import Eagle3Drafter
 from ltd.drafting.hybrid import HybridDrafter
 from ltd.drafting.lm import LMDrafter
+from ltd.drafting.suffix import SuffixDrafter
 from ltd.engine import METHODS, Engine, GenerateConfig, GenerateResult, method_of, reference_method, transformers_generate
 from ltd.errors import LtdError
 from ltd.models import load_model
@@ -79,7 +80,7 @@ class MethodSpec:
 def parse_method(text: str) -> MethodSpec:
     """Parse one method spec; unknown names are a one-line error listing the valid ones.
 
-    A ``+online=VARIANT`` suffix (static and ltd methods) adapts the drafter online.
+    A ``+online=VARIANT`` suffix (methods of ours that draft) adapts the drafter online.
     """
     text = text.strip()
     if "+" in text:
@@ -88,8 +89,8 @@ def parse_method(text: str) -> MethodSpec:
         if key != "online" or variant not in ONLINE_VARIANTS:
             raise LtdError(f"bad method {text!r}: the suffix is +online=VARIANT with VARIANT one of {', '.join(ONLINE_VARIANTS)}")
         spec = parse_method(base)
-        if spec.kind not in ("static", "ltd"):
-            raise LtdError(f"bad method {text!r}: +online applies to static and ltd methods")
+        if spec.kind not in METHODS or not method_of(spec.kind).uses_drafter:
+            raise LtdError(f"bad method {text!r}: +online applies to methods of ours that draft (static, ltd, greedy, suffix-rule)")
         return replace(spec, online=variant)
     kind, _, arg = text.partition(":")
     if kind == "static":
@@ -305,6 +306,8 @@ def private_online_adapter(shared, variant: str) -> OnlineAdapter:
     a hybrid's n-gram half are private; the head's weights are shared (kNN never changes
     them).
     """
+    if isinstance(shared, SuffixDrafter):  # model-free: nothing shared, a fresh drafter with an empty store
+        return OnlineAdapter(SuffixDrafter(copy.deepcopy(shared.config)), variant)
     shipped = head_drafter(shared)
     private = Eagle3Drafter(shipped.head, shipped.embed)
     if isinstance(shared, HybridDrafter):  # same split as the frozen methods (@D included)
