@@ -433,3 +433,11 @@ def test_tie_margin_follows_the_dtype():
     assert tie_margin(SimpleNamespace(dtype=torch.bfloat16), 0.001) == TIE_MARGIN  # never below the fp32 margin
     assert tie_margin(SimpleNamespace(dtype=torch.float32, tie_margin=1.0), 20.0) == 1.0  # a backend's own, wider margin
     assert tie_margin(SimpleNamespace(), -30.0) == TIE_MARGIN  # no dtype known: fp32
+
+
+def test_report_header_says_which_turns_ran():
+    from ltd.bench.report import _turns
+
+    assert _turns({"suites": ["alpaca", "qa"]}) == ", first turn"
+    assert _turns({"suites": ["edit", "multiturn"]}) == ", first turn; every turn of multiturn"
+    assert _turns({"suites": ["alpaca"], "multi_turn": True}) == ", all turns"

@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ltd.bench.suites import ALL_TURN_SUITES, MIXED
 from ltd.fileio import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,16 @@ REPORT_MD = "report.md"
 SPEEDUP_PNG = "speedup_by_suite.png"
 GRID_PNG = "static_grid.png"
 MAX_BARS = 8  # methods per suite in the bar plot; more is unreadable
+
+
+def _turns(cfg: dict) -> str:
+    """Which turns ran: multiturn questions always run every turn, the others the first
+    unless --multi-turn."""
+    if cfg.get("multi_turn"):
+        return ", all turns"
+    if any(s in ALL_TURN_SUITES or s == MIXED for s in cfg.get("suites", [])):
+        return ", first turn; every turn of multiturn"
+    return ", first turn"
 
 
 def _kernel_lines(results: dict) -> list[str]:
@@ -127,7 +138,7 @@ def _setup_lines(results: dict) -> list[str]:
         + (f" (EAGLE-3 head weights: {cfg['head_dtype']})" if cfg.get("head_dtype") else "")
         + (f"; assistant: {cfg['assistant']}" if cfg.get("assistant") else ""),
         f"- suites: {', '.join(cfg.get('suites', []))} ({cfg.get('questions', '?')} questions"
-        + (", all turns" if cfg.get("multi_turn") else ", first turn") + ")",
+        + _turns(cfg) + ")",
         f"- repeats: {cfg.get('repeats')}, max new tokens: {cfg.get('max_new_tokens')}, "
         f"temperature: {cfg.get('temperature')}" + (f", top-p {cfg.get('top_p')}" if cfg.get("temperature") else ""),
     ]
