@@ -6,7 +6,7 @@ demo: setup
 # the full suite, end-to-end tests on the embedded model included, on two processes of
 # one torch thread each (3.5 min on 2 cores; one process of two threads took 6)
 test: setup
-	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n 2
+	OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -n 2 --dist worksteal
 # the edit-test loop: everything but the tests that load a real model (e2e) and the few
 # statistical and whole-pipeline tests that take tens of seconds each (slow), on two
 # processes of one torch thread each

@@ -122,15 +122,21 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def samples(target, other):
-    """Seeded speculative samples, shared by the tests of this module."""
-    out = {}
-    for i, (kind, sampling) in enumerate(CASES):
-        drafter = LMDrafter(HFBackend(target if kind == "self" else other))
-        accepted: Counter = Counter()
-        out[i] = sample_counts(target, drafter, sampling, N_SAMPLES, seed0=10_000 * (i + 1), accepted=accepted)
-        # the samples went through every acceptance outcome: 0, 1 and 2 drafted tokens
-        assert all(accepted[a] >= 20 for a in range(SHAPE[0] + 1)), f"{kind}: acceptance outcomes {dict(accepted)}"
-    return out
+    """Seeded speculative samples of each case, drawn when a test first asks for that case
+    (so that parallel workers each draw only the cases they run), shared by this module."""
+    out: dict[int, Counter] = {}
+
+    def draw(i: int) -> Counter:
+        if i not in out:
+            kind, sampling = CASES[i]
+            drafter = LMDrafter(HFBackend(target if kind == "self" else other))
+            accepted: Counter = Counter()
+            out[i] = sample_counts(target, drafter, sampling, N_SAMPLES, seed0=10_000 * (i + 1), accepted=accepted)
+            # the samples went through every acceptance outcome: 0, 1 and 2 drafted tokens
+            assert all(accepted[a] >= 20 for a in range(SHAPE[0] + 1)), f"{kind}: acceptance outcomes {dict(accepted)}"
+        return out[i]
+
+    return draw
 
 
 def test_target_is_not_degenerate(target):
@@ -144,14 +150,14 @@ def test_target_is_not_degenerate(target):
 @pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{k}-T{s.temperature}-p{s.top_p}" for k, s in CASES])
 def test_speculative_sampling_matches_target_distribution(target, samples, case):
     kind, sampling = CASES[case]
-    stat, df, threshold = chi_square(samples[case], exact_distribution(target, sampling))
+    stat, df, threshold = chi_square(samples(case), exact_distribution(target, sampling))
     assert stat < threshold, f"{kind} drafter, {sampling}: chi-square {stat:.1f} on {df} df exceeds {threshold:.1f}"
 
 
 @pytest.mark.slow  # thousands of sampled decodes: the full suite runs it, make test-fast does not
 def test_the_test_rejects_a_shifted_distribution(target, samples):
     """Correct samples against the distribution at temperature 0.8: must be rejected."""
-    stat, df, threshold = chi_square(samples[0], exact_distribution(target, SamplingConfig(temperature=0.8)))
+    stat, df, threshold = chi_square(samples(0), exact_distribution(target, SamplingConfig(temperature=0.8)))
     assert stat > threshold, f"no power: chi-square {stat:.1f} on {df} df against a shifted distribution"
 
 
