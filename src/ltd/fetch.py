@@ -57,6 +57,13 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "ltd"
 
 
+def keyed_cache_file(kind: str, stem: str, key: dict) -> Path:
+    """``<cache>/<kind>/<stem>-<digest>.json``: one file per measured setting (a kernel
+    plan, a cost profile), named readably and made unique by a digest of ``key``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return default_cache_dir() / kind / f"{stem}-{digest}.json"
+
+
 def model_cache_dir(entry: RegistryEntry) -> Path:
     """The directory one registry model is assembled into (``<cache>/models/<name>``).
 

@@ -28,7 +28,6 @@ they may differ in the last bits, which is the usual batched-versus-sequential r
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -247,10 +246,9 @@ def plan_key(model: torch.nn.Module) -> dict:
 
 
 def plan_path(key: dict) -> Path:
-    from ltd.fetch import default_cache_dir
+    from ltd.fetch import keyed_cache_file
 
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return default_cache_dir() / "kernels" / f"{key['architecture']}-{digest}.json"
+    return keyed_cache_file("kernels", key["architecture"], key)
 
 
 def decide(measured: dict[int, dict[str, float]], min_gain: float = MIN_GAIN) -> dict[int, Route]:

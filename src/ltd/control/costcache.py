@@ -12,8 +12,6 @@ instead (``--latency PATH``).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 from ltd.control.costs import LatencyModel
 from ltd.control.measure import quick_profile
 from ltd.errors import LtdError
-from ltd.fetch import default_cache_dir
+from ltd.fetch import keyed_cache_file
 from ltd.fileio import atomic_write_json, read_json
 from ltd.machine import cpu_model, machine_info
 
@@ -54,9 +52,8 @@ def cost_key(backend, model: str, backend_name: str, drafter: str, topk: int) ->
 
 def cost_path(key: dict) -> Path:
     """``<cache>/costs/<model>-<backend>-t<threads>-<digest>.json``: readable, and unique per key."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(key["model"]).name or "model")
-    return default_cache_dir() / "costs" / f"{name}-{key['backend']}-t{key['threads']}-{digest}.json"
+    return keyed_cache_file("costs", f"{name}-{key['backend']}-t{key['threads']}", key)
 
 
 def read_cached(path: Path, key: dict) -> LatencyModel | None:
