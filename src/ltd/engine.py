@@ -293,9 +293,11 @@ class Engine:
         cfg: GenerateConfig,
         controller: Controller | None = None,
         drafter: Drafter | None = None,
+        target: Backend | None = None,
     ) -> Iterator[CycleResult]:
         """Cycle results of a speculative generation (the method's controller unless one is given;
-        the engine's drafter unless one is given)."""
+        the engine's drafter unless one is given; the engine's backend unless ``target`` is
+        given: one sequence of a batch, see :mod:`ltd.batching`)."""
         cfg.validate()
         method = method_of(cfg.method)
         drafter = drafter if drafter is not None else self.drafter
@@ -304,7 +306,7 @@ class Engine:
         ctrl = controller or self.controller_for(cfg, drafter)
         topk = getattr(ctrl, "topk", None) or cfg.topk
         return decode(
-            self.backend,
+            target if target is not None else self.backend,
             # ar never drafts; a reference method given a controller drafts like any other
             drafter if method.uses_drafter or method.run is not None else NullDrafter(),
             ctrl,

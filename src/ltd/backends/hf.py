@@ -80,18 +80,7 @@ class HFBackend(SpeculativeCounters):
             mask = None  # plain causal attention: the fast path (prefill, catch-up)
         else:
             mask = self._tree_mask(pars)
-        planned = self._kernel_state is not None and self.kernel_plan is not None
-        with (self._kernel_state.use(self.kernel_plan) if planned else contextlib.nullcontext(),
-              sdpa_gqa_in_place() if planned and self._gqa_in_place else contextlib.nullcontext()):
-            out = self.model(
-                input_ids=torch.tensor([toks], dtype=torch.long, device=self.device),
-                position_ids=positions,
-                attention_mask=mask,
-                cache=self.cache,
-                use_cache=True,
-                output_hidden_states=feature_layers is not None,
-                logits_to_keep=1 if last_only else 0,
-            )
+        out = self.forward(toks, positions, mask, self.cache, feature_layers is not None, 1 if last_only else 0)
         self._spec_parents.extend(pars)
         self._spec_depths.extend(new_depths)
         features = None
@@ -99,6 +88,32 @@ class HFBackend(SpeculativeCounters):
             hs = out.hidden_states
             features = torch.cat([hs[i][0] for i in feature_layers], dim=-1)
         return TreeOutput(logits=out.logits[0].float(), features=features)
+
+    def forward(
+        self,
+        tokens: list[int],
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache,
+        hidden_states: bool,
+        logits_to_keep: int | torch.Tensor,
+    ):
+        """One model forward under this backend's kernel plan: the one call that runs the
+        target, shared with :class:`ltd.backends.packed.PackedHF` (several sequences in one
+        forward). ``positions`` is [1, n]; ``mask`` an additive [1, 1, n, context] mask or
+        None for plain causal attention."""
+        planned = self._kernel_state is not None and self.kernel_plan is not None
+        with (self._kernel_state.use(self.kernel_plan) if planned else contextlib.nullcontext(),
+              sdpa_gqa_in_place() if planned and self._gqa_in_place else contextlib.nullcontext()):
+            return self.model(
+                input_ids=torch.tensor([tokens], dtype=torch.long, device=self.device),
+                position_ids=positions,
+                attention_mask=mask,
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=hidden_states,
+                logits_to_keep=logits_to_keep,
+            )
 
     def _tree_mask(self, parents: list[int]) -> torch.Tensor:
         """The additive [1, 1, n, context] mask of a score() call's nodes, built on the

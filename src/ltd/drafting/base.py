@@ -21,6 +21,7 @@ from typing import Callable, Protocol, Sequence, TypeVar
 import numpy as np
 import torch
 
+from ltd.errors import LtdError
 from ltd.tree import Tree
 
 Node = TypeVar("Node")
@@ -61,6 +62,9 @@ class NullDrafter:
 
     feature_layers = None
 
+    def fork(self) -> "NullDrafter":
+        return NullDrafter()
+
     def reset(self) -> None:
         pass
 
@@ -75,6 +79,19 @@ class NullDrafter:
 
     def end(self) -> None:
         pass
+
+
+def fork_drafter(drafter: Drafter) -> Drafter:
+    """A drafter for another sequence decoded at the same time as ``drafter``'s (batching):
+    the same weights, configuration and shared memory, its own per-sequence state.
+
+    Drafters say how through a ``fork()`` method; one without it (a drafter that learns
+    online from one sequence, or a model drafter on llama.cpp) cannot be batched.
+    """
+    fork = getattr(drafter, "fork", None)
+    if fork is None:
+        raise LtdError(f"the {type(drafter).__name__} drafter cannot decode several requests at once; use --max-batch 1")
+    return fork()
 
 
 class ReversedDrafter:

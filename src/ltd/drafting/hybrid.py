@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from ltd.drafting.base import Drafter
+from ltd.drafting.base import Drafter, fork_drafter
 from ltd.errors import LtdError
 from ltd.tree import Tree
 
@@ -63,6 +63,10 @@ class HybridDrafter:
         self.model = model
         self.model_depth = model_depth  # None: the model drafts every level
         self.feature_layers = model.feature_layers
+
+    def fork(self) -> "HybridDrafter":
+        """Both halves forked (see :func:`ltd.drafting.base.fork_drafter`)."""
+        return HybridDrafter(fork_drafter(self.ngram), fork_drafter(self.model), self.model_depth)
 
     def reset(self) -> None:
         self.ngram.reset()

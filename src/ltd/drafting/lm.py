@@ -11,6 +11,8 @@ from typing import Sequence
 import torch
 
 from ltd.backends.base import Backend
+from ltd.backends.hf import HFBackend
+from ltd.errors import LtdError
 from ltd.tree import Tree
 
 
@@ -23,6 +25,13 @@ class LMDrafter:
         self.backend = backend
         self._tokens: list[int] = []
         self._node_entry: dict[int, int] = {}
+
+    def fork(self) -> "LMDrafter":
+        """The same draft model with its own cache, for another sequence decoded at the same
+        time; only a transformers model can (a llama.cpp context holds one cache)."""
+        if not isinstance(self.backend, HFBackend):
+            raise LtdError(f"a draft model on {type(self.backend).__name__} cannot decode several requests at once; use --max-batch 1")
+        return LMDrafter(HFBackend(self.backend.model, kernels=self.backend.kernel_plan or "stock"))
 
     def reset(self) -> None:
         self.backend.reset()

@@ -190,6 +190,10 @@ class NgramDrafter:
         self._tokens: list[int] = []
         self.reset()
 
+    def fork(self) -> "NgramDrafter":
+        """The same drafter for another sequence (batching): it keeps no memory across sequences."""
+        return NgramDrafter(self.max_n, self.max_len, self.max_matches, self.reliabilities)
+
     def reset(self) -> None:
         self._tokens = []
         self._trie: TrieNode | None = None

@@ -32,6 +32,9 @@ is a numpy/Python implementation with the same rules.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import heapq
 import json
 import logging
@@ -265,6 +268,9 @@ class SuffixStore:
         self.index = TokenIndex(n)
         self.lengths: deque[int] = deque()  # tokens of each stored request, separator included
         self.requests = 0  # requests stored so far (evicted ones included)
+        # held while a request is added and while a drafter reads matches out of the store:
+        # sequences decoded together (batching) share one store across threads
+        self.lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -348,6 +354,13 @@ class SuffixDrafter:
     def last_match_length(self) -> int:
         return self.stats.match_length
 
+    def fork(self) -> "SuffixDrafter":
+        """A drafter for another sequence decoded at the same time: its own context
+        memory, the same configuration and the same global store."""
+        twin = SuffixDrafter(self.config)
+        twin.store = self.store
+        return twin
+
     def enable_store(self, budget: int | None = None) -> SuffixStore:
         """Turn on the cross-request store of past outputs (``--online memory``)."""
         if self.store is None:
@@ -357,7 +370,8 @@ class SuffixDrafter:
     def remember(self) -> None:
         """Give the finished request's output to the global store (once per request)."""
         if self.store is not None and not self._remembered and self._prompt_length is not None:
-            self.store.add(self._tokens[self._prompt_length :])
+            with self.store.lock:
+                self.store.add(self._tokens[self._prompt_length :])
         self._remembered = True
 
     def reset(self) -> None:
@@ -479,11 +493,13 @@ class SuffixDrafter:
 
     def _draft_trie(self) -> None:
         """This cycle's trie (None without a match) and its stats."""
-        index, m, ends, source = self._match()
+        with self.store.lock if self.store is not None else contextlib.nullcontext():
+            index, m, ends, source = self._match()
+            if index is not None:
+                depth = min(self.config.max_depth, max(1, math.ceil(self.config.alpha * m)))
+                rows, window = index.rows(ends, depth)
         self._trie = None
         if index is not None:
-            depth = min(self.config.max_depth, max(1, math.ceil(self.config.alpha * m)))
-            rows, window = index.rows(ends, depth)
             self._trie, self.stats = self._build(rows, window, m, depth)
             self.stats.source = source
         else:

@@ -212,13 +212,26 @@ def create_app(engine, settings: ServeSettings, codec: TextCodec | None = None) 
     return app
 
 
+def _batch(engine, settings: ServeSettings):
+    """The batched engine for ``--max-batch`` N > 1 (None for 1), checked before serving:
+    the drafter must fork (a drafter that learns online from one sequence cannot)."""
+    if settings.max_batch <= 1:
+        return None
+    from ltd.batching import BatchedEngine
+    from ltd.drafting.base import fork_drafter
+
+    batch = BatchedEngine(engine, settings.max_batch)
+    fork_drafter(engine.drafter)
+    return batch
+
+
 def _build(engine, settings: ServeSettings, codec: TextCodec | None) -> _Server:
     settings.validate()
     codec = codec or TextCodec(engine.target.tokenizer, engine.prompt_tokenizer)
     metrics = ServerMetrics()
     online = getattr(engine, "online", None)
     saver = StateSaver(online, settings.online_state, settings.save_every) if online is not None and settings.online_state else None
-    worker = Worker(engine, codec, engine.target.eos_token_ids, settings.queue_size, metrics, saver)
+    worker = Worker(engine, codec, engine.target.eos_token_ids, settings.queue_size, metrics, saver, _batch(engine, settings))
     draining = Draining()
     max_context = int(engine.backend.max_context)
     return _Server(

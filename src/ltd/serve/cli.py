@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     p.add_argument("--queue-size", type=int, default=d.queue_size,
                    help=f"requests that may wait behind the one being decoded; more get 429 (default {d.queue_size})")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, metavar="N",
+                   help="requests decoded together, sharing each target forward (continuous batching; hf backend); "
+                        f"default {d.max_batch}: one at a time")
     p.add_argument("--timeout", type=float, default=d.timeout,
                    help=f"seconds from arrival to the last token, queue wait included; then 504 (default {d.timeout:.0f})")
     p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
@@ -109,6 +112,7 @@ def settings_from_args(args: argparse.Namespace, method: str) -> ServeSettings:
         topk=args.topk,
         size=args.size,
         queue_size=args.queue_size,
+        max_batch=args.max_batch,
         timeout=args.timeout,
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens,

@@ -15,6 +15,7 @@ from typing import Callable
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+ACCEPTED_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 OUTCOMES = ("completed", "stopped", "cancelled", "timeout", "error")
 
 
@@ -82,10 +83,14 @@ class ServerMetrics:
         self.cycle_tokens = 0  # tokens added by speculative cycles (accepted drafts + bonus)
         self.decode_seconds = 0.0
         self.ttft = Histogram()
+        self.accepted = Histogram(ACCEPTED_BUCKETS)  # per request: tokens per cycle
         self.rejected = 0
         self.queue_depth: Callable[[], int] = lambda: 0
         self.queue_capacity: Callable[[], int] = lambda: 0
         self.busy: Callable[[], int] = lambda: 0
+        self.max_batch: Callable[[], int] = lambda: 1
+        # (forwards, rows) the batch ran so far; (0, 0) without batching
+        self.batch_forwards: Callable[[], tuple[int, int]] = lambda: (0, 0)
 
     # -- updates ---------------------------------------------------------------------
     def record_request(self, endpoint: str, status: int, seconds: float) -> None:
@@ -115,6 +120,8 @@ class ServerMetrics:
             self.decode_seconds += decode_seconds
             if ttft_seconds is not None:
                 self.ttft.observe(ttft_seconds)
+            if cycles:
+                self.accepted.observe(cycle_tokens / cycles)
 
     # -- reads -----------------------------------------------------------------------
     @property
@@ -167,6 +174,15 @@ class ServerMetrics:
                    self.ttft.lines("ltd_time_to_first_token_seconds", {}))
             family("ltd_queue_depth", "gauge", "Requests waiting for the decode worker.", [f"ltd_queue_depth {self.queue_depth()}"])
             family("ltd_queue_capacity", "gauge", "Queue size beyond which requests get 429.", [f"ltd_queue_capacity {self.queue_capacity()}"])
-            family("ltd_busy", "gauge", "1 while the worker is decoding a request.", [f"ltd_busy {self.busy()}"])
+            family("ltd_busy", "gauge", "Requests being decoded now (the batch size).", [f"ltd_busy {self.busy()}"])
+            family("ltd_batch_size", "gauge", "Requests being decoded together now.", [f"ltd_batch_size {self.busy()}"])
+            family("ltd_max_batch", "gauge", "Requests the server decodes together at most (--max-batch).",
+                   [f"ltd_max_batch {self.max_batch()}"])
+            forwards, rows = self.batch_forwards()
+            family("ltd_batch_forwards_total", "counter", "Target forwards shared by a batch.", [f"ltd_batch_forwards_total {forwards}"])
+            family("ltd_batch_rows_total", "counter", "Rows (tokens of every request) scored by those forwards.",
+                   [f"ltd_batch_rows_total {rows}"])
+            family("ltd_request_accepted_length", "histogram", "Per finished request: tokens added per speculative cycle.",
+                   self.accepted.lines("ltd_request_accepted_length", {}))
             family("ltd_start_time_seconds", "gauge", "Unix time the server started.", [f"ltd_start_time_seconds {_num(round(self.started, 3))}"])
             return "\n".join(lines) + "\n"

@@ -22,13 +22,14 @@ BODY_BYTES_PER_TOKEN = 8
 BODY_SLACK_BYTES = 64 * 1024  # the JSON around the prompt: other fields, several messages
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
 
+MAX_BATCH = 64  # requests decoded together at most: each holds its own cache entries and drafter state
 
 @dataclass
 class ServeSettings:
     """How the server decodes and how much it accepts.
 
-    ``queue_size`` counts requests *waiting* behind the one being decoded; one more
-    gets 429. ``timeout`` bounds a request from arrival (queue wait included) to its
+    ``max_batch`` requests are decoded at once (continuous batching, :mod:`ltd.batching`);
+    ``queue_size`` counts requests *waiting* behind those; one more gets 429. ``timeout`` bounds a request from arrival (queue wait included) to its
     last token. ``default_max_tokens`` applies when a request gives no ``max_tokens``.
 
     Hardening: ``max_body_bytes`` (None = sized from the model's context, see
@@ -47,6 +48,7 @@ class ServeSettings:
     topk: int = DEFAULT_TOPK
     size: int = DEFAULT_SIZE
     queue_size: int = 8
+    max_batch: int = 1
     timeout: float = 300.0
     max_tokens_limit: int = 2048
     default_max_tokens: int = 256
@@ -64,6 +66,10 @@ class ServeSettings:
             raise LtdError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.queue_size < 0:
             raise LtdError(f"--queue-size must be >= 0, got {self.queue_size}")
+        if not 1 <= self.max_batch <= MAX_BATCH:
+            raise LtdError(f"--max-batch must be between 1 and {MAX_BATCH}, got {self.max_batch}")
+        if self.max_batch > 1 and self.method in ("hf", "llama.cpp"):
+            raise LtdError(f"--method {self.method} runs its own decoding loop and cannot batch; use --max-batch 1 or another method")
         if self.timeout <= 0:
             raise LtdError(f"--timeout must be > 0 seconds, got {self.timeout}")
         if self.max_tokens_limit < 1:

@@ -1,10 +1,11 @@
-"""The decode worker: one thread that owns the engine and serves a bounded queue.
+"""The decode worker: the threads that own the engine and serve a bounded queue.
 
-Why one thread: the engine holds one KV cache and one drafter state, so it decodes one
-sequence at a time; on a CPU the cores are already busy with that one sequence. Request
-handlers never touch the engine: they put a :class:`Job` on the queue and read the
-events the worker sends back. A full queue is refused at once (the caller answers
-429), so waiting work and memory stay bounded.
+By default one thread: the engine holds one KV cache and one drafter state, so it
+decodes one sequence at a time. With ``max_batch`` N > 1 (``ltd serve --max-batch N``)
+N threads each decode one request on a lane of a :class:`ltd.batching.BatchedEngine`,
+whose forwards they share. Request handlers never touch the engine: they put a
+:class:`Job` on the queue and read the events the worker sends back. A full queue is
+refused at once (the caller answers 429), so waiting work and memory stay bounded.
 
 The worker consumes :meth:`ltd.engine.Engine.stream` (the one generator that drives the
 cycle) and checks between cycles whether the job was cancelled (client gone, deadline
@@ -47,6 +48,14 @@ class EngineLike(Protocol):
     def stream(self, prompt: list[int], cfg: GenerateConfig) -> Iterator[CycleResult]: ...
 
     def generate(self, prompt: list[int], cfg: GenerateConfig): ...
+
+
+class BatchLike(Protocol):
+    """What the worker needs from :class:`ltd.batching.BatchedEngine`."""
+
+    max_batch: int
+
+    def stream(self, prompt: list[int], cfg: GenerateConfig) -> Iterator[CycleResult]: ...
 
 
 # -- events sent back to the request handler ------------------------------------------
@@ -159,7 +168,7 @@ class _Progress:
 
 
 class Worker:
-    """The single decode thread, its bounded queue and its counters."""
+    """The decode threads (one per batch slot), their bounded queue and their counters."""
 
     def __init__(
         self,
@@ -169,8 +178,11 @@ class Worker:
         queue_size: int,
         metrics: ServerMetrics | None = None,
         saver: StateSaver | None = None,
+        batch: BatchLike | None = None,
     ) -> None:
         self.engine = engine
+        self.batch = batch
+        self.max_batch = batch.max_batch if batch is not None else 1
         self.saver = saver
         self.codec = codec
         self.eos = frozenset(int(e) for e in eos_token_ids)
@@ -180,12 +192,17 @@ class Worker:
         self.metrics = metrics or ServerMetrics()
         self.metrics.queue_depth = self.queue_depth
         self.metrics.queue_capacity = lambda: self.queue_size
-        self.metrics.busy = lambda: int(self._active is not None)
-        self._active: Job | None = None
+        self.metrics.busy = lambda: len(self._active)
+        self.metrics.max_batch = lambda: self.max_batch
+        pool = getattr(batch, "pool", None)
+        if pool is not None:
+            self.metrics.batch_forwards = lambda: (pool.forwards, pool.rows)
+        self._active: set[Job] = set()
         self._stopping = threading.Event()
-        self._closed = threading.Event()  # no new jobs (draining); the running one goes on
-        self._thread: threading.Thread | None = None
+        self._closed = threading.Event()  # no new jobs (draining); the running ones go on
+        self._threads: list[threading.Thread] = []
         self._submit_lock = threading.Lock()
+        self._tick_lock = threading.Lock()  # one thread at a time gives the state saver its turn
         self._mean_seconds = 1.0
         self.completed = 0
         self.cancelled = 0
@@ -194,20 +211,24 @@ class Worker:
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="ltd-decode-worker", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name="ltd-decode-worker" + (f"-{i}" if i else ""), daemon=True) for i in range(self.max_batch)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel the running job, fail the waiting ones, and join the thread."""
+        """Cancel the running jobs, fail the waiting ones, and join the threads."""
         self._stopping.set()
         self.close()
         self.cancel_active()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0.0))
+        self._threads = []
 
     def close(self) -> int:
         """Accept no more jobs and fail the waiting ones (503); the running job goes on.
@@ -225,20 +246,19 @@ class Worker:
         return failed
 
     def cancel_active(self, reason: str = "unavailable") -> bool:
-        """Stop the running job at its next cycle boundary; False when none runs."""
-        job = self._active
-        if job is None:
-            return False
-        job.cancel(reason)
-        return True
+        """Stop the running jobs at their next cycle boundary; False when none runs."""
+        jobs = list(self._active)
+        for job in jobs:
+            job.cancel(reason)
+        return bool(jobs)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return any(thread.is_alive() for thread in self._threads)
 
     @property
     def busy(self) -> bool:
-        return self._active is not None
+        return bool(self._active)
 
     def queue_depth(self) -> int:
         return self._queue.qsize()
@@ -249,8 +269,8 @@ class Worker:
         with self._submit_lock:  # close() drains the queue under this lock: no job slips in after it
             if self._stopping.is_set() or self._closed.is_set() or not self.alive:
                 raise WorkerStopped("the server is shutting down")
-            # With queue_size 0 a job may only start when the worker is idle.
-            if self.queue_size == 0 and (self._active is not None or self._queue.qsize() > 0):
+            # With queue_size 0 a job may only start when a decode slot is idle.
+            if self.queue_size == 0 and (len(self._active) >= self.max_batch or self._queue.qsize() > 0):
                 raise QueueFull(0, self.retry_after())
             try:
                 self._queue.put_nowait(job)
@@ -261,20 +281,23 @@ class Worker:
         """Seconds until the work ahead is likely done: the waiting jobs plus the running
         one, each taking the recent mean time per request. A client told "one job's time"
         while eight wait only finds the queue full again."""
-        ahead = self._queue.qsize() + (self._active is not None)
+        ahead = (self._queue.qsize() + len(self._active)) / self.max_batch
         return max(1, min(MAX_RETRY_AFTER, math.ceil(self._mean_seconds * max(ahead, 1))))
 
     # -- the thread --------------------------------------------------------------------
     def _run(self) -> None:
         log.info("decode worker started")
         while not self._stopping.is_set():
-            if self.saver is not None:
-                self.saver.tick()
+            if self.saver is not None and self._tick_lock.acquire(blocking=False):
+                try:
+                    self.saver.tick()
+                finally:
+                    self._tick_lock.release()
             try:
                 job = self._queue.get(timeout=IDLE_POLL_SECONDS)
             except queue.Empty:
                 continue
-            self._active = job
+            self._active.add(job)
             try:
                 self._process(job)
             except Exception:  # a bug: keep serving, tell the client, keep the traceback
@@ -283,7 +306,7 @@ class Worker:
                 self.metrics.record_generation("error", len(job.prompt), 0, 0, 0, 0.0, None)
                 job.emit(Failed("server_error", "internal error while generating; see the server log"))
             finally:
-                self._active = None
+                self._active.discard(job)
         log.info("decode worker stopped")
 
     def _process(self, job: Job) -> None:
@@ -347,6 +370,8 @@ class Worker:
     def _results(self, job: Job) -> Iterator[CycleResult]:
         if job.config.method in ("hf", "llama.cpp"):
             return self._hf_results(job)
+        if self.batch is not None:
+            return self.batch.stream(job.prompt, job.config)
         return self.engine.stream(job.prompt, job.config)
 
     def _hf_results(self, job: Job) -> Iterator[CycleResult]:

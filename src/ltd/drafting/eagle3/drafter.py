@@ -49,6 +49,13 @@ class Eagle3Drafter:
             self._wide_key = key
         return self._wide
 
+    def fork(self) -> "Eagle3Drafter":
+        """The same head (shared weights, not copied) with its own cache, for another
+        sequence decoded at the same time."""
+        twin = Eagle3Drafter(self.head, self.embed)
+        twin._wide, twin._wide_key = self._wide, self._wide_key  # the float32 twin too, if made
+        return twin
+
     def reset(self) -> None:
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
