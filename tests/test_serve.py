@@ -91,9 +91,24 @@ class FakeEngine:
         return SimpleNamespace(tokens=tokens, seconds=0.0)
 
 
+MAX_BATCH = 1  # decode threads of the servers this module starts (set by the max_batch fixture)
+
+
+@pytest.fixture(autouse=True, scope="module", params=[1, 4], ids=["one-at-a-time", "max-batch-4"])
+def max_batch(request):
+    """Every test of this module runs twice: with one decode thread, and with four that
+    decode concurrent requests together (``--max-batch 4``; the fake engine's stream
+    stands in for the batched engine's, which tests/test_batching.py checks)."""
+    global MAX_BATCH
+    MAX_BATCH = request.param
+    yield request.param
+    MAX_BATCH = 1
+
+
 def start_server(engine: FakeEngine, **settings) -> BackgroundServer:
-    cfg = ServeSettings(model_name=MODEL, **{"method": "static", "timeout": 30.0, "queue_size": 4, **settings})
-    return BackgroundServer(create_app(engine, cfg)).start()
+    cfg = ServeSettings(model_name=MODEL, **{"method": "static", "timeout": 30.0, "queue_size": 4, "max_batch": MAX_BATCH, **settings})
+    batch = SimpleNamespace(max_batch=MAX_BATCH, stream=engine.stream) if cfg.max_batch > 1 else None
+    return BackgroundServer(create_app(engine, cfg, batch=batch)).start()
 
 
 def worker_of(srv: BackgroundServer):
@@ -119,7 +134,7 @@ def sse_events(lines) -> list:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(max_batch):
     srv = start_server(FakeEngine(max_context=256), max_tokens_limit=1000)
     yield srv
     srv.stop()
@@ -351,11 +366,11 @@ def test_queue_full_gives_429_with_retry_after_and_disconnect_cancels():
     worker = worker_of(srv)
     body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 300, "temperature": 0}
     try:
-        with httpx.Client(base_url=srv.url, timeout=30) as c1:
-            # A: a long stream; its headers arrive with its first text, so it is decoding now.
-            resp_a = c1.send(c1.build_request("POST", CHAT, json={**body, "stream": True}), stream=True)
-            assert resp_a.status_code == 200
-            wait_until(lambda: worker.busy, what="A decoding")
+        with httpx.Client(base_url=srv.url, timeout=30, limits=httpx.Limits(max_connections=MAX_BATCH + 1)) as c1:
+            # A: long streams, one per decode thread; headers arrive with the first text, so they are decoding now.
+            streams_a = [c1.send(c1.build_request("POST", CHAT, json={**body, "stream": True}), stream=True) for _ in range(MAX_BATCH)]
+            assert all(resp.status_code == 200 for resp in streams_a)
+            wait_until(lambda: len(worker._active) == MAX_BATCH, what="A decoding")
             # B: waits in the queue (the only slot).
             result_b = {}
             t_b = threading.Thread(
@@ -371,16 +386,18 @@ def test_queue_full_gives_429_with_retry_after_and_disconnect_cancels():
             oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
             with pytest.raises(openai.RateLimitError):
                 oc.chat.completions.create(**body)
-            # A's client goes away: its generation is cancelled between cycles, B runs.
+            # A's clients go away: their generations are cancelled between cycles, B runs.
             cycles_before = engine.cycles_run
-            resp_a.close()
-        wait_until(lambda: worker.cancelled == 1, what="A cancelled")
+            for resp in streams_a:
+                resp.close()
+        wait_until(lambda: worker.cancelled == MAX_BATCH, what="A cancelled")
         t_b.join(30)
         assert result_b["r"].status_code == 200 and result_b["r"].json()["choices"][0]["message"]["content"] == "aaa"
-        assert engine.cycles_run - cycles_before < 250, "the disconnected stream kept decoding"
+        assert engine.cycles_run - cycles_before < 250 * MAX_BATCH, "the disconnected streams kept decoding"
         metrics = httpx.get(srv.url + "/metrics").text
         assert "ltd_requests_rejected_total 2" in metrics
-        assert 'ltd_generations_total{outcome="cancelled"} 1' in metrics
+        assert f'ltd_generations_total{{outcome="cancelled"}} {MAX_BATCH}' in metrics
+        assert f"ltd_max_batch {MAX_BATCH}" in metrics
     finally:
         srv.stop()
 
@@ -422,6 +439,10 @@ def test_request_timeout_non_stream_and_stream():
 
 
 def test_hf_method_answers_in_one_piece():
+    if MAX_BATCH > 1:  # transformers' generate runs its own loop: it cannot share forwards
+        with pytest.raises(LtdError, match="--method hf runs its own decoding loop and cannot batch"):
+            start_server(FakeEngine(), method="hf")
+        return
     srv = start_server(FakeEngine(), method="hf")
     try:
         oc = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)

@@ -185,7 +185,7 @@ class _Server:
     max_chars: int  # a prompt with more characters cannot fit the context
 
 
-def create_app(engine, settings: ServeSettings, codec: TextCodec | None = None) -> FastAPI:
+def create_app(engine, settings: ServeSettings, codec: TextCodec | None = None, batch=None) -> FastAPI:
     """The server for one loaded engine.
 
     ``engine`` is an :class:`ltd.engine.Engine` (or anything with its ``stream``,
@@ -193,8 +193,10 @@ def create_app(engine, settings: ServeSettings, codec: TextCodec | None = None) 
     ``backend.max_context``/``vocab_size`` and optionally ``online``). The worker
     thread starts and stops with the app's lifespan; ``app.state.shutdown`` is the
     drain sequence a :class:`ltd.serve.lifecycle.GracefulServer` runs on SIGTERM.
+    With ``settings.max_batch`` > 1 the worker decodes that many requests together on a
+    :class:`ltd.batching.BatchedEngine` of ``engine`` (or on ``batch``, given by tests).
     """
-    srv = _build(engine, settings, codec)
+    srv = _build(engine, settings, codec, batch)
     docs = settings.docs
     app = FastAPI(
         title="ltd", description="OpenAI-compatible server over lossless speculative decoding", lifespan=_lifespan(srv),
@@ -225,13 +227,13 @@ def _batch(engine, settings: ServeSettings):
     return batch
 
 
-def _build(engine, settings: ServeSettings, codec: TextCodec | None) -> _Server:
+def _build(engine, settings: ServeSettings, codec: TextCodec | None, batch=None) -> _Server:
     settings.validate()
     codec = codec or TextCodec(engine.target.tokenizer, engine.prompt_tokenizer)
     metrics = ServerMetrics()
     online = getattr(engine, "online", None)
     saver = StateSaver(online, settings.online_state, settings.save_every) if online is not None and settings.online_state else None
-    worker = Worker(engine, codec, engine.target.eos_token_ids, settings.queue_size, metrics, saver, _batch(engine, settings))
+    worker = Worker(engine, codec, engine.target.eos_token_ids, settings.queue_size, metrics, saver, batch or _batch(engine, settings))
     draining = Draining()
     max_context = int(engine.backend.max_context)
     return _Server(
