@@ -131,10 +131,9 @@ def _setup_lines(doc: dict) -> list[str]:
 
 
 def _table_lines(doc: dict) -> list[str]:
-    base = doc.get("baseline")
     lines = ["", "## Throughput, latency and memory", "",
              "| server | clients | ok / sent | tokens/s | requests/s | latency p50 s | latency p95 s | TTFT p50 s "
-             f"| TTFT p95 s | peak RSS MiB | tokens/s vs {base or '-'} | p95 latency vs {base or '-'} |",
+             f"| TTFT p95 s | peak RSS MiB | tokens/s vs {SERIAL} | p95 latency vs {SERIAL} |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in doc["configs"]:
         for lv in s["levels"]:

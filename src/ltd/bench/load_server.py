@@ -101,7 +101,7 @@ class ServerProcess:
                 except httpx.HTTPError:
                     pass  # not listening yet
                 if time.monotonic() > deadline:
-                    raise LtdError(f"server {self.name!r} did not answer {HEALTH_PATH} within {self.startup_timeout:.0f} s; "
+                    raise LtdError(f"server {self.name!r} did not answer {HEALTH_PATH} within {self.startup_timeout:g} s; "
                                    f"see {self.log_path}, or raise --startup-timeout")
                 time.sleep(POLL_SECONDS)
 
