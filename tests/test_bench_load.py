@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,7 +19,7 @@ import pytest
 from ltd import cli
 from ltd.bench import load_server
 from ltd.bench.load import RequestRecord, run_level, run_load, send_chat
-from ltd.bench.load_cli import config_from_args
+from ltd.bench.load_cli import _sigterm_interrupts, config_from_args
 from ltd.bench.load_config import LoadConfig, ServerConfig, builtin_configs, load_workload, parse_configs, parse_shape
 from ltd.bench.load_report import level_summary, percentile, render_load_markdown, results_document, with_ratios
 from ltd.bench.load_server import ServerProcess, free_port
@@ -363,6 +365,37 @@ def test_run_load_records_a_server_that_fails_and_writes_the_report(tmp_path, mo
     assert "exited with status 2" in doc["configs"][0]["error"] and doc["configs"][0]["levels"] == []
     assert json.loads((tmp_path / "results.json").read_text())["configs"][0]["error"] == doc["configs"][0]["error"]
     assert "**failed**" in (tmp_path / "report.md").read_text()
+
+
+def test_ctrl_c_stops_the_server_and_keeps_the_results(tmp_path, monkeypatch):
+    started: list[ServerProcess] = []
+
+    def argv(model, port, threads, queue, extra):
+        return [sys.executable, "-c", STAND_IN, str(port), "serve"]
+
+    async def interrupted(cfg, server, workload, on_level):
+        started.append(server)
+        on_level(level_summary([record(1.0, 0.5, 8)], 1.0, 1, 0))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ltd.bench.load.serve_argv", argv)
+    monkeypatch.setattr("ltd.bench.load._run_levels", interrupted)
+    cfg = LoadConfig(configs=[ServerConfig("a"), ServerConfig("b")], concurrency=(1, 2), requests=1, limit=1)
+    doc = run_load(cfg, tmp_path)
+    assert doc["interrupted"] and [c["name"] for c in doc["configs"]] == ["a"]
+    assert len(started) == 1 and started[0].proc.returncode is not None
+    assert not psutil.pid_exists(started[0].pid)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["interrupted"] and saved["configs"][0]["levels"][0]["ok"] == 1
+    assert "Interrupted" in (tmp_path / "report.md").read_text()
+
+
+def test_sigterm_interrupts_the_bench_like_ctrl_c():
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), _sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert signal.getsignal(signal.SIGTERM) is before  # the previous handler is back
 
 
 # -- end to end ----------------------------------------------------------------------------

@@ -79,7 +79,8 @@ async def _read_stream(resp: httpx.Response, t0: float) -> _Reply:
             break
         event = json.loads(data)
         if "error" in event:
-            reply.error = f"stream error: {event['error'].get('message', event['error'])}"
+            err = event["error"]
+            reply.error = f"stream error: {err.get('message', err) if isinstance(err, dict) else err}"
             break
         for choice in event.get("choices", []):
             content = (choice.get("delta") or {}).get("content")

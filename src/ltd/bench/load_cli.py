@@ -19,6 +19,7 @@ from ltd.bench.load_config import (
 )
 from ltd.bench.suites import MIXED, SUITES, parse_suite_list
 from ltd.cliargs import parse_int_list
+from ltd.errors import LtdError
 from ltd.registry import DEFAULT_MODEL
 
 EXIT_INTERRUPTED = 130
@@ -100,9 +101,12 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``ltd bench-load``: 130 after an interrupt, 1 when a server failed, else 0."""
-    from ltd.bench.load import run_load
-
     cfg = config_from_args(args)
+    try:
+        from ltd.bench.load import run_load
+    except ImportError as exc:
+        raise LtdError(f"ltd bench-load needs the serve extras ({exc.name} is missing): pip install -e '.[serve]'") from None
+
     out = Path(args.out)
     with _sigterm_interrupts():
         doc = run_load(cfg, out)
