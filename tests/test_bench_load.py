@@ -367,6 +367,13 @@ def test_run_load_records_a_server_that_fails_and_writes_the_report(tmp_path, mo
     assert "**failed**" in (tmp_path / "report.md").read_text()
 
 
+def test_a_server_that_is_not_ltd_serve_is_a_recorded_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("ltd.bench.load.serve_argv", lambda model, port, *a: [sys.executable, "-c", STAND_IN, str(port), "serve"])
+    doc = run_load(LoadConfig(configs=[ServerConfig("x")], concurrency=(1,), requests=1, limit=1), tmp_path)
+    assert "did not list its model on /v1/models (HTTPStatusError" in doc["configs"][0]["error"]
+    assert "server_pid" not in doc["configs"][0]
+
+
 def test_ctrl_c_stops_the_server_and_keeps_the_results(tmp_path, monkeypatch):
     started: list[ServerProcess] = []
 

@@ -182,11 +182,15 @@ async def run_level(client: httpx.AsyncClient, model: str, workload: Sequence[Co
     return level_summary([asdict(r) for r in records], wall, concurrency, peak[0])
 
 
-async def _served_model(client: httpx.AsyncClient) -> str:
+async def _served_model(client: httpx.AsyncClient, name: str) -> str:
     """The model id the server answers to (``--model-name`` may have changed it)."""
-    resp = await client.get("/v1/models")
-    resp.raise_for_status()
-    return str(resp.json()["data"][0]["id"])
+    try:
+        resp = await client.get("/v1/models")
+        resp.raise_for_status()
+        return str(resp.json()["data"][0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+        raise LtdError(f"server {name!r} did not list its model on /v1/models ({type(exc).__name__}: {exc}); "
+                       "is it ltd serve?") from None
 
 
 async def _run_levels(cfg: LoadConfig, server: ServerProcess, workload: Sequence[Conversation],
@@ -194,9 +198,12 @@ async def _run_levels(cfg: LoadConfig, server: ServerProcess, workload: Sequence
     timeout = httpx.Timeout(cfg.request_timeout, connect=30.0)
     limits = httpx.Limits(max_connections=max(cfg.concurrency) + 2, max_keepalive_connections=max(cfg.concurrency) + 2)
     async with httpx.AsyncClient(base_url=server.base_url, timeout=timeout, limits=limits) as client:
-        model = await _served_model(client)
+        model = await _served_model(client, server.name)
         if cfg.warmup:  # untimed: the first long request grows the server's caches and allocator
-            await send_chat(client, model, [{"role": "user", "content": workload[0][1][0]}], WARMUP_TOKENS, "warmup", 0.0)
+            warm, _ = await send_chat(client, model, [{"role": "user", "content": workload[0][1][0]}], WARMUP_TOKENS,
+                                      "warmup", 0.0)
+            if not warm.ok:
+                log.warning("server %s: the warm-up request failed (%s)", server.name, warm.error)
         for c in cfg.concurrency:
             log.info("server %s: concurrency %d", server.name, c)
             level = await run_level(client, model, workload, c, cfg.requests, cfg.time_limit, cfg.max_tokens,
