@@ -301,6 +301,9 @@ if sys.argv[2] == "exit":
     sys.exit(2)
 if sys.argv[2] == "slow":
     time.sleep(60)
+if sys.argv[2] == "env":
+    import os
+    print("OMP", os.environ.get("OMP_NUM_THREADS"), "KEY", os.environ.get("LTD_API_KEY"), flush=True)
 class Health(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         self.send_response(200 if self.path == "/health" else 404)
@@ -311,9 +314,9 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
 """
 
 
-def _stand_in(tmp_path: Path, mode: str, timeout: float = 20.0) -> ServerProcess:
+def _stand_in(tmp_path: Path, mode: str, timeout: float = 20.0, env: dict | None = None) -> ServerProcess:
     port = free_port()
-    return ServerProcess("stand-in", [sys.executable, "-c", STAND_IN, str(port), mode], port, tmp_path / "s.log", timeout)
+    return ServerProcess("stand-in", [sys.executable, "-c", STAND_IN, str(port), mode], port, tmp_path / "s.log", timeout, env)
 
 
 def test_server_process_waits_for_health_and_stops(tmp_path):
@@ -324,6 +327,13 @@ def test_server_process_waits_for_health_and_stops(tmp_path):
         pid = server.pid
     assert server.proc.returncode is not None and not psutil.pid_exists(pid)
     assert server.rss_bytes() == 0
+
+
+def test_server_process_environment_sets_threads_and_hides_the_api_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("LTD_API_KEY", "secret")  # the bench's clients send no key
+    with _stand_in(tmp_path, "env", env={"OMP_NUM_THREADS": "1"}) as server:
+        pass
+    assert server.last_log_line() == "OMP 1 KEY None"
 
 
 def test_server_process_kills_a_server_that_ignores_sigterm(tmp_path, monkeypatch):

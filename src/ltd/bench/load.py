@@ -218,7 +218,8 @@ def run_config(cfg: LoadConfig, server_cfg: ServerConfig, workload: Sequence[Con
     """Start one server, run every level against it, stop it; returns the server's pid."""
     port = free_port()
     argv = serve_argv(cfg.model, port, cfg.threads, max(cfg.concurrency), [*cfg.server_args, *server_cfg.args])
-    server = ServerProcess(server_cfg.name, argv, port, out_dir / f"server-{server_cfg.name}.log", cfg.startup_timeout)
+    env = {"OMP_NUM_THREADS": str(cfg.threads)} if cfg.threads is not None else {}  # every OpenMP pool, not only torch's
+    server = ServerProcess(server_cfg.name, argv, port, out_dir / f"server-{server_cfg.name}.log", cfg.startup_timeout, env)
     with server:
         asyncio.run(_run_levels(cfg, server, workload, on_level))
     return int(server.pid or 0)

@@ -52,12 +52,14 @@ def serve_argv(model: str, port: int, threads: int | None, queue_size: int, extr
 class ServerProcess:
     """A server subprocess: started and made ready on enter, stopped on exit.
 
-    ``argv`` is any command serving ``HEALTH_PATH`` on ``port``; its output goes to
-    ``log_path``, which the errors name.
+    ``argv`` is any command serving ``HEALTH_PATH`` on ``port``, run with the bench's
+    environment updated by ``env``; its output goes to ``log_path``, which the errors name.
     """
 
-    def __init__(self, name: str, argv: Sequence[str], port: int, log_path: Path, startup_timeout: float) -> None:
+    def __init__(self, name: str, argv: Sequence[str], port: int, log_path: Path, startup_timeout: float,
+                 env: dict[str, str] | None = None) -> None:
         self.name = name
+        self.env = dict(env or {})
         self.argv = list(argv)
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = Path(log_path)
@@ -70,7 +72,7 @@ class ServerProcess:
 
     def __enter__(self) -> "ServerProcess":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if k not in HIDDEN_ENV}
+        env = {**{k: v for k, v in os.environ.items() if k not in HIDDEN_ENV}, **self.env}
         with self.log_path.open("wb") as out:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, start_new_session=True)
