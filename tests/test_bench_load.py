@@ -331,9 +331,9 @@ def test_server_process_waits_for_health_and_stops(tmp_path):
 
 def test_server_process_environment_sets_threads_and_hides_the_api_key(tmp_path, monkeypatch):
     monkeypatch.setenv("LTD_API_KEY", "secret")  # the bench's clients send no key
-    with _stand_in(tmp_path, "env", env={"OMP_NUM_THREADS": "1"}) as server:
+    with _stand_in(tmp_path, "env", env={"OMP_NUM_THREADS": "3"}) as server:
         pass
-    assert server.last_log_line() == "OMP 1 KEY None"
+    assert server.last_log_line() == "OMP 3 KEY None"
 
 
 def test_server_process_kills_a_server_that_ignores_sigterm(tmp_path, monkeypatch):
