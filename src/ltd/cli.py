@@ -403,10 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tool_parsers(sub)
 
     from ltd.bench import cli as bench_cli
+    from ltd.bench import load_cli as bench_load_cli
     from ltd.rl import cli as rl_cli
     from ltd.serve import cli as serve_cli
 
     bench_cli.add_parser(sub)
+    bench_load_cli.add_parser(sub)
     rl_cli.add_parsers(sub)
     serve_cli.add_parser(sub)
     return parser
