@@ -20,6 +20,7 @@ from ltd.backends.hf import HFBackend
 from ltd.control import LatencyModel, SuffixRuleController, ThroughputController
 from ltd.control.costcache import cached_quick_profile, cost_key, cost_path
 from ltd.control.measure import quick_profile
+from ltd.backends.packed import BatchLoad
 from ltd.control.throughput import best_size
 from ltd.cycle import CycleResult
 from ltd.controller import DraftStepState
@@ -95,6 +96,29 @@ def test_drafting_stops_when_one_more_level_cannot_pay():
     assert ctrl.continue_drafting(DraftStepState(1, torch.tensor([np.log(0.99)]), 128, strong, 8))
     padded = DraftStepState(1, torch.tensor([float("-inf")]), 128, chain_tree([0.99]), 8)
     assert not ctrl.continue_drafting(padded)  # nothing below: the drafter ran out
+
+
+# a CPU batch: the weights are read once per forward, so rows cost little up to ~8, then compute
+BATCHED = cost_table([15.0 + (0.3 * min(t, 8) + 4.0 * max(t - 8, 0)) for t in TOKENS])
+
+
+def test_in_a_batch_the_size_shrinks_with_the_load_down_to_a_plain_step():
+    """The same chain, decided alone and as one of a growing batch: the other sequences'
+    rows come first on the cost curve and their tokens count, so drafted rows must beat
+    the batch's throughput, not one sequence's."""
+    def sizes(probs) -> list[int]:
+        """V for batches of 1, 2, 4 and 8 sequences, the others decoding plainly (one row each)."""
+        out = []
+        for n in (1, 2, 4, 8):
+            ctrl = ThroughputController(BATCHED)
+            ctrl.bind_load(lambda n=n: BatchLoad(n, n - 1, n - 1, slots=128, mean_tokens=1.5))
+            out.append(ctrl.choose_size(size_state(chain_tree(probs))))
+        return out
+
+    strong, weak = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [0.5, 0.3, 0.2]
+    assert sizes(strong)[0] == ThroughputController(BATCHED).choose_size(size_state(chain_tree(strong))) == 6
+    assert sizes(strong) == [6, 6, 5, 1]  # rows past the flat part of the curve must each pay 4 ms
+    assert sizes(weak) == [3, 3, 1, 0]  # weak drafts: plain decoding once the batch fills the flat part
 
 
 def test_history_pauses_drafting_that_does_not_pay_and_backs_off():

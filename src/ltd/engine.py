@@ -304,6 +304,9 @@ class Engine:
         if method.uses_drafter and controller is None and isinstance(drafter, NullDrafter):
             raise LtdError(f"method {cfg.method} needs a drafter; pass --drafter (e.g. self, a model, or an EAGLE-3 head)")
         ctrl = controller or self.controller_for(cfg, drafter)
+        bind_load, load = getattr(ctrl, "bind_load", None), getattr(target, "load", None)
+        if bind_load is not None and load is not None:  # one sequence of a batch: decide for the batch
+            bind_load(load)
         topk = getattr(ctrl, "topk", None) or cfg.topk
         return decode(
             target if target is not None else self.backend,

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 COMPACT_MIN_DEAD = 64  # dead slots tolerated before compacting (several lanes)
 COMPACT_DEAD_FRACTION = 0.25  # ... or this share of the cache
+TOKENS_EMA = 0.1  # weight of a lane's newest cycle in the batch's mean tokens per cycle
 
 
 @dataclass
@@ -48,6 +49,8 @@ class BatchLoad:
     active: int  # lanes decoding now, this one included
     queued: int  # lanes whose nodes already wait for the next forward
     queued_rows: int  # rows those lanes claimed
+    slots: int = 0  # cache entries every row attends over (masked), all lanes together
+    mean_tokens: float = 1.0  # tokens a lane's cycle committed lately (accepted drafts + bonus)
 
 
 @dataclass
@@ -82,6 +85,7 @@ class PackedHF:
         self._running = False
         self.forwards = 0  # forwards run, and rows scored in them (for metrics)
         self.rows = 0
+        self.mean_tokens = 1.0  # running mean of the tokens a lane's cycle commits
 
     # -- lanes ---------------------------------------------------------------------------
     def lane(self) -> "Lane":
@@ -95,7 +99,8 @@ class PackedHF:
 
     def load(self) -> BatchLoad:
         with self._cond:
-            return BatchLoad(len(self._lanes), len(self._queued), sum(len(r.tokens) for r in self._queued))
+            return BatchLoad(len(self._lanes), len(self._queued), sum(len(r.tokens) for r in self._queued),
+                             self._length - self._dead, self.mean_tokens)
 
     @property
     def active(self) -> int:
@@ -108,6 +113,10 @@ class PackedHF:
             self._drop(len(lane.slots) + len(lane.spec_slots))
             lane.slots, lane.spec_slots = [], []
             self._cond.notify_all()  # the waiting lanes may now be all there is
+
+    def _committed(self, tokens: int) -> None:
+        """Called with the lock held after a lane's cycle committed ``tokens`` tokens."""
+        self.mean_tokens += TOKENS_EMA * (tokens - self.mean_tokens)
 
     def _drop(self, count: int) -> None:
         """Called with the lock held: ``count`` slots just died (compaction reclaims them)."""
@@ -303,6 +312,8 @@ class Lane(SpeculativeCounters):
         kept = [self.spec_slots[k] for k in keep_l]
         with self.pool._cond:
             self.pool._drop(len(self.spec_slots) - len(kept))
+            if self._committed:  # a cycle (the prefill would skew the mean)
+                self.pool._committed(len(kept))
         self.slots.extend(kept)
         self._committed += len(kept)
         self.spec_slots, self.spec_parents, self.spec_depths = [], [], []

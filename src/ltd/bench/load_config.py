@@ -66,7 +66,7 @@ def builtin_configs(static_shape: tuple[int, int, int] = DEFAULT_STATIC_SHAPE,
         "batched-ar": ServerConfig("batched-ar", (*batch, "--method", "ar")),
         "batched-static": ServerConfig("batched-static", (*batch, "--method", "static", "--depth", str(d),
                                                           "--topk", str(k), "--size", str(v))),
-        "batched-ltd": ServerConfig("batched-ltd", batch),
+        "batched-ltd": ServerConfig("batched-ltd", (*batch, "--method", "ltd")),
     }
 
 

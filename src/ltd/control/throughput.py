@@ -17,6 +17,8 @@ mostly chooses V = 0; where it is flat (a wide CPU or GPU), it verifies bushy tr
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -27,15 +29,19 @@ from ltd.defaults import DEFAULT_TOPK
 from ltd.errors import LtdError
 
 
-def best_size(probs: np.ndarray, draft_seconds: float, verify: np.ndarray, overhead: float) -> tuple[int, float]:
+def best_size(
+    probs: np.ndarray, draft_seconds: float, verify: np.ndarray, overhead: float, base_tokens: float = 0.0
+) -> tuple[int, float]:
     """The verification size V with the most expected tokens per modelled second.
 
     ``probs`` are acceptance probabilities sorted in decreasing order; ``verify[i]`` is
     the cost of a forward over ``i + 1`` tokens (at least ``len(probs) + 1`` entries).
-    Returns (V, its expected tokens per second); on a tie the smaller V.
+    ``base_tokens`` are tokens the same forward yields anyway (the other sequences of a
+    batch; ``verify`` then starts after their rows), so V maximises the whole batch's
+    tokens per second. Returns (V, its expected tokens per second); on a tie the smaller V.
     """
     n = probs.size
-    tokens = 1.0 + np.concatenate(([0.0], np.cumsum(probs)))
+    tokens = base_tokens + 1.0 + np.concatenate(([0.0], np.cumsum(probs)))
     seconds = draft_seconds + verify[: n + 1] + overhead
     ratio = tokens / seconds
     v = int(np.argmax(ratio))
@@ -75,6 +81,13 @@ class ThroughputController(ControllerBase):
       prose on a linear-cost backend costs one probe every ``max_pause`` tokens, and a
       copy-heavy stretch is found again within that many tokens.
 
+    - **Load**: in a batch (:mod:`ltd.batching`, :meth:`bind_load`) one forward verifies
+      every sequence's nodes, so V maximises the batch's tokens per second: the other
+      sequences' rows (those already queued, one for each still drafting) come before
+      this one's on the cost curve, and their tokens (the batch's recent mean per
+      cycle) are counted in. As the batch grows, the rows a draft adds cost more than
+      they bring, and V shrinks, down to 0.
+
     ``costs`` is the machine's cost table: the engine's quick profile (measured once per
     machine and cached) or a full ``ltd profile`` file. The decisions use modelled
     seconds only, never the wall clock, so they are reproducible.
@@ -94,7 +107,13 @@ class ThroughputController(ControllerBase):
         self.smoothing = smoothing
         self._curve = np.zeros(0)
         self._curve_context = -1
+        self._load: Callable[[], object] | None = None
         self.reset()
+
+    def bind_load(self, probe: Callable[[], object]) -> None:
+        """Decide as one sequence of a batch: ``probe()`` returns its current
+        :class:`ltd.backends.packed.BatchLoad`."""
+        self._load = probe
 
     def reset(self) -> None:
         """Start a new sequence: forget the history."""
@@ -111,9 +130,23 @@ class ThroughputController(ControllerBase):
             self._curve_context = context
         return self._curve
 
-    def _best(self, probs: np.ndarray, draft_seconds: float, context: int) -> tuple[int, float]:
-        verify = self._verify(probs.size + 1, context)
-        return best_size(probs, draft_seconds, verify, self.costs.cycle_overhead_seconds)
+    def _others(self, context: int) -> tuple[int, float, int]:
+        """(rows, tokens, context) of this cycle's forward that are the other sequences'
+        of the batch: (0, 0, context) alone. Every row then attends over all the batch's
+        cache entries (masked), which is the context the cost curve needs."""
+        if self._load is None:
+            return 0, 0.0, context
+        load = self._load()
+        others = load.active - 1
+        if others <= 0:
+            return 0, 0.0, context
+        rows = load.queued_rows + max(others - load.queued, 0)
+        return rows, others * load.mean_tokens, max(context, load.slots)
+
+    def _best(self, probs: np.ndarray, draft_seconds: float, others: tuple[int, float, int]) -> tuple[int, float]:
+        rows, tokens, context = others
+        verify = self._verify(rows + probs.size + 1, context)[rows:]
+        return best_size(probs, draft_seconds, verify, self.costs.cycle_overhead_seconds, tokens)
 
     # -- the controller protocol ---------------------------------------------------------
     def continue_drafting(self, state: DraftStepState) -> bool:
@@ -135,13 +168,15 @@ class ThroughputController(ControllerBase):
             probs = node_probs(state.tree)
             frontier = np.exp(torch.topk(cand, min(self.topk, cand.numel())).values.double().numpy())
         drafted = self.costs.draft_seconds(step)
-        _, now = self._best(probs, drafted, context)
+        others = self._others(context)
+        _, now = self._best(probs, drafted, others)
         bound_probs = -np.sort(-np.concatenate([probs, frontier]))[:MAX_SIZE]
-        _, bound = self._best(bound_probs, drafted + self.costs.draft_step(step), context)
+        _, bound = self._best(bound_probs, drafted + self.costs.draft_step(step), others)
         return bound > now * (1.0 + 1e-9)
 
     def choose_size(self, state: DraftStepState) -> int:
-        v, _ = self._best(node_probs(state.tree), self.costs.draft_seconds(state.step), state.context_length)
+        others = self._others(state.context_length)
+        v, _ = self._best(node_probs(state.tree), self.costs.draft_seconds(state.step), others)
         return v
 
     def observe_result(self, result) -> None:
@@ -149,9 +184,15 @@ class ThroughputController(ControllerBase):
         if result.depth <= 0:
             self.pause = max(self.pause - 1, 0)
             return
-        context = self._context
-        modelled = self.costs.cycle_seconds(result.depth, result.size, context)
-        paid = (result.num_accepted + 1) * self.costs.ar_seconds(context) / modelled
+        rows, tokens, context = self._others(self._context)
+        if rows:  # in a batch: the batch's tokens per second against its plain step's
+            verify = self._verify(rows + result.size + 1, context)
+            overhead = self.costs.cycle_overhead_seconds
+            modelled = self.costs.draft_seconds(result.depth) + verify[rows + result.size] + overhead
+            paid = (tokens + result.num_accepted + 1) / modelled * (verify[rows] + overhead) / (tokens + 1)
+        else:
+            modelled = self.costs.cycle_seconds(result.depth, result.size, context)
+            paid = (result.num_accepted + 1) * self.costs.ar_seconds(context) / modelled
         self.gain = paid if self.gain is None else (1 - self.smoothing) * self.gain + self.smoothing * paid
         if self.gain < 1.0:
             self.pause, self.backoff = self.backoff, min(2 * self.backoff, self.max_pause)

@@ -11,7 +11,6 @@ from ltd.errors import LtdError
 if TYPE_CHECKING:  # ltd.engine imports torch; `ltd --help` should not wait for it
     from ltd.engine import GenerateConfig
 
-METHODS = ("hf", "llama.cpp", "ar", "static")  # ltd.engine.METHODS (checked again by GenerateConfig.validate)
 
 # OpenAI's default temperature; greedy (0) must be asked for. Documented in the README.
 DEFAULT_TEMPERATURE = 1.0
@@ -49,6 +48,7 @@ class ServeSettings:
     size: int = DEFAULT_SIZE
     queue_size: int = 8
     max_batch: int = 1
+    policy: str | None = None  # --method ltd's policy directory (None: the shipped one)
     timeout: float = 300.0
     max_tokens_limit: int = 2048
     default_max_tokens: int = 256
@@ -62,6 +62,8 @@ class ServeSettings:
     save_every: float = 300.0
 
     def validate(self) -> None:
+        from ltd.engine import METHODS
+
         if self.method not in METHODS:
             raise LtdError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.queue_size < 0:
@@ -129,4 +131,5 @@ class ServeSettings:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            policy=self.policy,
         )
