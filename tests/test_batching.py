@@ -17,9 +17,9 @@ import torch
 from conftest import assert_same_tokens, make_tiny_head, run_decode
 from ltd.acceptance import SamplingConfig
 from ltd.backends.hf import HFBackend
-from ltd.backends.packed import PackedHF
+from ltd.backends.packed import BatchLoad, PackedHF
 from ltd.batching import BatchedEngine
-from ltd.control import StaticController
+from ltd.control import ScheduleController, StaticController
 from ltd.cycle import decode
 from ltd.drafting.base import NullDrafter, fork_drafter
 from ltd.drafting.eagle3 import Eagle3Drafter
@@ -53,9 +53,10 @@ def drafters(tiny_model, other_model, tiny_head):
 CONTROLLERS = [(0, 1, 0), (4, 2, 6), (3, 1, 3), (2, 4, 8)]  # (depth, topk, size); ar first
 
 
-def run_batched(pool: PackedHF, jobs: list[dict]) -> list[list[int]]:
+def run_batched(pool: PackedHF, jobs: list[dict], bind: bool = False) -> list[list[int]]:
     """Decode every job on its own thread and lane; job i joins once job 0 finished
-    ``join_after`` cycles. Returns each job's tokens."""
+    ``join_after`` cycles. ``bind`` hands each controller its lane's load. Returns each
+    job's tokens."""
     out: list[list[int] | None] = [None] * len(jobs)
     progress = threading.Condition()
     cycles = [0]
@@ -67,6 +68,8 @@ def run_batched(pool: PackedHF, jobs: list[dict]) -> list[list[int]]:
             progress.wait_for(lambda: cycles[0] >= job["join_after"] or out[0] is not None)
         try:
             with pool.lane() as lane:
+                if bind:
+                    job["controller"].bind_load(lane.load)
                 tokens = []
                 for res in decode(lane, job["drafter"], job["controller"], job["prompt"], job["max_new"],
                                   topk=job["controller"].topk, sampling=job.get("sampling"), seed=job.get("seed")):
@@ -238,3 +241,27 @@ def test_batched_engine_on_the_embedded_model_equals_each_alone(method):
         t.join(300)
     assert out == alone
     assert batch.pool.forwards < sum(len(a) for a in alone)
+
+
+def test_the_schedule_baseline_drafts_less_as_the_batch_grows():
+    ctrl = ScheduleController("1:4,2:3,4:1,8:0", topk=2)
+    lengths = []
+    for active in (1, 2, 3, 4, 7, 8, 12):
+        ctrl.bind_load(lambda active=active: BatchLoad(active, 0, 0))
+        lengths.append(ctrl.depth_limit())
+    assert lengths == [4, 3, 3, 1, 1, 0, 0]
+    for bad in ("1-3", "0:2", "2:-1", ""):
+        with pytest.raises(LtdError, match="--schedule"):
+            ScheduleController(bad)
+
+
+def test_the_schedule_baseline_in_a_batch_equals_each_alone(tiny_model, other_model):
+    jobs = [
+        dict(prompt=p, max_new=n, join_after=j, drafter=NgramDrafter(), controller=ScheduleController("1:4,2:2,3:1", topk=2))
+        for p, n, j in zip(PROMPTS[:3], MAX_NEW[:3], JOIN_AFTER[:3])
+    ]
+    alone = [run_decode(HFBackend(tiny_model), NgramDrafter(), ScheduleController("1:4,2:2,3:1", topk=2), j["prompt"], j["max_new"])[0]
+             for j in jobs]
+    pool = PackedHF(HFBackend(tiny_model), max_lanes=3)
+    together = run_batched(pool, jobs, bind=True)  # as Engine.stream does: each controller reads its batch
+    assert together == alone

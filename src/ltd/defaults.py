@@ -11,6 +11,10 @@ DEFAULT_DEPTH = 1
 DEFAULT_TOPK = 8
 DEFAULT_SIZE = 1
 
+# method schedule's draft length by batch size (ltd.control.schedule), as vLLM and
+# TensorRT-LLM tables do: shorter drafts as the batch grows, none from 8 sequences on
+DEFAULT_SCHEDULE = "1:3,2:2,4:1,8:0"
+
 # The hf backend's matmul plan (ltd.backends.hf_kernels), named here so parsers need no torch.
 KERNEL_MODES = ("auto", "stock", "retune")
 DEFAULT_KERNELS = "auto"

@@ -25,10 +25,11 @@ from ltd.acceptance import SamplingConfig
 from ltd.backends.base import Backend
 from ltd.backends.hf import HFBackend
 from ltd.control import (
-    Controller, HeuristicController, LatencyModel, LTDController, StaticController, SuffixRuleController, ThroughputController,
-    validate_static,
+    DEFAULT_SCHEDULE, Controller, HeuristicController, LatencyModel, LTDController, ScheduleController, StaticController,
+    SuffixRuleController, ThroughputController, validate_static,
 )
 from ltd.control.costcache import cached_quick_profile
+from ltd.control.schedule import parse_schedule
 from ltd.control.policy import default_policy_dir, load_ltd_policies
 from ltd.cycle import CycleResult, decode
 from ltd.defaults import DEFAULT_DEPTH, DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, DEFAULT_SIZE, DEFAULT_TOPK
@@ -65,6 +66,7 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int | None = None
     policy: str | None = None  # LTD policy directory (holding depth/ and size/); None = shipped
+    schedule: str = DEFAULT_SCHEDULE  # method schedule: draft length by batch size
 
     def validate(self) -> None:
         method = method_of(self.method)
@@ -76,6 +78,8 @@ class GenerateConfig:
             raise LtdError(f"--top-p must be in (0, 1], got {self.top_p}")
         if method.static_shape:
             validate_static(self.depth, self.topk, self.size)
+        if self.method == "schedule":
+            parse_schedule(self.schedule)
 
     @property
     def sampling(self) -> SamplingConfig:
@@ -433,6 +437,7 @@ for _m in (
            static_shape=True, benchmarked=False),
     Method("greedy", controller=_greedy_controller),
     Method("suffix-rule", controller=lambda e, c: SuffixRuleController(topk=c.topk)),
+    Method("schedule", controller=lambda e, c: ScheduleController(c.schedule, topk=c.topk), benchmarked=False),
 ):
     register_method(_m)
 

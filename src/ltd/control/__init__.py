@@ -4,6 +4,7 @@
 - :mod:`ltd.control.learned` -- trained LTD policies and transformers' +2/-1 heuristic.
 - :mod:`ltd.control.throughput` -- greedy expected throughput from the machine's measured costs.
 - :mod:`ltd.control.suffix_rule` -- SuffixDecoding's rule (the whole suffix trie, all verified).
+- :mod:`ltd.control.schedule` -- a fixed table of draft length by batch size (vLLM, TensorRT-LLM).
 - :mod:`ltd.control.costs` -- the cost table (:class:`LatencyModel`); :mod:`ltd.control.measure`
   measures it, :mod:`ltd.control.costcache` keeps the quick profile per machine.
 - :mod:`ltd.control.policy` -- loading trained policies (the MLP runner) for inference.
@@ -17,11 +18,13 @@ reverse.
 from ltd.control.base import MAX_DEPTH, MAX_SIZE, MAX_TOPK, ControllerBase, StaticController, validate_static
 from ltd.control.costs import LatencyModel
 from ltd.control.learned import HeuristicController, LTDController
+from ltd.control.schedule import ScheduleController
+from ltd.defaults import DEFAULT_SCHEDULE
 from ltd.control.suffix_rule import SuffixRuleController
 from ltd.control.throughput import ThroughputController
 from ltd.controller import Controller, DraftStepState
 
 __all__ = [
     "MAX_DEPTH", "MAX_SIZE", "MAX_TOPK", "Controller", "ControllerBase", "DraftStepState", "HeuristicController",
-    "LTDController", "LatencyModel", "StaticController", "SuffixRuleController", "ThroughputController", "validate_static",
+    "LTDController", "LatencyModel", "DEFAULT_SCHEDULE", "ScheduleController", "StaticController", "SuffixRuleController", "ThroughputController", "validate_static",
 ]

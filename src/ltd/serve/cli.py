@@ -31,13 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_online_args(p, "serving", "directory to restore (at start) and save (periodically and at exit) online state")
     p.add_argument("--save-every", type=float, default=d.save_every, metavar="SECONDS",
                    help=f"save --online-state this often, between requests (0 = only at exit; default {d.save_every:.0f})")
-    p.add_argument("--method", default=None, choices=["hf", "llama.cpp", "ar", "static", "ltd", "greedy", "suffix-rule"],
+    p.add_argument("--method", default=None, choices=["hf", "llama.cpp", "ar", "static", "ltd", "greedy", "suffix-rule", "schedule"],
                    help="static (tree speculation) when a drafter is available, else ar (plain decoding); "
                         "ltd = the learned policies (shipped for the model, or --policy DIR); "
+                        "schedule = draft length by batch size from --schedule (vLLM's and TensorRT-LLM's way); "
                         "hf = transformers generate, llama.cpp = llama.cpp's plain greedy loop (--backend llamacpp), "
                         "both answered in one piece; greedy = expected throughput from this machine's measured costs "
                         "(may decide not to draft); suffix-rule = SuffixDecoding's rule (--drafter suffix)")
     add_latency_arg(p)
+    p.add_argument("--schedule", default=d.schedule, metavar="B:L,...",
+                   help=f"--method schedule's draft length L by batch size B (default {d.schedule})")
     p.add_argument("--policy", default=None, metavar="DIR",
                    help="LTD policy directory with depth/ and size/ for --method ltd (default: the shipped one)")
     p.add_argument("--depth", type=int, default=d.depth, help=f"draft depth D (default {d.depth})")
@@ -117,6 +120,7 @@ def settings_from_args(args: argparse.Namespace, method: str) -> ServeSettings:
         queue_size=args.queue_size,
         max_batch=args.max_batch,
         policy=args.policy,
+        schedule=args.schedule,
         timeout=args.timeout,
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens,

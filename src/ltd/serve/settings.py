@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ltd.defaults import DEFAULT_DEPTH, DEFAULT_SIZE, DEFAULT_TOPK
+from ltd.defaults import DEFAULT_DEPTH, DEFAULT_SCHEDULE, DEFAULT_SIZE, DEFAULT_TOPK
 from ltd.errors import LtdError
 
 if TYPE_CHECKING:  # ltd.engine imports torch; `ltd --help` should not wait for it
@@ -49,6 +49,7 @@ class ServeSettings:
     queue_size: int = 8
     max_batch: int = 1
     policy: str | None = None  # --method ltd's policy directory (None: the shipped one)
+    schedule: str = DEFAULT_SCHEDULE  # --method schedule's draft length by batch size
     timeout: float = 300.0
     max_tokens_limit: int = 2048
     default_max_tokens: int = 256
@@ -132,4 +133,5 @@ class ServeSettings:
             top_p=top_p,
             seed=seed,
             policy=self.policy,
+            schedule=self.schedule,
         )
