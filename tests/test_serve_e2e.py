@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import threading
 
 import httpx
 import openai
@@ -66,9 +67,11 @@ def references(engine) -> dict:
     return refs
 
 
-@pytest.fixture(scope="module")
-def server(engine, references):
-    settings = ServeSettings(model_name=MODEL, method="static", queue_size=4, timeout=120, **TREE)
+@pytest.fixture(scope="module", params=[1, 4], ids=["one-at-a-time", "max-batch-4"])
+def server(engine, references, request):
+    """Every test runs against a server decoding one request at a time and against one
+    decoding up to four together (``--max-batch 4``): the same answers either way."""
+    settings = ServeSettings(model_name=MODEL, method="static", queue_size=4, timeout=120, max_batch=request.param, **TREE)
     srv = BackgroundServer(create_app(engine, settings)).start()
     yield srv
     srv.stop()
@@ -175,3 +178,27 @@ def test_speculation_off_gives_the_same_text_at_one_token_per_cycle(server, clie
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=messages(prompt), max_tokens=2, extra_body={"speculation": "no"})
     assert info.value.body["param"] == "speculation"
+
+
+def test_concurrent_requests_each_get_their_own_answer(server, client, references):
+    """Four clients at once (decoded together with --max-batch 4): each answer is the
+    one the request gets alone, and the batch shows in /metrics."""
+    prompts = CHAT_PROMPTS * 2
+    answers: list[str | None] = [None] * len(prompts)
+
+    def ask(i: int) -> None:
+        reply = client.chat.completions.create(model=MODEL, messages=messages(prompts[i]), max_tokens=MAX_TOKENS, temperature=0)
+        answers[i] = reply.choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert answers == [references[p]["text"] for p in prompts]
+    values = _metric_values(server.url)
+    assert values["ltd_max_batch"] == server.app.state.settings.max_batch
+    if values["ltd_max_batch"] > 1:
+        assert values["ltd_batch_forwards_total"] >= 1
+        assert values["ltd_batch_rows_total"] > values["ltd_batch_forwards_total"]  # forwards held several rows
+    assert values["ltd_request_accepted_length_count"] >= len(prompts)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -85,6 +86,7 @@ class PackedHF:
         self._running = False
         self.forwards = 0  # forwards run, and rows scored in them (for metrics)
         self.rows = 0
+        self.forward_seconds = 0.0  # inside the forwards (the rest of a cycle is drafting and bookkeeping)
         self.mean_tokens = 1.0  # running mean of the tokens a lane's cycle commits
 
     # -- lanes ---------------------------------------------------------------------------
@@ -169,7 +171,9 @@ class PackedHF:
         mask = self._mask(batch)
         keep = self._rows_to_keep(batch)
         wants = [r.feature_layers for r in batch if r.feature_layers is not None]
+        t0 = time.perf_counter()
         out = b.forward(toks, positions, mask, self.cache, bool(wants), keep)
+        self.forward_seconds += time.perf_counter() - t0
         self.forwards += 1
         self.rows += len(toks)
         self._hand_out(batch, out, keep)
