@@ -113,7 +113,7 @@ def test_builtin_configs_name_the_four_servers():
     assert b["serial"].args == ()
     assert b["batched-ar"].args == ("--max-batch", "4", "--method", "ar")
     assert b["batched-static"].args == ("--max-batch", "4", "--method", "static", "--depth", "3", "--topk", "8", "--size", "16")
-    assert b["batched-ltd"].args == ("--max-batch", "4")
+    assert b["batched-ltd"].args == ("--max-batch", "4", "--method", "ltd")
 
 
 def test_parse_configs_takes_builtins_and_named_arguments():
