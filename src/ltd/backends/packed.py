@@ -16,7 +16,14 @@ Who runs the forward: each lane is driven by its own thread running the ordinary
 (:func:`ltd.cycle.decode`), unchanged. :meth:`Lane.score` queues the lane's nodes and
 waits; when every active lane has queued (or left), one of the waiting threads runs a
 single forward for all of them and hands each lane its rows. Lanes join and leave
-between forwards. A lane's greedy output equals its output decoded alone (to the
+between forwards.
+
+Between forwards the lanes take turns (:attr:`PackedHF.turn`): a lane holds the turn from
+the moment its rows come back until it queues again, so only one lane's Python (drafting,
+acceptance, bookkeeping) runs at a time. On a CPU the work is serial anyway (one lane's
+draft step already uses every core), and without turns the threads fight over the GIL:
+each small torch op releases it, and taking it back from a busy thread waits for the
+interpreter's switch interval (5 ms), many times per cycle. A lane's greedy output equals its output decoded alone (to the
 rounding of a wider matrix product, as tree verification already is).
 """
 
@@ -40,7 +47,7 @@ log = logging.getLogger(__name__)
 
 COMPACT_MIN_DEAD = 64  # dead slots tolerated before compacting (several lanes)
 COMPACT_DEAD_FRACTION = 0.25  # ... or this share of the cache
-TOKENS_EMA = 0.1  # weight of a lane's newest cycle in the batch's mean tokens per cycle
+TOKENS_EMA = 0.1  # weight of a lane's newest cycle in the batch's means (tokens, rows per cycle)
 
 
 @dataclass
@@ -52,6 +59,7 @@ class BatchLoad:
     queued_rows: int  # rows those lanes claimed
     slots: int = 0  # cache entries every row attends over (masked), all lanes together
     mean_tokens: float = 1.0  # tokens a lane's cycle committed lately (accepted drafts + bonus)
+    mean_rows: float = 1.0  # rows a lane's cycle asked the forward for lately (prefills left out)
 
 
 @dataclass
@@ -84,10 +92,12 @@ class PackedHF:
         self._lanes: list[Lane] = []
         self._queued: list[_Request] = []
         self._running = False
+        self.turn = threading.Lock()  # held by the one lane doing its own work between forwards
         self.forwards = 0  # forwards run, and rows scored in them (for metrics)
         self.rows = 0
         self.forward_seconds = 0.0  # inside the forwards (the rest of a cycle is drafting and bookkeeping)
         self.mean_tokens = 1.0  # running mean of the tokens a lane's cycle commits
+        self.mean_rows = 1.0  # running mean of the rows a lane's cycle scores
 
     # -- lanes ---------------------------------------------------------------------------
     def lane(self) -> "Lane":
@@ -102,7 +112,7 @@ class PackedHF:
     def load(self) -> BatchLoad:
         with self._cond:
             return BatchLoad(len(self._lanes), len(self._queued), sum(len(r.tokens) for r in self._queued),
-                             self._length - self._dead, self.mean_tokens)
+                             self._length - self._dead, self.mean_tokens, self.mean_rows)
 
     @property
     def active(self) -> int:
@@ -126,6 +136,13 @@ class PackedHF:
 
     # -- the barrier ---------------------------------------------------------------------
     def _submit(self, req: _Request) -> TreeOutput:
+        req.lane._end_turn()
+        try:
+            return self._wait_for(req)
+        finally:
+            req.lane._take_turn()
+
+    def _wait_for(self, req: _Request) -> TreeOutput:
         with self._cond:
             self._queued.append(req)
             self._cond.notify_all()
@@ -176,6 +193,9 @@ class PackedHF:
         self.forward_seconds += time.perf_counter() - t0
         self.forwards += 1
         self.rows += len(toks)
+        for r in batch:
+            if r.lane.committed_length:  # a cycle's verification, not a prefill
+                self.mean_rows += TOKENS_EMA * (len(r.tokens) - self.mean_rows)
         self._hand_out(batch, out, keep)
 
     def _mask(self, batch: list[_Request]) -> torch.Tensor | None:
@@ -278,6 +298,17 @@ class Lane(SpeculativeCounters):
         self.spec_depths: list[int] = []
         self._committed = 0
         self.closed = False
+        self._turn = False  # whether this lane holds the pool's turn
+
+    def _take_turn(self) -> None:
+        if not self._turn and not self.closed:
+            self.pool.turn.acquire()
+            self._turn = True
+
+    def _end_turn(self) -> None:
+        if self._turn:
+            self._turn = False
+            self.pool.turn.release()
 
     # SpeculativeCounters reads these two names
     @property
@@ -294,6 +325,7 @@ class Lane(SpeculativeCounters):
 
     def reset(self) -> None:
         self._check_open()
+        self._take_turn()
         with self.pool._cond:
             self.pool._drop(len(self.slots) + len(self.spec_slots))
         self.slots, self.spec_slots, self.spec_parents, self.spec_depths = [], [], [], []
@@ -331,6 +363,7 @@ class Lane(SpeculativeCounters):
         """Leave the batch and free this sequence's cache slots."""
         if not self.closed:
             self.closed = True
+            self._end_turn()
             self.pool._leave(self)
 
     def _check_open(self) -> None:

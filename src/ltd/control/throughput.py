@@ -83,7 +83,8 @@ class ThroughputController(ControllerBase):
 
     - **Load**: in a batch (:mod:`ltd.batching`, :meth:`bind_load`) one forward verifies
       every sequence's nodes, so V maximises the batch's tokens per second: the other
-      sequences' rows (those already queued, one for each still drafting) come before
+      sequences' rows (those already queued, the batch's recent mean for each still
+      drafting) come before
       this one's on the cost curve, and their tokens (the batch's recent mean per
       cycle) are counted in. As the batch grows, the rows a draft adds cost more than
       they bring, and V shrinks, down to 0.
@@ -140,7 +141,9 @@ class ThroughputController(ControllerBase):
         others = load.active - 1
         if others <= 0:
             return 0, 0.0, context
-        rows = load.queued_rows + max(others - load.queued, 0)
+        # the lanes still drafting will ask for what lanes asked for lately, not for one row:
+        # each lane assuming the others stay plain would have all of them draft at once
+        rows = load.queued_rows + round(max(others - load.queued, 0) * max(load.mean_rows, 1.0))
         return rows, others * load.mean_tokens, max(context, load.slots)
 
     def _best(self, probs: np.ndarray, draft_seconds: float, others: tuple[int, float, int]) -> tuple[int, float]:
