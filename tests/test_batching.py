@@ -265,3 +265,49 @@ def test_the_schedule_baseline_in_a_batch_equals_each_alone(tiny_model, other_mo
     pool = PackedHF(HFBackend(tiny_model), max_lanes=3)
     together = run_batched(pool, jobs, bind=True)  # as Engine.stream does: each controller reads its batch
     assert together == alone
+
+
+def test_the_compute_thread_runs_calls_in_order_and_hands_back_results_and_errors():
+    from ltd.runtime import ComputeThread
+
+    compute = ComputeThread(1)
+    try:
+        names = [compute.call(lambda: threading.current_thread().name) for _ in range(3)]
+        assert names == ["ltd-compute"] * 3 and threading.current_thread().name != "ltd-compute"
+        assert compute.call(lambda a, b=0: a + b, 2, b=3) == 5
+        # a call from the compute thread itself runs in place instead of waiting on itself
+        assert compute.call(lambda: compute.call(lambda: threading.current_thread().name)) == "ltd-compute"
+        with pytest.raises(LtdError, match="boom"):
+            compute.call(lambda: (_ for _ in ()).throw(LtdError("boom")))
+        assert compute.call(torch.get_num_threads) == 1  # its own team size, set on its thread
+    finally:
+        compute.close()
+
+
+def test_a_batch_whose_forwards_run_on_the_compute_thread_equals_each_alone(tiny_model, other_model, tiny_head_for_batch, monkeypatch):
+    """As in a server: every forward goes to one compute thread, lanes draft on their own."""
+    import ltd.backends.packed as packed
+    from ltd.runtime import ComputeThread
+
+    compute = ComputeThread(1)
+    threads: set[str] = set()
+    target = None
+    real_forward = HFBackend.forward
+
+    def forward(self, *args, **kwargs):
+        if self is target:  # the batch's target (an LM drafter's own forwards stay on its lane)
+            threads.add(threading.current_thread().name)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(packed, "on_compute_thread", compute.call)
+    monkeypatch.setattr(HFBackend, "forward", forward)
+    try:
+        jobs = make_jobs(tiny_model, other_model, tiny_head_for_batch)
+        alone = [run_decode(HFBackend(tiny_model), j["drafter"], j["controller"], j["prompt"], j["max_new"])[0] for j in jobs]
+        target = HFBackend(tiny_model)
+        together = run_batched(PackedHF(target, max_lanes=4), make_jobs(tiny_model, other_model, tiny_head_for_batch))
+    finally:
+        compute.close()
+    assert threads == {"ltd-compute"}
+    for i, (got, ref) in enumerate(zip(together, alone)):
+        assert_same_tokens(got, ref, tiny_model, PROMPTS[i], f"request {i}")

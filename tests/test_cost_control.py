@@ -121,6 +121,21 @@ def test_in_a_batch_the_size_shrinks_with_the_load_down_to_a_plain_step():
     assert sizes(weak) == [3, 3, 1, 0]  # weak drafts: plain decoding once the batch fills the flat part
 
 
+def test_in_a_batch_the_other_lanes_work_lengthens_the_cycle():
+    """Lanes do their own work (drafting, acceptance) one at a time between forwards, so a
+    batch's cycle lasts all of it plus the forward. A longer cycle lowers the batch's
+    tokens per second without drafting, so a drafted row has a lower bar to clear: with
+    busy neighbours the same chain is verified deeper, never shallower."""
+    probs = [0.6, 0.5, 0.4, 0.3]
+    def size(work_seconds: float) -> int:
+        ctrl = ThroughputController(BATCHED)
+        ctrl.bind_load(lambda: BatchLoad(4, 3, 3, slots=128, mean_tokens=1.5, mean_work_seconds=work_seconds))
+        return ctrl.choose_size(size_state(chain_tree(probs)))
+
+    sizes = [size(w) for w in (0.0, 0.01, 0.05, 0.2)]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] == len(probs)
+
+
 def test_history_pauses_drafting_that_does_not_pay_and_backs_off():
     ctrl = ThroughputController(LINEAR, max_pause=4)
     root = DraftStepState(0, torch.empty(0), 128, Tree.root(1), 8)

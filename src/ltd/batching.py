@@ -20,6 +20,7 @@ from ltd.cycle import CycleResult
 from ltd.drafting.base import fork_drafter
 from ltd.engine import Engine, GenerateConfig, method_of
 from ltd.errors import LtdError
+from ltd.runtime import lane_threads
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class BatchedEngine:
         and controller, as :meth:`Engine.stream`). Closing the generator (or finishing it)
         leaves the batch and frees the request's cache entries."""
         self.check(cfg)
+        lane_threads()  # beside a compute thread, this thread's own torch work stays on one core
         drafter = fork_drafter(self.engine.drafter)
         lane = self.pool.lane()
         try:

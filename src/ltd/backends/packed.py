@@ -15,7 +15,8 @@ when one lane is alone, which then keeps the plain causal fast path).
 Who runs the forward: each lane is driven by its own thread running the ordinary cycle
 (:func:`ltd.cycle.decode`), unchanged. :meth:`Lane.score` queues the lane's nodes and
 waits; when every active lane has queued (or left), one of the waiting threads runs a
-single forward for all of them and hands each lane its rows. Lanes join and leave
+single forward for all of them and hands each lane its rows (on the process's compute
+thread when a server made one: :class:`ltd.runtime.ComputeThread`). Lanes join and leave
 between forwards.
 
 Between forwards the lanes take turns (:attr:`PackedHF.turn`): a lane holds the turn from
@@ -41,6 +42,7 @@ from ltd import cache_ops
 from ltd.backends.base import SpeculativeCounters, TreeOutput
 from ltd.backends.hf import HFBackend
 from ltd.errors import LtdError
+from ltd.runtime import on_compute_thread
 from ltd.tree import ancestor_mask
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class BatchLoad:
     slots: int = 0  # cache entries every row attends over (masked), all lanes together
     mean_tokens: float = 1.0  # tokens a lane's cycle committed lately (accepted drafts + bonus)
     mean_rows: float = 1.0  # rows a lane's cycle asked the forward for lately (prefills left out)
+    mean_work_seconds: float = 0.0  # a lane's own work between two forwards lately (drafting, acceptance)
 
 
 @dataclass
@@ -98,6 +101,7 @@ class PackedHF:
         self.forward_seconds = 0.0  # inside the forwards (the rest of a cycle is drafting and bookkeeping)
         self.mean_tokens = 1.0  # running mean of the tokens a lane's cycle commits
         self.mean_rows = 1.0  # running mean of the rows a lane's cycle scores
+        self.mean_work_seconds = 0.0  # running mean of a lane's work between forwards (it holds the turn)
 
     # -- lanes ---------------------------------------------------------------------------
     def lane(self) -> "Lane":
@@ -112,7 +116,7 @@ class PackedHF:
     def load(self) -> BatchLoad:
         with self._cond:
             return BatchLoad(len(self._lanes), len(self._queued), sum(len(r.tokens) for r in self._queued),
-                             self._length - self._dead, self.mean_tokens, self.mean_rows)
+                             self._length - self._dead, self.mean_tokens, self.mean_rows, self.mean_work_seconds)
 
     @property
     def active(self) -> int:
@@ -129,6 +133,11 @@ class PackedHF:
     def _committed(self, tokens: int) -> None:
         """Called with the lock held after a lane's cycle committed ``tokens`` tokens."""
         self.mean_tokens += TOKENS_EMA * (tokens - self.mean_tokens)
+
+    def _worked(self, seconds: float) -> None:
+        """A lane held the turn for ``seconds`` between two forwards of a cycle."""
+        with self._cond:
+            self.mean_work_seconds += TOKENS_EMA * (seconds - self.mean_work_seconds)
 
     def _drop(self, count: int) -> None:
         """Called with the lock held: ``count`` slots just died (compaction reclaims them)."""
@@ -164,7 +173,7 @@ class PackedHF:
         self._compact_if_due()
         self._cond.release()
         try:
-            self._score_all(batch)
+            on_compute_thread(self._score_all, batch)
         except BaseException as exc:  # every lane of the batch sees the failure
             for req in batch:
                 req.error = exc
@@ -299,15 +308,19 @@ class Lane(SpeculativeCounters):
         self._committed = 0
         self.closed = False
         self._turn = False  # whether this lane holds the pool's turn
+        self._turn_start = 0.0
 
     def _take_turn(self) -> None:
         if not self._turn and not self.closed:
             self.pool.turn.acquire()
             self._turn = True
+            self._turn_start = time.perf_counter()
 
     def _end_turn(self) -> None:
         if self._turn:
             self._turn = False
+            if self._committed:  # a cycle's work (a prompt's catch-up would skew the mean)
+                self.pool._worked(time.perf_counter() - self._turn_start)
             self.pool.turn.release()
 
     # SpeculativeCounters reads these two names

@@ -86,7 +86,9 @@ class ThroughputController(ControllerBase):
       sequences' rows (those already queued, the batch's recent mean for each still
       drafting) come before
       this one's on the cost curve, and their tokens (the batch's recent mean per
-      cycle) are counted in. As the batch grows, the rows a draft adds cost more than
+      cycle) are counted in, and so is the time the other lanes spend on their own work
+      (drafting, acceptance: the lanes take turns, so a batch's cycle lasts all of it
+      plus the forward). As the batch grows, the rows a draft adds cost more than
       they bring, and V shrinks, down to 0.
 
     ``costs`` is the machine's cost table: the engine's quick profile (measured once per
@@ -131,25 +133,27 @@ class ThroughputController(ControllerBase):
             self._curve_context = context
         return self._curve
 
-    def _others(self, context: int) -> tuple[int, float, int]:
-        """(rows, tokens, context) of this cycle's forward that are the other sequences'
-        of the batch: (0, 0, context) alone. Every row then attends over all the batch's
-        cache entries (masked), which is the context the cost curve needs."""
+    def _others(self, context: int) -> tuple[int, float, int, float]:
+        """(rows, tokens, context, seconds) of this cycle that are the other sequences' of
+        the batch: (0, 0, context, 0) alone. Every row then attends over all the batch's
+        cache entries (masked), which is the context the cost curve needs; the seconds
+        are the others' own work between forwards (drafting, acceptance), which the lanes
+        do one at a time, so a cycle of the batch lasts all of it plus the forward."""
         if self._load is None:
-            return 0, 0.0, context
+            return 0, 0.0, context, 0.0
         load = self._load()
         others = load.active - 1
         if others <= 0:
-            return 0, 0.0, context
+            return 0, 0.0, context, 0.0
         # the lanes still drafting will ask for what lanes asked for lately, not for one row:
         # each lane assuming the others stay plain would have all of them draft at once
         rows = load.queued_rows + round(max(others - load.queued, 0) * max(load.mean_rows, 1.0))
-        return rows, others * load.mean_tokens, max(context, load.slots)
+        return rows, others * load.mean_tokens, max(context, load.slots), others * load.mean_work_seconds
 
-    def _best(self, probs: np.ndarray, draft_seconds: float, others: tuple[int, float, int]) -> tuple[int, float]:
-        rows, tokens, context = others
+    def _best(self, probs: np.ndarray, draft_seconds: float, others: tuple[int, float, int, float]) -> tuple[int, float]:
+        rows, tokens, context, busy = others
         verify = self._verify(rows + probs.size + 1, context)[rows:]
-        return best_size(probs, draft_seconds, verify, self.costs.cycle_overhead_seconds, tokens)
+        return best_size(probs, busy + draft_seconds, verify, self.costs.cycle_overhead_seconds, tokens)
 
     # -- the controller protocol ---------------------------------------------------------
     def continue_drafting(self, state: DraftStepState) -> bool:
@@ -187,10 +191,10 @@ class ThroughputController(ControllerBase):
         if result.depth <= 0:
             self.pause = max(self.pause - 1, 0)
             return
-        rows, tokens, context = self._others(self._context)
+        rows, tokens, context, busy = self._others(self._context)
         if rows:  # in a batch: the batch's tokens per second against its plain step's
             verify = self._verify(rows + result.size + 1, context)
-            overhead = self.costs.cycle_overhead_seconds
+            overhead = busy + self.costs.cycle_overhead_seconds
             modelled = self.costs.draft_seconds(result.depth) + verify[rows + result.size] + overhead
             paid = (tokens + result.num_accepted + 1) / modelled * (verify[rows] + overhead) / (tokens + 1)
         else:

@@ -183,10 +183,13 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise LtdError(f"ltd serve needs the serve extras ({exc.name} is missing): pip install -e '.[serve]'") from None
 
-    from ltd.runtime import check_device
+    from ltd.runtime import check_device, enable_compute_thread, on_compute_thread
     from ltd.serve.server import GracefulServer
 
     check_device(args.device)
+    # the model is loaded, warmed up and run on one thread (see ltd.runtime.ComputeThread);
+    # this one serves HTTP
+    enable_compute_thread()
     backend = args.backend
     method, spec = resolve_method(args.model, args.drafter, args.method, backend)
     settings = settings_from_args(args, method)
@@ -194,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     if logging.getLogger("ltd.serve").getEffectiveLevel() > logging.INFO:
         logging.getLogger("ltd.serve").setLevel(logging.INFO)  # start, disconnects, shutdown and saves are worth a line
 
-    engine = load_serving_engine(args, settings, spec)
+    engine = on_compute_thread(load_serving_engine, args, settings, spec)
     app = create_app(engine, settings)
     log.info("model %s, drafter %s, method %s: http://%s:%d/v1", args.model, spec, method, args.host, args.port)
     config = uvicorn.Config(

@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 from ltd.cycle import CycleResult
 from ltd.engine import GenerateConfig
 from ltd.errors import LtdError
+from ltd.runtime import on_compute_thread
 from ltd.serve.metrics import ServerMetrics
 from ltd.serve.prompt import InvalidPrompt
 from ltd.serve.state import StateSaver
@@ -299,7 +300,10 @@ class Worker:
                 continue
             self._active.add(job)
             try:
-                self._process(job)
+                if self.max_batch == 1:  # alone: on the compute thread, where the model was loaded
+                    on_compute_thread(self._process, job)
+                else:  # a lane: its forwards go to the compute thread (ltd.backends.packed)
+                    self._process(job)
             except Exception:  # a bug: keep serving, tell the client, keep the traceback
                 log.exception("job %d failed", job.id)
                 self.errors += 1
