@@ -79,6 +79,7 @@ def run_level(batched: BatchedEngine, prompts: list[list[int]], cfg: GenerateCon
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--drafter", default=None, help="drafter spec (default: the model's)")
     ap.add_argument("--concurrency", default="1,4")
     ap.add_argument("--methods", default="ar,greedy")
     ap.add_argument("--requests", type=int, default=12)
@@ -89,7 +90,7 @@ def main() -> None:
     args = ap.parse_args()
     if not args.no_compute_thread:
         enable_compute_thread()  # as ltd serve does
-    engine = on_compute_thread(Engine.load, args.model)
+    engine = on_compute_thread(Engine.load, args.model, args.drafter)
     questions = mixed_stream()[: args.requests]  # the stream bench-load sends, in order
     prompts = [engine.encode(q.turns[0]) for q in questions]
     batched = BatchedEngine(engine, args.max_batch)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import threading
 import logging
 
 import numpy as np
@@ -213,6 +214,26 @@ def test_the_cache_key_names_machine_model_and_threads(tiny_model):
     }
     assert len(paths) == 5
     assert f"-t{base['threads'] + 3}-" in cost_path(cost_key(Threaded(), "tiny", "hf", "suffix", 8)).name
+
+
+def test_beside_a_compute_thread_the_profile_is_keyed_and_measured_where_forwards_run(tiny_model, counted, monkeypatch):
+    """A batch lane runs at one torch thread; its controller must read (or measure, on the
+    compute thread) the profile of the thread count the forwards use, not its own."""
+    from ltd.runtime import ComputeThread
+
+    compute = ComputeThread(torch.get_num_threads() + 2)
+    monkeypatch.setattr(costcache, "compute_thread", lambda: compute)
+    monkeypatch.setattr(costcache, "on_compute_thread", compute.call)
+    where = []
+    measure = costcache.quick_profile
+    monkeypatch.setattr(costcache, "quick_profile", lambda *a, **k: (where.append(threading.current_thread().name), measure(*a, **k))[1])
+    try:
+        backend = HFBackend(tiny_model)
+        assert cost_key(backend, "tiny", "hf", "suffix", 4)["threads"] == compute.threads
+        cached_quick_profile(backend, SuffixDrafter(), model="tiny", backend_name="hf", drafter_name="suffix", topk=4)
+    finally:
+        compute.close()
+    assert where == ["ltd-compute"] and len(counted) == 1
 
 
 @pytest.mark.parametrize("damage", ["{not json", json.dumps({"format": "ltd-latency", "version": 1, "draft_topk": 4}), "[]"])

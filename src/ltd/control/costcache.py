@@ -24,6 +24,7 @@ from ltd.errors import LtdError
 from ltd.fetch import keyed_cache_file
 from ltd.fileio import atomic_write_json, read_json
 from ltd.machine import cpu_model, machine_info
+from ltd.runtime import compute_thread, on_compute_thread
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,10 @@ CACHE_VERSION = 1
 
 
 def backend_threads(backend) -> int:
-    """The CPU threads a backend's forwards use (llama.cpp's own count, else torch's)."""
-    return int(getattr(backend, "threads", None) or torch.get_num_threads())
+    """The CPU threads a backend's forwards use (llama.cpp's own count, else torch's: the
+    compute thread's where a server made one, since every forward runs there)."""
+    compute = compute_thread()
+    return int(getattr(backend, "threads", None) or (compute.threads if compute else torch.get_num_threads()))
 
 
 def cost_key(backend, model: str, backend_name: str, drafter: str, topk: int) -> dict:
@@ -84,7 +87,9 @@ def cached_quick_profile(backend, drafter, *, model: str, backend_name: str, dra
             return cached
     log.info("measuring this machine's cycle costs for %s on %s (once; cached in %s)", model, backend_name, path)
     machine = {**machine_info(key["dtype"], key["device"]), "cost_key": key}
-    costs = quick_profile(backend, drafter, topk=topk, model_name=model, drafter_name=drafter_name, machine=machine)
+    # measured where the forwards run (a batch lane asking first must not measure its own one thread)
+    costs = on_compute_thread(quick_profile, backend, drafter, topk=topk, model_name=model, drafter_name=drafter_name,
+                              machine=machine)
     try:
         atomic_write_json(path, costs.to_json())
     except OSError as exc:  # a read-only cache must not stop decoding: measure again next time
