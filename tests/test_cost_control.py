@@ -216,6 +216,19 @@ def test_the_cache_key_names_machine_model_and_threads(tiny_model):
     assert f"-t{base['threads'] + 3}-" in cost_path(cost_key(Threaded(), "tiny", "hf", "suffix", 8)).name
 
 
+def test_llama_cpp_exact_and_stock_builds_keep_separate_profiles():
+    class Build:
+        dtype, device, threads = "q4", "cpu", 2
+
+        def __init__(self, exact: bool) -> None:
+            self.exact = exact
+
+    exact, stock = (cost_key(Build(e), "tiny", "llamacpp", "suffix", 8) for e in (True, False))
+    assert exact["exact_kernels"] is True and stock["exact_kernels"] is False
+    assert cost_path(exact) != cost_path(stock)
+    assert "exact_kernels" not in cost_key(Build(True), "tiny", "hf", "suffix", 8)  # the hf backend has no builds
+
+
 def test_beside_a_compute_thread_the_profile_is_keyed_and_measured_where_forwards_run(tiny_model, counted, monkeypatch):
     """A batch lane runs at one torch thread; its controller must read (or measure, on the
     compute thread) the profile of the thread count the forwards use, not its own."""

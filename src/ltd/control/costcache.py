@@ -39,7 +39,8 @@ def backend_threads(backend) -> int:
 
 
 def cost_key(backend, model: str, backend_name: str, drafter: str, topk: int) -> dict:
-    """What a quick profile depends on: machine, model, backend, dtype, threads, drafter, k."""
+    """What a quick profile depends on: machine, model, backend (and llama.cpp's build), dtype,
+    threads, drafter, k."""
     return {
         "cpu_model": cpu_model(),
         "model": model,
@@ -50,6 +51,8 @@ def cost_key(backend, model: str, backend_name: str, drafter: str, topk: int) ->
         "drafter": drafter,
         "topk": int(topk),
         "version": CACHE_VERSION,
+        # llama.cpp's exact kernels verify at other costs than the stock build's
+        **({"exact_kernels": bool(backend.exact)} if backend_name == "llamacpp" and hasattr(backend, "exact") else {}),
     }
 
 
