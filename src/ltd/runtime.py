@@ -79,7 +79,11 @@ class ComputeThread:
         box: list = []
         done = threading.Event()
         self._jobs.put((fn, args, kwargs, box, done))
-        done.wait()
+        # short waits: a signal meant for the caller (Ctrl-C while a server loads) may be
+        # delivered to another thread, and the main thread runs Python's handler only
+        # when it wakes
+        while not done.wait(0.05):
+            pass
         ok, value = box[0]
         if not ok:
             raise value
