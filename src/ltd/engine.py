@@ -25,14 +25,14 @@ from ltd.acceptance import SamplingConfig
 from ltd.backends.base import Backend
 from ltd.backends.hf import HFBackend
 from ltd.control import (
-    DEFAULT_SCHEDULE, Controller, HeuristicController, LatencyModel, LTDController, ScheduleController, StaticController,
-    SuffixRuleController, ThroughputController, validate_static,
+    Controller, HeuristicController, LatencyModel, LTDController, ScheduleController, StaticController, SuffixRuleController,
+    ThroughputController, validate_static,
 )
 from ltd.control.costcache import cached_quick_profile
 from ltd.control.schedule import parse_schedule
 from ltd.control.policy import default_policy_dir, load_ltd_policies
 from ltd.cycle import CycleResult, decode
-from ltd.defaults import DEFAULT_DEPTH, DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, DEFAULT_SIZE, DEFAULT_TOPK
+from ltd.defaults import DEFAULT_DEPTH, DEFAULT_HEAD_DTYPE, DEFAULT_KERNELS, DEFAULT_SCHEDULE, DEFAULT_SIZE, DEFAULT_TOPK
 from ltd.drafting.base import Drafter, NullDrafter
 from ltd.drafting.eagle3 import builtin_drafter_dir
 from ltd.drafting.hybrid import split_hybrid_spec, split_model_depth

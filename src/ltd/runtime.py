@@ -35,6 +35,10 @@ class ComputeThread:
     the thread that loaded the model (AMD EPYC, 2 threads). A server decodes on other
     threads than the one that loads, so it keeps its main thread at one torch thread and
     sends the loading and every forward here: one team, at full speed.
+
+    Not a ``ThreadPoolExecutor(max_workers=1)``: its worker is joined at interpreter exit,
+    so a Ctrl-C while a server loads would wait for the load to finish; this thread is a
+    daemon, and a call from the compute thread itself runs in place instead of deadlocking.
     """
 
     def __init__(self, threads: int) -> None:

@@ -19,12 +19,12 @@ from ltd.control.base import MAX_DEPTH, MAX_SIZE, MAX_TOPK, ControllerBase, Stat
 from ltd.control.costs import LatencyModel
 from ltd.control.learned import HeuristicController, LTDController
 from ltd.control.schedule import ScheduleController
-from ltd.defaults import DEFAULT_SCHEDULE
 from ltd.control.suffix_rule import SuffixRuleController
 from ltd.control.throughput import ThroughputController
 from ltd.controller import Controller, DraftStepState
 
 __all__ = [
     "MAX_DEPTH", "MAX_SIZE", "MAX_TOPK", "Controller", "ControllerBase", "DraftStepState", "HeuristicController",
-    "LTDController", "LatencyModel", "DEFAULT_SCHEDULE", "ScheduleController", "StaticController", "SuffixRuleController", "ThroughputController", "validate_static",
+    "LTDController", "LatencyModel", "ScheduleController", "StaticController", "SuffixRuleController", "ThroughputController",
+    "validate_static",
 ]

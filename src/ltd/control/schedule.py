@@ -18,7 +18,6 @@ from ltd.defaults import DEFAULT_SCHEDULE
 from ltd.errors import LtdError
 
 
-
 def parse_schedule(text: str) -> dict[int, int]:
     """``"1:3,2:2,4:1,8:0"`` -> {1: 3, 2: 2, 4: 1, 8: 0}, with a one-line error naming the form."""
     table: dict[int, int] = {}
@@ -56,9 +55,14 @@ class ScheduleController(ControllerBase):
                 depth = length
         return depth
 
+    def _start_cycle(self) -> int:
+        """Fix this cycle's length from the batch size now."""
+        self._depth = self._depth_for(self._load().active if self._load is not None else 1)
+        return self._depth
+
     def continue_drafting(self, state: DraftStepState) -> bool:
         if state.step == 0:  # fixed for the cycle when it starts
-            self._depth = self._depth_for(self._load().active if self._load is not None else 1)
+            self._start_cycle()
         return state.step < self._depth
 
     def choose_size(self, state: DraftStepState) -> int:
@@ -66,5 +70,4 @@ class ScheduleController(ControllerBase):
 
     def depth_limit(self) -> int:
         """This cycle's length (asked before the first draft step)."""
-        self._depth = self._depth_for(self._load().active if self._load is not None else 1)
-        return self._depth
+        return self._start_cycle()

@@ -23,6 +23,7 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
 
 MAX_BATCH = 64  # requests decoded together at most: each holds its own cache entries and drafter state
 
+
 @dataclass
 class ServeSettings:
     """How the server decodes and how much it accepts.
@@ -63,7 +64,7 @@ class ServeSettings:
     save_every: float = 300.0
 
     def validate(self) -> None:
-        from ltd.engine import METHODS
+        from ltd.engine import METHODS, method_of
 
         if self.method not in METHODS:
             raise LtdError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -71,7 +72,7 @@ class ServeSettings:
             raise LtdError(f"--queue-size must be >= 0, got {self.queue_size}")
         if not 1 <= self.max_batch <= MAX_BATCH:
             raise LtdError(f"--max-batch must be between 1 and {MAX_BATCH}, got {self.max_batch}")
-        if self.max_batch > 1 and self.method in ("hf", "llama.cpp"):
+        if self.max_batch > 1 and method_of(self.method).run is not None:  # as BatchedEngine.check
             raise LtdError(f"--method {self.method} runs its own decoding loop and cannot batch; use --max-batch 1 or another method")
         if self.timeout <= 0:
             raise LtdError(f"--timeout must be > 0 seconds, got {self.timeout}")
