@@ -82,9 +82,10 @@ def test_profile_record_train_oracle(tmp_path, models, questions, capsys):
     capsys.readouterr()
     report = tmp_path / "oracle.json"
     assert run("oracle", "--traces", str(traces), "--latency", str(lat), "--policies", str(out), "--static", "2x4,3x8,2x3",
-               "--out", str(report)) == 0
+               "--rules", "greedy,suffix-rule", "--out", str(report)) == 0
     text = capsys.readouterr().out
     assert "oracle" in text and "ltd" in text and "heuristic" in text and "static:2x3x4" in text
+    assert "greedy" in text and "suffix-rule" in text
     # the oracle may choose every size a compared controller can (3 is not in the default set)
     assert {0, 1, 2, 3, 4, 8} <= set(json.loads(report.read_text())["oracle_sizes"])
     rows = {r["name"]: r for r in json.loads(report.read_text())["results"]}
@@ -133,6 +134,11 @@ def test_user_errors_are_one_line(tmp_path, questions):
            "--out", str(tmp_path / "t"))
     hand_latency().save(tmp_path / "lat.json")
     refuse("no traces", "oracle", "--traces", str(tmp_path), "--latency", str(tmp_path / "lat.json"))
+    # the rule names are checked before any trace is read
+    from ltd.rl.cli import _rule_controllers
+
+    with pytest.raises(LtdError, match="unknown --rules oracle-ish; choose from greedy, suffix-rule"):
+        _rule_controllers("greedy,oracle-ish", None, None)
     refuse("needs --traces", "train-policy", "--latency", str(tmp_path / "lat.json"), "--out", str(tmp_path / "o"))
     refuse("does not exist", "train-policy", "--traces", str(tmp_path), "--latency", str(tmp_path / "missing.json"),
            "--out", str(tmp_path / "o"))

@@ -247,6 +247,50 @@ def test_history_features_follow_cycles():
     assert h.features().tolist() == [0.0, 0.0, 1.0]
 
 
+def test_censored_acceptance_estimate_on_a_hand_made_sequence():
+    """A fully accepted draft is a lower bound (no rejection seen), a short one shows one."""
+    from ltd.control.spaces import HISTORY_EMA, RUN_SCALE, History
+
+    h = History()
+    assert h.acceptance == 0.0 and h.features(4).tolist()[3:] == [0.0, 0.0]
+    h.update(depth=4, accepted=2, size=8)  # stopped short: 2 accepted, 1 rejected
+    assert h.acceptance == pytest.approx(2 / 3)
+    h.update(depth=6, accepted=6, size=6)  # all it could: 6 more accepted, no rejection
+    w = 1 - HISTORY_EMA
+    S, F = 2 * w + 6, w
+    assert h.acceptance == pytest.approx(S / (S + F)) and h.acceptance > 2 / 3
+    h.update(depth=8, accepted=3, size=3)  # the size capped the run at 3: censored too
+    S, F = w * S + 3, w * F
+    assert h.acceptance == pytest.approx(S / (S + F))
+    h.update(depth=5, accepted=0, size=5)  # rejected at once
+    S, F = w * S, w * F + 1
+    assert h.features(4).tolist()[3] == pytest.approx(S / (S + F)) and h.features(4).tolist()[4] == 0.0
+    h.update(depth=32, accepted=20, size=40)  # stopped short of 32: one rejection
+    S, F = w * S + 20, w * F + 1
+    assert h.acceptance == pytest.approx(S / (S + F)) and h.features(4)[4] == pytest.approx(20 / RUN_SCALE)
+    assert len(h.features()) == 3 and len(h.features(4)) == 5  # version 3 policies keep their layout
+    h.update(depth=0, accepted=0)  # a plain step leaves the estimate alone
+    assert h.acceptance == pytest.approx(S / (S + F))
+    h.reset()
+    assert h.acceptance == 0.0 and h.last_run == 0
+
+
+def test_drafter_signals_are_scaled_into_the_observation():
+    from ltd.control.spaces import ObsSpec, depth_observation, signal_features
+
+    assert signal_features(None).tolist() == [0.0] * 5
+    f = signal_features([32, 31, 0.9, 64, 16])
+    assert f.tolist() == pytest.approx([0.5, 5 / 6, 0.9, 1.0, 0.5])
+    spec = for_kind("depth", TOPK, MAX_DEPTH, SIZES)
+    assert spec.version == 4 and [n for n, _ in spec.fields()][-2:] == ["signals", "history"]
+    obs = depth_observation(spec, 1, torch.tensor([-0.1, -1.0]), 100, None, [32, 31, 0.9, 64, 16])
+    assert obs.size == spec.dim and spec.field(obs, "signals").tolist() == pytest.approx(f.tolist())
+    old = ObsSpec.from_json({**spec.to_json(), "version": 3, "fields": []})  # a shipped version-3 policy still reads
+    assert [n for n, _ in old.fields()][-1] == "history" and old.dim == spec.dim - 7
+    with pytest.raises(LtdError, match="observation version 9 is not one of"):
+        ObsSpec.from_json({**spec.to_json(), "version": 9, "fields": []})
+
+
 def test_size_zero_is_a_plain_step_in_replay_and_live(traces, engine):
     spec = for_kind("size", TOPK, MAX_DEPTH, (0, 1, 2))
     for source in (replay_source(traces), live_source(engine)):

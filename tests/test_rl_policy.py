@@ -47,7 +47,7 @@ def test_policy_round_trip_matches_sb3_predict(policy_dirs):
     for kind, d in policy_dirs.items():
         meta = json.loads((d / "policy.json").read_text())
         assert meta["kind"] == kind and meta["version"] == 1 and meta["observation"]["topk"] == TOPK
-        assert [f["name"] for f in meta["observation"]["fields"]][-2:] == ["context", "history"]
+        assert [f["name"] for f in meta["observation"]["fields"]][-3:] == ["context", "signals", "history"]
         pol = load_policy(d, kind=kind)
         model = PPO.load(str(d / "model.zip"), device="cpu")
         rng = np.random.default_rng(0)

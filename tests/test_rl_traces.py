@@ -135,6 +135,48 @@ def test_replay_accepted_length_equals_live(kind, tiny_model, drafter_model, tin
         assert positive >= 3
 
 
+COPY_TEXT = (
+    "The quick brown fox jumps over the lazy dog near the river bank while the sun sets slowly behind the hills. "
+    "Scientists have discovered that many species of birds use the magnetic field of the earth to navigate. "
+)
+
+
+@pytest.mark.e2e
+def test_replay_equals_live_for_suffix_chains_at_depth_32():
+    """Suffix-drafted trees 32 deep on the embedded model copying a passage: replay's
+    accepted length and drafter signals equal the live cycle's at every (d, V) tried,
+    long accepted chains included."""
+    from ltd.drafting.suffix import SuffixDrafter
+    from ltd.models import load_model
+
+    depth = 32
+    loaded = load_model("smollm2-135m")
+    prompt = loaded.tokenizer.encode(COPY_TEXT + COPY_TEXT + "The quick brown fox")
+    out = hf_greedy(loaded.model, prompt, 48)
+    target = HFBackend(loaded.model)
+    records = record_sequence(target, SuffixDrafter(), prompt, out, max_depth=depth, topk=TOPK)
+    seq = TraceSequence.from_records("suffix", prompt, out, records, TOPK, depth)
+    longest = checked = 0
+    for p in range(0, len(out) - 1, 6):
+        for d, v in ((1, 1), (8, 8), (32, 32), (32, 64)):
+            drafter = SuffixDrafter()
+            state, first = start(target, drafter, prompt + out[:p])
+            session = DraftSession(state, TOPK, d)
+            while session.can_step:
+                session.step()
+            signals = session.signals()
+            tree = session.finish()
+            assert tree.tokens.tolist() == seq[p].tree(d).tokens.tolist()
+            assert signals is not None and signals.tolist() == seq[p].signals.tolist(), p
+            verified = verify(state, select(tree, v))
+            live = accept(state, verified).num_accepted
+            assert live == seq.accepted(p, d, v) == accepted_length(seq[p], d, v), (p, d, v)
+            target.rollback()
+            longest, checked = max(longest, live), checked + 1
+    assert checked >= 28
+    assert longest >= 16, f"copying the passage should accept long suffix chains, longest {longest}"
+
+
 # -- a hand-made trace with a hand-computed optimum ----------------------------------------
 
 

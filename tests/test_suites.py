@@ -83,7 +83,7 @@ def test_bench_runs_both_turns_of_multiturn_without_the_flag():
 def test_bench_cli_accepts_mixed(tmp_path):
     from ltd.bench.cli import _questions
 
-    args = SimpleNamespace(limit=2, grid=False, questions=None, suites="mixed", from_hub=False, data_dir=None)
+    args = SimpleNamespace(limit=2, grid=False, questions=None, suites="mixed", from_hub=False, data_dir=None, offset=0)
     questions, source = _questions(args)
     assert {q.suite for q in questions} == set(SUITES)
     assert "shared" not in source["data_dir"].split(os.sep)
@@ -107,3 +107,31 @@ def test_bench_interleave_streams_the_chosen_suites_like_mixed(tmp_path):
     assert set(suites[:15]) == set(suites[15:]) == {"edit", "rag", "multiturn"}  # both halves hold every kind
     assert mixed.source["interleaved"] is True
     assert [q.key for q in config_from_args(parse(argv[1:] + ["--interleave"])).questions] == [q.key for q in mixed.questions]
+
+
+def test_offset_gives_the_training_split_disjoint_from_the_first_questions():
+    """Policies train from TRAIN_OFFSET on and are judged on the first questions: never the same prompt."""
+    from ltd.bench.suites import TRAIN_OFFSET
+
+    judged = mixed_stream(limit=TRAIN_OFFSET)
+    train = mixed_stream(limit=4, offset=TRAIN_OFFSET)
+    assert {q.suite for q in train} == set(SUITES)
+    assert all(sum(q.suite == s for q in train) == 4 for s in SUITES)
+    assert not {q.key for q in judged} & {q.key for q in train}
+    first = load_suites(["edit"], limit=TRAIN_OFFSET + 1)
+    assert load_suites(["edit"], limit=1, offset=TRAIN_OFFSET)[0].key == first[-1].key
+    with pytest.raises(LtdError, match="lower --offset"):
+        load_suites(["rag"], offset=1000)
+    with pytest.raises(LtdError, match="--offset must be at least 0"):
+        load_suites(["rag"], offset=-1)
+
+
+def test_record_takes_every_suite_from_the_training_split_without_allow_held_out():
+    from ltd.rl.cli import _questions
+
+    args = SimpleNamespace(limit=1, questions=None, suites="mixed", allow_held_out=False, data_dir=None, offset=0)
+    with pytest.raises(LtdError, match="--offset 10"):
+        _questions(args)
+    args.offset = 10
+    questions, source = _questions(args)
+    assert {q.suite for q in questions} == set(SUITES) and source["held_out"] == [] and source["offset"] == 10

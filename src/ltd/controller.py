@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ltd.tree import Tree
@@ -28,6 +29,9 @@ class DraftStepState:
         context_length: committed tokens (prompt + generated).
         tree: the tree drafted so far.
         topk: branching factor in use.
+        signals: the drafter's own signals of this cycle once its root step ran (the
+            suffix match: :data:`ltd.drafting.suffix.SIGNAL_FIELDS`, raw values), None
+            before it or for a drafter without them. The LTD policies observe them.
     """
 
     step: int
@@ -35,6 +39,7 @@ class DraftStepState:
     context_length: int
     tree: Tree
     topk: int
+    signals: np.ndarray | None = None
 
 
 class Controller(Protocol):

@@ -32,6 +32,7 @@ from ltd.acceptance import Accepted, SamplingConfig, accept as accept_tree, targ
 from ltd.backends.base import Backend
 from ltd.controller import Controller, DraftStepState, depth_limit
 from ltd.drafting.base import Drafter, NullDrafter
+from ltd.drafting.suffix import drafter_signals
 from ltd.errors import LtdError
 from ltd.limits import check_prompt_fits
 from ltd.tree import Selection, Tree, select as select_tree
@@ -222,7 +223,11 @@ class DraftSession:
         return self._tree.num_drafted if self._tree is not None else 0
 
     def observe(self) -> DraftStepState:
-        return DraftStepState(self.step_count, self.last_scores, self.state.context_length, self.tree, self.topk)
+        return DraftStepState(self.step_count, self.last_scores, self.state.context_length, self.tree, self.topk, self.signals())
+
+    def signals(self):
+        """The drafter's signals of this cycle (:func:`ltd.drafting.suffix.drafter_signals`), once the root step ran."""
+        return drafter_signals(self.state.drafter) if self.step_count > 0 else None
 
     def step(self) -> None:
         """One drafter forward: add one level of candidates to the tree."""
@@ -315,9 +320,9 @@ def _draft(session: DraftSession, controller: Controller) -> None:
         session.release()
 
 
-def size_state(tree: Tree, context_length: int, topk: int) -> DraftStepState:
+def size_state(tree: Tree, context_length: int, topk: int, signals=None) -> DraftStepState:
     """What a controller sees when it chooses the verification size of a drafted tree."""
-    return DraftStepState(tree.max_depth, torch.empty(0), context_length, tree, topk)
+    return DraftStepState(tree.max_depth, torch.empty(0), context_length, tree, topk, signals)
 
 
 def select(tree: Tree, size: int) -> Selection:
@@ -489,7 +494,7 @@ def run_cycle(state: DecodeState, controller: Controller, topk: int) -> CycleRes
     if not isinstance(state.drafter, NullDrafter):  # it cannot draft: nothing to ask the controller
         _draft(session, controller)
     t1 = time.perf_counter()
-    size = controller.choose_size(size_state(session.tree, state.context_length, topk)) if session.drafted else 0
+    size = controller.choose_size(size_state(session.tree, state.context_length, topk, session.signals())) if session.drafted else 0
     result = finish(state, session, size)
     t2 = time.perf_counter()
     result.draft_seconds = t1 - t0

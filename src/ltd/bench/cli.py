@@ -60,7 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         f"hf-assisted, prompt-lookup, llama.cpp-spec:TYPE[:N] (default: the baseline,{DEFAULT_METHODS}; "
                         "with --grid: the baseline)")
     add_latency_arg(p)
-    p.add_argument("--limit", type=int, default=None, help="first N questions of each suite")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each suite (after --offset)")
+    p.add_argument("--offset", type=int, default=0, help="skip the first N questions of each suite (default 0)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each method per prompt; min/median/max are reported (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs are compared with hf)")
@@ -104,7 +105,8 @@ def _questions(args: argparse.Namespace):
         else:
             raise LtdError(f"--grid-suite {target!r} is neither a suite ({', '.join(SUITES)}) nor a .jsonl file")
     elif args.questions:
-        return load_questions(args.questions, limit=args.limit), {"questions_file": str(Path(args.questions).resolve())}
+        return (load_questions(args.questions, limit=args.limit, offset=args.offset),
+                {"questions_file": str(Path(args.questions).resolve()), "offset": args.offset})
     else:
         names = parse_suite_list(args.suites) if args.suites else list(SUITES)
     if args.from_hub:
@@ -113,7 +115,10 @@ def _questions(args: argparse.Namespace):
             questions += load_hub_suite(name, limit=args.limit)
         return questions, {"data_source": "huggingface-hub"}
     data_dir = resolve_data_dir(args.data_dir)
-    return load_suites(names, data_dir, limit=args.limit), {"data_dir": str(data_dir.resolve())}
+    source = {"data_dir": str(data_dir.resolve())}
+    if args.offset:
+        source["offset"] = args.offset
+    return load_suites(names, data_dir, limit=args.limit, offset=args.offset), source
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:

@@ -39,6 +39,10 @@ MIXED_SEED = 0
 # suites whose later turns are the point (a revision of the first answer): always run whole
 ALL_TURN_SUITES = ("multiturn",)
 QUESTION_FILE = "question.jsonl"
+# Questions from this index on are every suite's training split: policies are trained on
+# them (``ltd record --offset 10``) and judged on the first ones (``ltd bench --limit N``,
+# N <= 10), so a policy is never scored on a prompt it was trained on.
+TRAIN_OFFSET = 10
 PACKAGED_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "bench"
 
 
@@ -104,14 +108,16 @@ def _parse_line(line: str, path: Path, lineno: int) -> tuple[str | int, str, tup
     return qid, category, tuple(turns)
 
 
-def load_questions(path: str | Path, suite: str | None = None, limit: int | None = None) -> list[Question]:
+def load_questions(path: str | Path, suite: str | None = None, limit: int | None = None, offset: int = 0) -> list[Question]:
     """Read and validate a question file.
 
     ``suite`` names the group every question belongs to; when None (``--questions``),
     each question's ``category`` is its group, so one SpecBench file with all categories
     still gets a per-category breakdown. ``limit`` keeps the first N questions of each
-    group.
+    group, after skipping the first ``offset`` of each group.
     """
+    if offset < 0:
+        raise LtdError(f"--offset must be at least 0, got {offset}")
     path = Path(path)
     if not path.is_file():
         raise LtdError(f"question file {path} does not exist; check --questions / --data-dir")
@@ -127,11 +133,14 @@ def load_questions(path: str | Path, suite: str | None = None, limit: int | None
                 raise LtdError(f"{path}:{lineno}: question_id {qid!r} already used on line {seen[qid]}; make ids unique")
             seen[qid] = lineno
             group = suite if suite is not None else (category or path.stem)
-            if limit is not None and counts.get(group, 0) >= limit:
+            index = counts.get(group, 0)
+            counts[group] = index + 1
+            if index < offset or (limit is not None and index >= offset + limit):
                 continue
-            counts[group] = counts.get(group, 0) + 1
             questions.append(Question(group, qid, category, turns))
     if not questions:
+        if offset and counts:
+            raise LtdError(f"{path} has no questions after --offset {offset} (it holds {max(counts.values())}); lower --offset")
         raise LtdError(f"{path} holds no questions; it needs one JSON object a line")
     return questions
 
@@ -146,20 +155,21 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return path
 
 
-def load_suites(names: Sequence[str], data_dir: str | Path | None = None, limit: int | None = None) -> list[Question]:
-    """Questions of the named suites from ``DIR/<suite>/question.jsonl``, suite by suite.
+def load_suites(names: Sequence[str], data_dir: str | Path | None = None, limit: int | None = None, offset: int = 0) -> list[Question]:
+    """Questions of the named suites from ``DIR/<suite>/question.jsonl``, suite by suite
+    (``limit`` of each after skipping ``offset``).
 
     ``["mixed"]`` gives :func:`mixed_stream` over every suite instead.
     """
     if list(names) == [MIXED]:
-        return mixed_stream(data_dir, limit=limit)
+        return mixed_stream(data_dir, limit=limit, offset=offset)
     base = resolve_data_dir(data_dir)
     questions: list[Question] = []
     for name in names:
         path = base / name / QUESTION_FILE
         if not path.is_file():
             raise LtdError(f"suite {name!r} has no {path}; check --data-dir or drop it from --suites")
-        loaded = load_questions(path, suite=name, limit=limit)
+        loaded = load_questions(path, suite=name, limit=limit, offset=offset)
         if name in ALL_TURN_SUITES:
             loaded = [Question(q.suite, q.question_id, q.category, q.turns, all_turns=True) for q in loaded]
         questions.extend(loaded)
@@ -167,8 +177,8 @@ def load_suites(names: Sequence[str], data_dir: str | Path | None = None, limit:
     return questions
 
 
-def mixed_stream(data_dir: str | Path | None = None, limit: int | None = None, seed: int = MIXED_SEED) -> list[Question]:
-    """Every suite's questions (first ``limit`` of each) interleaved in a fixed, seeded order.
+def mixed_stream(data_dir: str | Path | None = None, limit: int | None = None, seed: int = MIXED_SEED, offset: int = 0) -> list[Question]:
+    """Every suite's questions (``limit`` of each, after ``offset``) interleaved in a fixed, seeded order.
 
     Real work alternates free text, where drafts are weak, with copy-heavy turns, where a
     model-free drafter is right many tokens at a time; a policy is judged on that mixture,
@@ -176,7 +186,7 @@ def mixed_stream(data_dir: str | Path | None = None, limit: int | None = None, s
     machine) sees the same stream; each question keeps its suite for the breakdown, and
     multiturn questions keep both turns.
     """
-    return interleave(load_suites(SUITES, data_dir, limit=limit), seed)
+    return interleave(load_suites(SUITES, data_dir, limit=limit, offset=offset), seed)
 
 
 def interleave(questions: Sequence[Question], seed: int = MIXED_SEED) -> list[Question]:

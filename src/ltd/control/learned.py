@@ -113,7 +113,7 @@ class LTDController(ControllerBase):
         self._check_topk(state)
         if state.step >= dp.spec.max_depth:
             return False
-        obs = depth_observation(dp.spec, state.step, state.candidate_scores, state.context_length, self.history)
+        obs = depth_observation(dp.spec, state.step, state.candidate_scores, state.context_length, self.history, state.signals)
         return dp.act(obs) == CONTINUE
 
     def depth_limit(self) -> int:
@@ -127,7 +127,8 @@ class LTDController(ControllerBase):
         if sp is None:
             return min(self.size, tree.num_drafted)
         self._check_topk(state)
-        obs = size_observation(sp.spec, tree.scores[1:], tree.depths[1:], tree.max_depth, state.context_length, self.history)
+        obs = size_observation(sp.spec, tree.scores[1:], tree.depths[1:], tree.max_depth, state.context_length, self.history,
+                               state.signals)
         return min(sp.spec.sizes[sp.act(obs)], tree.num_drafted)
 
 

@@ -18,6 +18,18 @@ can learn not to draft at all where drafting does not pay:
 - ``context`` [1]: context length / context_scale, clipped to 1;
 - ``history`` [3]: how drafting has been going in this sequence (:class:`History`).
 
+From observation version 4 on, both policies also see (before ``history``):
+
+- ``signals`` [5]: the drafter's own signals of this cycle once its root step ran (the
+  suffix match: its length, the occurrences merged, the best continuation's
+  probability from counts, the trie's depth and the best chain's length; all 0 for a
+  drafter without them, or before the root step). A 30-token match whose continuation
+  every occurrence agrees on is a draft worth 30 tokens; the scores alone say "likely"
+  without saying how far;
+
+and ``history`` grows to [5]: the censored acceptance estimate and the last cycle's
+accepted run (see :class:`History`).
+
 Size policy (called once drafting stops; action i = verify ``sizes[i]`` nodes):
 
 - ``tree_scores`` [max(sizes)]: the cumulative scores of the tree's best nodes in the
@@ -48,8 +60,14 @@ import numpy as np
 
 from ltd.errors import LtdError
 
-OBS_VERSION = 3
+OBS_VERSION = 4
+SUPPORTED_OBS_VERSIONS = (3, 4)  # 3: without signals and the censored history (older shipped policies)
 HISTORY_FIELDS = 3
+HISTORY_FIELDS_V4 = 5
+SIGNAL_COUNT = 5  # ltd.drafting.suffix.SIGNAL_FIELDS
+MATCH_SCALE = 64.0  # the suffix drafter's longest measured match
+RUN_SCALE = 32.0  # depths and accepted runs: the suffix drafter's deepest draft
+OCCURRENCE_BITS = 6.0  # log2(1 + occurrences) / this: 32 merged occurrences ~ 0.84
 SINCE_DRAFT_SCALE = 8
 HISTORY_EMA = 0.3
 SCORE_CLIP = 20.0
@@ -79,6 +97,8 @@ class ObsSpec:
             raise ValueError(f"policy kind must be one of {KINDS}, got {self.kind!r}")
         if self.topk < 1 or self.max_depth < 1:
             raise ValueError("topk and max_depth must be >= 1")
+        if self.version not in SUPPORTED_OBS_VERSIONS:
+            raise ValueError(f"observation version {self.version} is not one of {SUPPORTED_OBS_VERSIONS}")
         object.__setattr__(self, "sizes", tuple(int(v) for v in self.sizes))
         if not self.sizes or any(v < 0 for v in self.sizes) or list(self.sizes) != sorted(set(self.sizes)) or max(self.sizes) < 1:
             raise ValueError(f"sizes must be distinct increasing integers >= 0 (at least one positive), got {self.sizes}")
@@ -91,10 +111,11 @@ class ObsSpec:
 
     def fields(self) -> list[tuple[str, int]]:
         """(name, length) of each part of the observation vector, in order."""
+        tail = [("history", HISTORY_FIELDS)] if self.version < 4 else [("signals", SIGNAL_COUNT), ("history", HISTORY_FIELDS_V4)]
         if self.kind == "depth":
-            return [("candidate_scores", self.topk * self.topk), ("step", 1), ("context", 1), ("history", HISTORY_FIELDS)]
+            return [("candidate_scores", self.topk * self.topk), ("step", 1), ("context", 1), *tail]
         n = self.size_nodes
-        return [("tree_scores", n), ("tree_depths", n), ("depth", 1), ("context", 1), ("history", HISTORY_FIELDS)]
+        return [("tree_scores", n), ("tree_depths", n), ("depth", 1), ("context", 1), *tail]
 
     def field(self, obs: np.ndarray, name: str) -> np.ndarray:
         """The part ``name`` of an observation vector, located by :meth:`fields`."""
@@ -142,16 +163,19 @@ class ObsSpec:
         missing = [k for k in keys if k not in data]
         if missing:
             raise LtdError(f"policy observation spec lacks {', '.join(missing)}; retrain the policy")
-        spec = ObsSpec(
-            kind=str(data["kind"]),
-            topk=int(data["topk"]),
-            max_depth=int(data["max_depth"]),
-            sizes=tuple(int(v) for v in data["sizes"]),
-            context_scale=float(data["context_scale"]),
-            score_clip=float(data["score_clip"]),
-            min_depth=int(data["min_depth"]),
-            version=int(data["version"]),
-        )
+        try:
+            spec = ObsSpec(
+                kind=str(data["kind"]),
+                topk=int(data["topk"]),
+                max_depth=int(data["max_depth"]),
+                sizes=tuple(int(v) for v in data["sizes"]),
+                context_scale=float(data["context_scale"]),
+                score_clip=float(data["score_clip"]),
+                min_depth=int(data["min_depth"]),
+                version=int(data["version"]),
+            )
+        except ValueError as exc:
+            raise LtdError(f"policy observation spec: {exc}; retrain the policy") from None
         stored = [(f["name"], int(f["size"])) for f in data.get("fields", [])]
         if stored and stored != spec.fields():
             raise LtdError(
@@ -210,21 +234,49 @@ class History:
     the last drafting cycle's accepted fraction (accepted / depth), an exponential
     average of that fraction (weight ``HISTORY_EMA`` on the newest), and cycles since
     the last drafting cycle / ``SINCE_DRAFT_SCALE`` (clipped; 1 at the start).
+
+    Observation version 4 adds two:
+
+    - the **censored acceptance estimate**: the chance that the next drafted token on the
+      path is accepted, from recent cycles. A cycle that accepted L of its drafted levels
+      and stopped short shows L acceptances and one rejection; a cycle that accepted all
+      it could (L >= min(depth, size)) shows L acceptances and no rejection, since it only
+      proves acceptance runs at least that far (it is censored, not an average). The
+      estimate is the censored geometric MLE, acceptances / (acceptances + rejections),
+      over exponentially decayed counts (weight ``1 - HISTORY_EMA`` per cycle on the
+      past). A run of fully accepted deep drafts drives it to 1, where the fraction
+      ``accepted / depth`` would stay at 1 whether the draft was 2 or 30 deep;
+    - the last drafting cycle's accepted run / ``RUN_SCALE`` (clipped): how far it went.
     """
 
     last_fraction: float = 0.0
     mean_fraction: float = 0.0
     since_draft: int = SINCE_DRAFT_SCALE
     drafted_cycles: int = 0
+    accepts: float = 0.0  # decayed accepted drafted tokens
+    rejects: float = 0.0  # decayed observed rejections (cycles that stopped short)
+    last_run: int = 0
 
     def reset(self) -> None:
         self.last_fraction, self.mean_fraction, self.since_draft, self.drafted_cycles = 0.0, 0.0, SINCE_DRAFT_SCALE, 0
+        self.accepts, self.rejects, self.last_run = 0.0, 0.0, 0
+
+    @property
+    def acceptance(self) -> float:
+        """The censored acceptance estimate (0 before any drafting cycle)."""
+        total = self.accepts + self.rejects
+        return self.accepts / total if total > 0 else 0.0
 
     def update(self, depth: int, accepted: int, size: int | None = None) -> None:
         """Record one finished cycle (``size`` 0 means nothing drafted was verified)."""
         if depth <= 0 or size == 0:
             self.since_draft = min(self.since_draft + 1, SINCE_DRAFT_SCALE)
             return
+        reach = depth if size is None else min(depth, size)  # the longest run this cycle could accept
+        censored = accepted >= reach
+        self.accepts = (1 - HISTORY_EMA) * self.accepts + accepted
+        self.rejects = (1 - HISTORY_EMA) * self.rejects + (0.0 if censored else 1.0)
+        self.last_run = accepted
         frac = min(max(accepted / depth, 0.0), 1.0)
         if self.drafted_cycles == 0:
             self.mean_fraction = frac
@@ -234,18 +286,43 @@ class History:
         self.since_draft = 0
         self.drafted_cycles += 1
 
-    def features(self) -> np.ndarray:
-        return np.array([self.last_fraction, self.mean_fraction, self.since_draft / SINCE_DRAFT_SCALE], dtype=np.float32)
+    def features(self, version: int = 3) -> np.ndarray:
+        base = [self.last_fraction, self.mean_fraction, self.since_draft / SINCE_DRAFT_SCALE]
+        if version >= 4:
+            base += [self.acceptance, min(self.last_run / RUN_SCALE, 1.0)]
+        return np.array(base, dtype=np.float32)
 
 
-def _history(history: "History | None") -> np.ndarray:
-    return (history or History()).features()
+def _history(history: "History | None", version: int) -> np.ndarray:
+    return (history or History()).features(version)
 
 
-def depth_observation(spec: ObsSpec, step: int, candidate_scores, context_length: int, history: History | None = None) -> np.ndarray:
+def signal_features(signals) -> np.ndarray:
+    """The drafter's raw signals (:data:`ltd.drafting.suffix.SIGNAL_FIELDS`) scaled into [0, 1]; zeros without them."""
+    out = np.zeros(SIGNAL_COUNT, dtype=np.float32)
+    if signals is None:
+        return out
+    raw = np.asarray(signals, dtype=np.float64).reshape(-1)
+    if raw.size != SIGNAL_COUNT:
+        raise ValueError(f"expected {SIGNAL_COUNT} drafter signals, got {raw.size}")
+    match, occurrences, best_prob, depth, chain = np.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0).tolist()
+    out[:] = [match / MATCH_SCALE, np.log2(1.0 + max(occurrences, 0.0)) / OCCURRENCE_BITS, best_prob,
+              depth / RUN_SCALE, chain / RUN_SCALE]
+    return np.clip(out, 0.0, 1.0)
+
+
+def _tail(spec: ObsSpec, history: "History | None", signals) -> np.ndarray:
+    """The fields after the context: (signals,) history, as the spec's version lays them out."""
+    if spec.version < 4:
+        return _history(history, spec.version)
+    return np.concatenate([signal_features(signals), _history(history, spec.version)])
+
+
+def depth_observation(spec: ObsSpec, step: int, candidate_scores, context_length: int, history: History | None = None,
+                      signals=None) -> np.ndarray:
     """The depth policy's observation after ``step`` draft steps."""
     kk = spec.topk * spec.topk
-    obs = np.empty(kk + 2 + HISTORY_FIELDS, dtype=np.float32)
+    obs = np.empty(spec.dim, dtype=np.float32)
     obs[:kk] = 0.0
     cand = _to_numpy(candidate_scores)
     if cand.size:
@@ -253,7 +330,7 @@ def depth_observation(spec: ObsSpec, step: int, candidate_scores, context_length
         obs[: top.size] = _norm_scores(top, spec.score_clip)
     obs[kk] = min(step / spec.max_depth, 1.0)
     obs[kk + 1] = min(context_length / spec.context_scale, 1.0)
-    obs[kk + 2 :] = _history(history)
+    obs[kk + 2 :] = _tail(spec, history, signals)
     return obs
 
 
@@ -263,13 +340,14 @@ def rank_order(scores: np.ndarray, depths: np.ndarray) -> np.ndarray:
     return np.lexsort((idx, depths, -scores))
 
 
-def size_observation(spec: ObsSpec, scores, depths, tree_depth: int, context_length: int, history: History | None = None) -> np.ndarray:
+def size_observation(spec: ObsSpec, scores, depths, tree_depth: int, context_length: int, history: History | None = None,
+                     signals=None) -> np.ndarray:
     """The size policy's observation for a drafted tree.
 
     ``scores``/``depths`` are those of the drafted nodes (root excluded), in tree order.
     """
     n = spec.size_nodes
-    obs = np.zeros(2 * n + 2 + HISTORY_FIELDS, dtype=np.float32)
+    obs = np.zeros(spec.dim, dtype=np.float32)
     obs[:n] = 0.0
     s = _to_numpy(scores)
     if s.size:
@@ -279,5 +357,5 @@ def size_observation(spec: ObsSpec, scores, depths, tree_depth: int, context_len
         obs[n : n + top.size] = np.minimum(d[top] / spec.max_depth, 1.0)
     obs[2 * n] = min(tree_depth / spec.max_depth, 1.0)
     obs[2 * n + 1] = min(context_length / spec.context_scale, 1.0)
-    obs[2 * n + 2 :] = _history(history)
+    obs[2 * n + 2 :] = _tail(spec, history, signals)
     return obs

@@ -567,6 +567,19 @@ def suffix_stats(drafter) -> SuffixStats | None:
     return getattr(part, "stats", None) if isinstance(part, SuffixDrafter) else None
 
 
+# The suffix signals as one vector (raw values), in this order: what the cycle shows the
+# controllers after the root step and what traces record, so replay and live agree.
+SIGNAL_FIELDS = ("match_length", "occurrences", "best_prob", "depth", "chain")
+
+
+def drafter_signals(drafter) -> np.ndarray | None:
+    """:data:`SIGNAL_FIELDS` of the drafter's last root draft, None for a drafter without a suffix trie."""
+    stats = suffix_stats(drafter)
+    if stats is None:
+        return None
+    return np.array([stats.match_length, stats.occurrences, stats.best_prob, stats.depth, stats.chain], dtype=np.float32)
+
+
 def parse_suffix_spec(spec: str) -> SuffixDrafter:
     """``suffix`` or ``suffix:D`` (deepest draft D, default 32)."""
     _, _, arg = spec.partition(":")

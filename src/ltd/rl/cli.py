@@ -64,7 +64,7 @@ def _online_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _prompt_args(p: argparse.ArgumentParser, default_suite: str | None) -> None:
-    from ltd.bench.suites import SUITES
+    from ltd.bench.suites import SUITES, TRAIN_OFFSET
 
     src = p.add_mutually_exclusive_group()
     src.add_argument("--suites", default=default_suite,
@@ -72,26 +72,33 @@ def _prompt_args(p: argparse.ArgumentParser, default_suite: str | None) -> None:
                           f"only {','.join(TRAINING_SUITES)} is for training, others need --allow-held-out)")
     src.add_argument("--questions", default=None, help="a question.jsonl file (question_id, category, turns) to use instead")
     p.add_argument("--data-dir", default=None, help="folder holding <suite>/question.jsonl (default: the copy shipped with ltd)")
-    p.add_argument("--limit", type=int, default=None, help="first N questions of each suite")
+    p.add_argument("--limit", type=int, default=None, help="first N questions of each suite (after --offset)")
+    p.add_argument("--offset", type=int, default=0,
+                   help=f"skip the first N questions of each suite; from {TRAIN_OFFSET} on every suite is training data "
+                        "(ltd bench judges on the first ones)")
     p.add_argument("--allow-held-out", action="store_true", help="allow the held-out evaluation suites (results are then in-sample)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
 
 
 def _questions(args):
-    from ltd.bench.suites import load_questions, load_suites, parse_suite_list
+    from ltd.bench.suites import TRAIN_OFFSET, load_questions, load_suites, parse_suite_list
 
     if args.limit is not None and args.limit < 1:
         raise LtdError(f"--limit must be at least 1, got {args.limit}")
+    offset = getattr(args, "offset", 0)
     if args.questions:
-        return load_questions(args.questions, limit=args.limit), {"questions_file": str(Path(args.questions).resolve())}
+        return (load_questions(args.questions, limit=args.limit, offset=offset),
+                {"questions_file": str(Path(args.questions).resolve()), "offset": offset})
     names = parse_suite_list(args.suites)
-    held = [n for n in names if n not in TRAINING_SUITES]
+    # from TRAIN_OFFSET on, every suite's questions are its training split
+    held = [n for n in names if n not in TRAINING_SUITES] if offset < TRAIN_OFFSET else []
     if held and not args.allow_held_out:
         raise LtdError(
-            f"suite(s) {', '.join(held)} are held out for evaluation; record on {', '.join(TRAINING_SUITES)} "
-            "or pass --allow-held-out (the policies are then evaluated in-sample on them)"
+            f"suite(s) {', '.join(held)} are held out for evaluation; record on {', '.join(TRAINING_SUITES)}, "
+            f"on their training split (--offset {TRAIN_OFFSET}) or pass --allow-held-out (the policies are then "
+            "evaluated in-sample on them)"
         )
-    return load_suites(names, args.data_dir, limit=args.limit), {"suites": names, "held_out": held}
+    return load_suites(names, args.data_dir, limit=args.limit, offset=offset), {"suites": names, "held_out": held, "offset": offset}
 
 
 # -- ltd profile --------------------------------------------------------------------------
@@ -306,6 +313,41 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+RULES = ("greedy", "suffix-rule")
+
+
+def _rule_controllers(names: str, traces, latency) -> dict:
+    """The rule baselines of ``--rules``, as factories (both keep per-sequence state)."""
+    from ltd.control.suffix_rule import SuffixRuleController
+    from ltd.control.throughput import ThroughputController
+
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in RULES]
+    if unknown:
+        raise LtdError(f"unknown --rules {', '.join(unknown)}; choose from {', '.join(RULES)}")
+    cap = traces.max_size or 10**9
+    rules = {}
+    if "greedy" in wanted:
+        # the greedy controller never verifies more than the traces kept
+        rules["greedy"] = lambda: _CappedSize(ThroughputController(latency, topk=traces.topk, max_depth=traces.max_depth), cap)
+    if "suffix-rule" in wanted:
+        rules["suffix-rule"] = lambda: _CappedSize(SuffixRuleController(topk=traces.topk, max_depth=traces.max_depth), cap)
+    return rules
+
+
+class _CappedSize:
+    """A controller whose verification size is capped at the traces' recorded size."""
+
+    def __init__(self, inner, cap: int) -> None:
+        self.inner, self.cap = inner, cap
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def choose_size(self, state) -> int:
+        return min(self.inner.choose_size(state), self.cap)
+
+
 def run_oracle(args) -> int:
     from ltd.control import StaticController
     from ltd.control.learned import HeuristicController, LTDController
@@ -334,6 +376,7 @@ def run_oracle(args) -> int:
         d0 = min(5, traces.max_depth)
         controllers["heuristic"] = lambda: HeuristicController(depth=d0, topk=traces.topk, size=min(32, cap),
                                                                max_depth=traces.max_depth)
+    controllers.update(_rule_controllers(args.rules, traces, latency))
     depth_dir, size_dir = args.depth_policy, args.size_policy
     if args.policies:
         root = Path(args.policies)
@@ -530,6 +573,9 @@ def _add_oracle_parser(subparsers) -> None:
     p.add_argument("--size-policy", default=None)
     p.add_argument("--static", default=DEFAULT_STATIC, help="static DEPTHxSIZE configurations to compare (default 5x32)")
     p.add_argument("--no-heuristic", action="store_true", help="leave out the +2/-1 depth heuristic")
+    p.add_argument("--rules", default="", help="rules to compare beside the static trees, comma-separated: greedy (the "
+                   "expected-throughput stop on the calibrated scores, with the --latency costs), suffix-rule "
+                   "(SuffixDecoding's: draft every level the drafter gives, verify all)")
     p.add_argument("--sizes", default=None, help="sizes V the oracle may choose (default: 0,1,2,4,8,16,... up to the traces' max size, plus every size the compared static trees and size policy can choose)")
     p.add_argument("--limit", type=int, default=None, help="first N recorded sequences")
     p.add_argument("--json", action="store_true")

@@ -165,7 +165,7 @@ class DepthEnv(_CycleEnv):
 
     def _obs(self) -> np.ndarray:
         src = self.source
-        return depth_observation(self.obs_spec, src.depth, src.candidate_scores(), src.context_length, self.history)
+        return depth_observation(self.obs_spec, src.depth, src.candidate_scores(), src.context_length, self.history, src.signals())
 
     def _default_finish(self) -> CycleOutcome:
         return self.source.finish(size_with(self.source, self.size_controller))
@@ -204,7 +204,7 @@ class SizeEnv(_CycleEnv):
     def _obs(self) -> np.ndarray:
         src = self.source
         scores, depths = src.drafted_nodes()
-        return size_observation(self.obs_spec, scores, depths, src.depth, src.context_length, self.history)
+        return size_observation(self.obs_spec, scores, depths, src.depth, src.context_length, self.history, src.signals())
 
     def _default_finish(self) -> CycleOutcome:
         return self.source.finish(self.obs_spec.sizes[-1])

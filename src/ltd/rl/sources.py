@@ -92,6 +92,7 @@ class CycleSource(Protocol):
     def step(self) -> None: ...
     def candidate_scores(self) -> np.ndarray: ...
     def drafted_nodes(self) -> tuple[np.ndarray, np.ndarray]: ...
+    def signals(self) -> np.ndarray | None: ...
     def step_state(self) -> DraftStepState: ...
     def charge(self, seconds: float) -> None: ...
     def charge_policy(self, kind: str, measured: float | None = None) -> None: ...
@@ -188,10 +189,14 @@ class ReplaySource:
         n = pos.nodes_up_to(self._depth)
         return pos.scores[1:n], pos.depths[1:n]
 
+    def signals(self) -> np.ndarray | None:
+        """The drafter's signals recorded at this position, once the root step is drafted."""
+        return self._pos().signals if self._depth > 0 else None
+
     def step_state(self) -> DraftStepState:
         pos = self._pos()
         return DraftStepState(self._depth, torch.from_numpy(self.candidate_scores().copy()), self.context_length,
-                              pos.tree(self._depth), self.topk)
+                              pos.tree(self._depth), self.topk, self.signals())
 
     def charge(self, seconds: float) -> None:
         """Replay ignores measured host time; costs come from the latency model."""
@@ -316,6 +321,9 @@ class LiveSource:
         tree = self.session.tree
         return tree.scores[1:].numpy(), tree.depths[1:].numpy()
 
+    def signals(self) -> np.ndarray | None:
+        return self.session.signals()
+
     def step_state(self) -> DraftStepState:
         return self.session.observe()
 
@@ -372,7 +380,7 @@ def size_with(source: CycleSource, controller: Controller) -> int:
     if source.depth == 0:
         return 0
     st = source.step_state()
-    state = size_state(st.tree, st.context_length, st.topk)
+    state = size_state(st.tree, st.context_length, st.topk, st.signals)
     t0 = time.perf_counter()
     size = int(controller.choose_size(state))
     dt = time.perf_counter() - t0

@@ -43,6 +43,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ltd.drafting.suffix import SIGNAL_FIELDS
 from ltd.errors import LtdError
 from ltd.fileio import atomic_write, atomic_write_json, read_json
 from ltd.rl.prompts import FollowUp, Prompt, prompt_of
@@ -74,6 +75,7 @@ class TracePosition:
     continuation: np.ndarray  # greedy tokens after the pending one
     depth: int
     max_size: int | None = None
+    signals: np.ndarray | None = None  # the drafter's signals after the root step (SIGNAL_FIELDS), if it has them
 
     @property
     def committed_length(self) -> int:
@@ -190,6 +192,7 @@ class PositionRecord:
     tree: Tree
     candidates: list[torch.Tensor]  # per draft step
     step_seconds: list[float]
+    signals: np.ndarray | None = None  # the drafter's signals after its root step
 
 
 def _prune(tree: Tree, max_size: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +235,11 @@ def pack_sequence(
     candidates = np.full((n, max_depth, kk), -np.inf, dtype=np.float32)
     step_seconds = np.zeros((n, max_depth), dtype=np.float32)
     depth = np.zeros(n, dtype=np.int16)
+    has_signals = any(rec.signals is not None for rec in records)
+    signals = np.zeros((n, len(SIGNAL_FIELDS)), dtype=np.float32)
     for p, rec in enumerate(records):
+        if rec.signals is not None:
+            signals[p] = rec.signals
         keep, counts = _prune(rec.tree, max_size)
         remap = np.full(len(rec.tree), -1, dtype=np.int64)
         remap[keep] = np.arange(keep.size)
@@ -260,6 +267,7 @@ def pack_sequence(
         "candidates": candidates,
         "step_seconds": step_seconds,
         "depth": depth,
+        **({"signals": signals} if has_signals else {}),
     }
 
 
@@ -316,6 +324,7 @@ class TraceSequence:
             continuation=self.output[p + 1 :],
             depth=int(a["depth"][p]),
             max_size=self.max_size,
+            signals=a["signals"][p] if "signals" in a else None,
         )
 
     def accepted(self, p: int, depth: int, size: int) -> int:
@@ -371,11 +380,14 @@ def record_sequence(target, drafter, prompt: Sequence[int], output: Sequence[int
         drafter.sync(state.tokens, feats)
         session = begin(state, topk, max_depth)
         cands = []
+        signals = None
         while session.can_step:
             session.step()
+            if signals is None:
+                signals = session.signals()
             cands.append(session.last_scores.detach().clone())
         tree = session.finish()
-        records.append(PositionRecord(tree, cands, list(session.step_seconds)))
+        records.append(PositionRecord(tree, cands, list(session.step_seconds), signals))
     target.reset()
     drafter.reset()
     return records
