@@ -14,7 +14,7 @@ from ltd.control.learned import LTDController
 from ltd.errors import LtdError
 from ltd.rl.envs import DepthEnv, SizeEnv, make_env
 from ltd.control.policy import load_policy
-from ltd.rl.sources import LiveSource, ReplaySource
+from ltd.rl.sources import LiveSource, ReplaySource, run_controller
 from ltd.control.spaces import CONTINUE, STOP, for_kind
 from ltd.rl.traces import TraceSet, record
 from ltd.rl.train import PolicyTrainConfig, eval_subset, replay_source_factory, train_policies
@@ -143,7 +143,7 @@ def test_smoke_ppo_coadaptive_training_and_resume(tmp_path, traces):
     rows = {r["name"]: r for r in result.evaluation["results"]}
     assert 0 < rows["ltd"]["fraction_of_oracle"] <= 1.0 + 1e-9
     assert 0 < rows["static"]["fraction_of_oracle"] <= 1.0 + 1e-9
-    ctrl = LTDController(result.depth_policy, result.size_policy)
+    ctrl = LTDController(result.depth_policy, result.size_policy, costs=hand_latency())
     assert ctrl.topk == TOPK
     # an existing run is not overwritten; resuming a finished run trains nothing more
     with pytest.raises(LtdError, match="--resume"):
@@ -222,9 +222,10 @@ def test_depth_env_with_min_depth_zero_can_skip_drafting(traces):
     # a controller built on such a policy asks it before drafting too
     from ltd.rl.policy import untrained_policy
 
-    ctrl = LTDController.from_policies(untrained_policy(spec), None, size=4)
+    ctrl = LTDController.from_policies(untrained_policy(spec), None, size=4, costs=hand_latency())
     assert ctrl.asks_depth_policy(0)
-    assert not LTDController.from_policies(untrained_policy(for_kind("depth", TOPK, MAX_DEPTH, SIZES)), None).asks_depth_policy(0)
+    assert not LTDController.from_policies(untrained_policy(for_kind("depth", TOPK, MAX_DEPTH, SIZES)), None,
+                                          costs=hand_latency()).asks_depth_policy(0)
 
 
 # -- history features and the "verify nothing" size --------------------------------------
@@ -276,17 +277,18 @@ def test_censored_acceptance_estimate_on_a_hand_made_sequence():
 
 
 def test_drafter_signals_are_scaled_into_the_observation():
-    from ltd.control.spaces import ObsSpec, depth_observation, signal_features
+    from ltd.control.spaces import COST_COUNT, ObsSpec, cost_features, depth_observation, signal_features
 
     assert signal_features(None).tolist() == [0.0] * 5
     f = signal_features([32, 31, 0.9, 64, 16])
     assert f.tolist() == pytest.approx([0.5, 5 / 6, 0.9, 1.0, 0.5])
     spec = for_kind("depth", TOPK, MAX_DEPTH, SIZES)
-    assert spec.version == 4 and [n for n, _ in spec.fields()][-2:] == ["signals", "history"]
-    obs = depth_observation(spec, 1, torch.tensor([-0.1, -1.0]), 100, None, [32, 31, 0.9, 64, 16])
+    assert spec.version == 4 and [n for n, _ in spec.fields()][-3:] == ["signals", "costs", "history"]
+    obs = depth_observation(spec, 1, torch.tensor([-0.1, -1.0]), 100, None, [32, 31, 0.9, 64, 16], cost_features(hand_latency(), 100))
     assert obs.size == spec.dim and spec.field(obs, "signals").tolist() == pytest.approx(f.tolist())
     old = ObsSpec.from_json({**spec.to_json(), "version": 3, "fields": []})  # a shipped version-3 policy still reads
-    assert [n for n, _ in old.fields()][-1] == "history" and old.dim == spec.dim - 7
+    assert [n for n, _ in old.fields()][-1] == "history" and old.dim == spec.dim - 7 - COST_COUNT
+    assert depth_observation(old, 1, torch.tensor([-0.1]), 100).size == old.dim  # and needs no cost table
     with pytest.raises(LtdError, match="observation version 9 is not one of"):
         ObsSpec.from_json({**spec.to_json(), "version": 9, "fields": []})
 
@@ -308,7 +310,7 @@ def test_controller_history_matches_the_environment(traces):
 
     spec_d = for_kind("depth", TOPK, MAX_DEPTH, SIZES, min_depth=0)
     spec_s = for_kind("size", TOPK, MAX_DEPTH, SIZES, min_depth=0)
-    ctrl = LTDController.from_policies(untrained_policy(spec_d, seed=1), untrained_policy(spec_s, seed=2))
+    ctrl = LTDController.from_policies(untrained_policy(spec_d, seed=1), untrained_policy(spec_s, seed=2), costs=hand_latency())
     env = DepthEnv(replay_source(traces), spec_d, size_controller=StaticController(depth=MAX_DEPTH, topk=TOPK, size=2))
     env.reset(seed=0)
     shadow = History()
@@ -349,8 +351,11 @@ def test_expected_value_teacher_reads_the_size_observation():
     spec = for_kind("size", TOPK, MAX_DEPTH, (0, 1, 2, 4, 8))
     teacher = expected_value_teacher(spec, lat)
     depths = torch.tensor([1, 1, 2, 2, 3, 3])
-    sure = size_observation(spec, torch.log(torch.tensor([0.9, 0.2, 0.8, 0.1, 0.7, 0.05])), depths, 3, 64)
-    weak = size_observation(spec, torch.log(torch.tensor([0.02, 0.01, 0.01, 0.005, 0.004, 0.001])), depths, 3, 64)
+    from ltd.control.spaces import cost_features
+
+    costs = cost_features(lat, 64)
+    sure = size_observation(spec, torch.log(torch.tensor([0.9, 0.2, 0.8, 0.1, 0.7, 0.05])), depths, 3, 64, costs=costs)
+    weak = size_observation(spec, torch.log(torch.tensor([0.02, 0.01, 0.01, 0.005, 0.004, 0.001])), depths, 3, 64, costs=costs)
 
     def rate(v, probs):  # by hand: 1 + the v best probabilities, over the modelled cycle
         return (1 + sum(sorted(probs, reverse=True)[:v])) / lat.cycle_seconds(3, v, 64)
@@ -391,3 +396,64 @@ def test_observation_fields_are_located_by_name():
     assert spec.field(obs, "depth").tolist() == [2 * n] and spec.field(obs, "context").tolist() == [2 * n + 1]
     with pytest.raises(KeyError, match="step"):
         spec.field(obs, "step")
+
+
+# -- cost-conditioned policies -------------------------------------------------------------
+
+
+def test_cost_features_describe_the_curve_not_the_speed():
+    from ltd.control.spaces import COST_COUNT, CostView, cost_features
+
+    flat, steep = hand_latency(per_token=0.1e-3), hand_latency(per_token=2e-3)
+    f_flat, f_steep = cost_features(flat, 100), cost_features(steep, 100)
+    assert f_flat.shape == (COST_COUNT,) and ((0 <= f_flat) & (f_flat <= 1)).all()
+    assert (f_steep[:7] > f_flat[:7]).all() and f_steep[-2:].tolist() == pytest.approx(f_flat[-2:].tolist(), abs=0.05)
+    # twice as slow a machine with the same shape: the same features
+    slow = hand_latency(step=2e-3, verify_base=20e-3, per_token=1e-3, overhead=0.4e-3)
+    assert cost_features(slow, 100).tolist() == pytest.approx(cost_features(hand_latency(), 100).tolist(), abs=1e-6)
+    view = CostView(steep)
+    assert view.at(10) is view.at(40) and view.at(10).tolist() == pytest.approx(cost_features(steep, 32).tolist())
+
+
+def test_cost_conditioned_policy_needs_and_reads_the_cost_table(traces):
+    from ltd.rl.policy import untrained_policy
+
+    spec_d, spec_s = for_kind("depth", TOPK, MAX_DEPTH, SIZES), for_kind("size", TOPK, MAX_DEPTH, SIZES)
+    assert spec_d.needs_costs and "costs" in dict(spec_d.fields())
+    dp, sp = untrained_policy(spec_d, seed=1), untrained_policy(spec_s, seed=2)
+    with pytest.raises(LtdError, match="observe the machine's cost table") as info:
+        LTDController.from_policies(dp, sp)
+    assert "\n" not in str(info.value)
+    ctrl = LTDController.from_policies(dp, sp, costs=hand_latency())
+    src = replay_source(traces)
+    outcomes = run_controller(src, ctrl, 0, max_cycles=6)
+    assert len(outcomes) == 6
+    # the observation carries the table: another table, another observation
+    env = DepthEnv(replay_source(traces), spec_d)
+    env.reset(seed=0)
+    a = spec_d.field(env._obs(), "costs").copy()
+    env.source.latency = hand_latency(per_token=3e-3)
+    assert not np.allclose(spec_d.field(env._obs(), "costs"), a)
+
+
+def test_cost_family_varies_the_curve_and_replay_draws_from_it(traces):
+    from ltd.control.spaces import cost_features
+    from ltd.rl.latency import adopt, cost_family
+
+    base = hand_latency()
+    other = hand_latency(per_token=3e-3, verify_base=30e-3)
+    family = cost_family(base, variants=6, others=[other], seed=0)
+    assert len(family) == 8 and family[0] is base
+    assert adopt(other, base, "x").verify_time(1, 8) == pytest.approx(base.verify_time(1, 8))  # on base's plain step
+    slopes = {round(float(cost_features(m, 8)[4]), 3) for m in family}
+    assert len(slopes) >= 6  # the curves differ
+    for m in family[2:]:
+        assert m.ar_seconds(8) == pytest.approx(base.ar_seconds(8))  # same plain step, other marginal costs
+    src = ReplaySource(traces, base, family, seed=0)
+    seen = set()
+    for i in range(24):
+        src.start(i)
+        seen.add(id(src.latency))
+    assert len(seen) >= 5
+    with pytest.raises(LtdError, match="topk"):
+        ReplaySource(traces, base, [hand_latency(topk=TOPK + 1)])

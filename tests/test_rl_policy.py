@@ -47,7 +47,7 @@ def test_policy_round_trip_matches_sb3_predict(policy_dirs):
     for kind, d in policy_dirs.items():
         meta = json.loads((d / "policy.json").read_text())
         assert meta["kind"] == kind and meta["version"] == 1 and meta["observation"]["topk"] == TOPK
-        assert [f["name"] for f in meta["observation"]["fields"]][-3:] == ["context", "signals", "history"]
+        assert [f["name"] for f in meta["observation"]["fields"]][-4:] == ["context", "signals", "costs", "history"]
         pol = load_policy(d, kind=kind)
         model = PPO.load(str(d / "model.zip"), device="cpu")
         rng = np.random.default_rng(0)
@@ -79,6 +79,9 @@ def test_mismatched_policies_are_refused_with_one_line(policy_dirs, tmp_path):
         ("version", lambda m: m.update(version=99), "version 99"),
         ("obsversion", lambda m: m["observation"].update(version=7), "observation version 7"),
         ("fields", lambda m: m["observation"]["fields"].pop(), "retrain the policy"),
+        # a cost table of another format (another set of cost points) than this ltd builds
+        ("costs", lambda m: [f.update(size=7) for f in m["observation"]["fields"] if f["name"] == "costs"],
+         "observation layout"),
     ):
         bad = tmp_path / name
         bad.mkdir()
@@ -94,15 +97,18 @@ def test_mismatched_policies_are_refused_with_one_line(policy_dirs, tmp_path):
 def test_observations_fit_their_spaces():
     spec_d = for_kind("depth", TOPK, MAX_DEPTH, SIZES)
     spec_s = for_kind("size", TOPK, MAX_DEPTH, SIZES)
-    obs = depth_observation(spec_d, 2, torch.tensor([-0.5, -100.0, float("-inf"), -3.0]), 10_000)
+    from ltd.control.spaces import cost_features
+
+    costs = cost_features(hand_latency(), 100)
+    obs = depth_observation(spec_d, 2, torch.tensor([-0.5, -100.0, float("-inf"), -3.0]), 10_000, costs=costs)
     assert obs in spec_d.observation_space()
     # probabilities, largest first; -100 is clipped at -20; -inf and padding are 0
     assert obs[:4].tolist() == pytest.approx([math.exp(-0.5), math.exp(-3.0), math.exp(-20.0), 0.0], abs=1e-7)
     tree = Tree.root(1)
     tree.add(torch.tensor([5, 6]), torch.tensor([0, 0]), torch.tensor([-1.0, -0.5]))
     tree.add(torch.tensor([7]), torch.tensor([2]), torch.tensor([-0.5]))
-    obs = size_observation(spec_s, tree.scores[1:], tree.depths[1:], tree.max_depth, 100)
-    assert obs in spec_s.observation_space()
+    obs = size_observation(spec_s, tree.scores[1:], tree.depths[1:], tree.max_depth, 100, costs=costs)
+    assert obs in spec_s.observation_space() and spec_s.field(obs, "costs").tolist() == pytest.approx(costs.tolist())
     n = spec_s.size_nodes
     # select's ranking: -0.5 (depth 1) before -0.5 (depth 2) before -1.0
     assert obs[:3].tolist() == pytest.approx([math.exp(-0.5), math.exp(-0.5), math.exp(-1.0)]) and obs[3] == 0
@@ -115,7 +121,7 @@ def test_ltd_controller_in_decode_is_lossless(kind, policy_dirs, tiny_model, tin
         drafter = LMDrafter(HFBackend(noisy_copy(tiny_model)))
     else:
         drafter = Eagle3Drafter(tiny_head, tiny_model.get_input_embeddings())
-    ctrl = LTDController(policy_dirs["depth"], policy_dirs["size"])
+    ctrl = LTDController(policy_dirs["depth"], policy_dirs["size"], costs=hand_latency())
     for prompt in PROMPTS:
         tokens, results = run_decode(HFBackend(tiny_model), drafter, ctrl, prompt, MAX_NEW, topk=ctrl.topk)
         assert_same_tokens(tokens, hf_greedy(tiny_model, prompt, MAX_NEW), tiny_model, prompt, f"ltd/{kind}")
@@ -123,21 +129,21 @@ def test_ltd_controller_in_decode_is_lossless(kind, policy_dirs, tiny_model, tin
 
 
 def test_ltd_controller_refuses_another_topk(policy_dirs, tiny_model):
-    ctrl = LTDController(policy_dirs["depth"], policy_dirs["size"])
+    ctrl = LTDController(policy_dirs["depth"], policy_dirs["size"], costs=hand_latency())
     drafter = LMDrafter(HFBackend(tiny_model))
     with pytest.raises(LtdError, match="decode with --topk 3"):
         run_decode(HFBackend(tiny_model), drafter, ctrl, PROMPTS[0], 8, topk=4)
 
 
 def test_ltd_controller_with_one_policy_falls_back_to_fixed_rule(policy_dirs):
-    ctrl = LTDController(None, policy_dirs["size"], depth=2, size=4)
+    ctrl = LTDController(None, policy_dirs["size"], depth=2, size=4, costs=hand_latency())
     tree = Tree.root(1)
     tree.add(torch.arange(3), torch.zeros(3, dtype=torch.long), torch.tensor([-0.1, -0.2, -0.3]))
     st = DraftStepState(1, tree.scores[1:], 10, tree, TOPK)
     assert ctrl.continue_drafting(st) and not ctrl.continue_drafting(DraftStepState(2, tree.scores[1:], 10, tree, TOPK))
     assert 1 <= ctrl.choose_size(st) <= 3
     pol = untrained_policy(for_kind("depth", TOPK, MAX_DEPTH, SIZES))
-    only_depth = LTDController.from_policies(pol, None, size=2)
+    only_depth = LTDController.from_policies(pol, None, size=2, costs=hand_latency())
     assert only_depth.choose_size(st) == 2 and only_depth.continue_drafting(DraftStepState(0, torch.empty(0), 10, Tree.root(1), TOPK))
 
 

@@ -410,7 +410,11 @@ def _run_llamacpp(engine: Engine, prompt: list[int], cfg: GenerateConfig) -> Gen
 
 
 def _ltd_controller(engine: Engine, cfg: GenerateConfig) -> Controller:
-    return LTDController.from_policies(*engine.policies(cfg.policy))  # fresh history per request
+    dp, sp = engine.policies(cfg.policy)
+    trained = dp or sp
+    # cost-conditioned policies read this machine's cost table (the quick profile, cached)
+    costs = engine.costs(trained.spec.topk) if trained is not None and trained.spec.needs_costs else None
+    return LTDController.from_policies(dp, sp, costs=costs)  # fresh history per request
 
 
 def _greedy_controller(engine: Engine, cfg: GenerateConfig) -> Controller:

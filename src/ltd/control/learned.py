@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ltd.control.base import MAX_DEPTH, ControllerBase, validate_static
 from ltd.control.policy import LoadedPolicy, load_policy
-from ltd.control.spaces import CONTINUE, History, depth_observation, size_observation
+from ltd.control.spaces import CONTINUE, CostView, History, depth_observation, size_observation
 from ltd.controller import DraftStepState
 from ltd.cycle import CycleResult
 from ltd.errors import LtdError
@@ -39,18 +39,42 @@ class LTDController(ControllerBase):
         depth: int = 5,
         size: int = 32,
         topk: int | None = None,
+        costs=None,
     ) -> None:
         dp = load_policy(depth_policy_dir, kind="depth") if depth_policy_dir is not None else None
         sp = load_policy(size_policy_dir, kind="size") if size_policy_dir is not None else None
         self._init(dp, sp, depth, size, topk)
+        self._require_costs(costs)
+
+    def _require_costs(self, costs) -> None:
+        if costs is not None:
+            self.bind_costs(costs)
+        elif self.needs_costs:
+            raise LtdError("these LTD policies observe the machine's cost table; give the controller one "
+                           "(the engine's quick profile, or --latency FILE)")
 
     @classmethod
     def from_policies(
-        cls, depth_policy: LoadedPolicy | None, size_policy: LoadedPolicy | None, *, depth: int = 5, size: int = 32, topk: int | None = None
+        cls, depth_policy: LoadedPolicy | None, size_policy: LoadedPolicy | None, *, depth: int = 5, size: int = 32,
+        topk: int | None = None, costs=None,
     ) -> "LTDController":
+        """``costs``: the machine's cost table (:class:`ltd.control.costs.LatencyModel`), which
+        cost-conditioned policies (observation version 4) observe; required for them."""
         self = cls.__new__(cls)
         self._init(depth_policy, size_policy, depth, size, topk)
+        self._require_costs(costs)
         return self
+
+    @property
+    def needs_costs(self) -> bool:
+        return any(p is not None and p.spec.needs_costs for p in (self.depth_policy, self.size_policy))
+
+    def bind_costs(self, costs) -> None:
+        """Observe ``costs`` (a LatencyModel) as this machine's cost table."""
+        self._costs = CostView(costs)
+
+    def _cost_features(self, context: int):
+        return self._costs.at(context) if self._costs is not None else None
 
     def _init(self, dp: LoadedPolicy | None, sp: LoadedPolicy | None, depth: int, size: int, topk: int | None) -> None:
         if dp is not None and dp.spec.kind != "depth":
@@ -78,6 +102,7 @@ class LTDController(ControllerBase):
         self.max_depth = trained.spec.max_depth if trained is not None else depth
         self.history = History()
         self._last_context = -1
+        self._costs: CostView | None = None
 
     def reset(self) -> None:
         """Start a new sequence: forget the drafting history."""
@@ -113,7 +138,8 @@ class LTDController(ControllerBase):
         self._check_topk(state)
         if state.step >= dp.spec.max_depth:
             return False
-        obs = depth_observation(dp.spec, state.step, state.candidate_scores, state.context_length, self.history, state.signals)
+        obs = depth_observation(dp.spec, state.step, state.candidate_scores, state.context_length, self.history, state.signals,
+                                self._cost_features(state.context_length))
         return dp.act(obs) == CONTINUE
 
     def depth_limit(self) -> int:
@@ -128,7 +154,7 @@ class LTDController(ControllerBase):
             return min(self.size, tree.num_drafted)
         self._check_topk(state)
         obs = size_observation(sp.spec, tree.scores[1:], tree.depths[1:], tree.max_depth, state.context_length, self.history,
-                               state.signals)
+                               state.signals, self._cost_features(state.context_length))
         return min(sp.spec.sizes[sp.act(obs)], tree.num_drafted)
 
 

@@ -27,6 +27,14 @@ From observation version 4 on, both policies also see (before ``history``):
   every occurrence agrees on is a draft worth 30 tokens; the scores alone say "likely"
   without saying how far;
 
+- ``costs`` [9]: the machine's cost table at this context, in plain steps: verifying
+  1, 2, 4, ..., 64 drafted nodes (log2 of the forward's cost over a plain step's, / 4)
+  and the root and later draft steps (log10 of their cost over a plain step's, + 4, / 4).
+  The same policy then acts differently where verification is flat (a wide CPU, a GPU)
+  and where it is steep (llama.cpp's exact build): trained over a family of cost tables
+  (:func:`ltd.rl.latency.cost_family`), it fits a machine it never saw from that
+  machine's quick profile, without retraining;
+
 and ``history`` grows to [5]: the censored acceptance estimate and the last cycle's
 accepted run (see :class:`History`).
 
@@ -68,6 +76,9 @@ SIGNAL_COUNT = 5  # ltd.drafting.suffix.SIGNAL_FIELDS
 MATCH_SCALE = 64.0  # the suffix drafter's longest measured match
 RUN_SCALE = 32.0  # depths and accepted runs: the suffix drafter's deepest draft
 OCCURRENCE_BITS = 6.0  # log2(1 + occurrences) / this: 32 merged occurrences ~ 0.84
+COST_SIZES = (1, 2, 4, 8, 16, 32, 64)  # drafted nodes whose verification cost the policies see
+COST_COUNT = len(COST_SIZES) + 2  # and the root and later draft steps
+COST_CONTEXT_BUCKET = 64  # cost features are computed once per this many tokens of context
 SINCE_DRAFT_SCALE = 8
 HISTORY_EMA = 0.3
 SCORE_CLIP = 20.0
@@ -111,7 +122,8 @@ class ObsSpec:
 
     def fields(self) -> list[tuple[str, int]]:
         """(name, length) of each part of the observation vector, in order."""
-        tail = [("history", HISTORY_FIELDS)] if self.version < 4 else [("signals", SIGNAL_COUNT), ("history", HISTORY_FIELDS_V4)]
+        tail = ([("history", HISTORY_FIELDS)] if self.version < 4
+                else [("signals", SIGNAL_COUNT), ("costs", COST_COUNT), ("history", HISTORY_FIELDS_V4)])
         if self.kind == "depth":
             return [("candidate_scores", self.topk * self.topk), ("step", 1), ("context", 1), *tail]
         n = self.size_nodes
@@ -125,6 +137,11 @@ class ObsSpec:
                 return obs[start : start + length]
             start += length
         raise KeyError(f"{self.kind} observations have no field {name!r}")
+
+    @property
+    def needs_costs(self) -> bool:
+        """Whether the observation holds the machine's cost table (version 4 on)."""
+        return self.version >= 4
 
     @property
     def dim(self) -> int:
@@ -311,15 +328,54 @@ def signal_features(signals) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def _tail(spec: ObsSpec, history: "History | None", signals) -> np.ndarray:
-    """The fields after the context: (signals,) history, as the spec's version lays them out."""
+def cost_features(costs, context: int) -> np.ndarray:
+    """The cost table's :data:`COST_COUNT` features at ``context`` (see the module docstring).
+
+    ``costs`` is a :class:`ltd.control.costs.LatencyModel`: the machine's quick profile or
+    a full ``ltd profile``. Everything is relative to one plain step, so the features
+    describe the curve's shape, not the machine's speed."""
+    plain = costs.ar_seconds(context)
+    if plain <= 0:
+        raise ValueError("the cost table gives a plain step no time; re-run ltd profile")
+    curve = costs.verify_curve(max(COST_SIZES) + 1, context)
+    over = costs.cycle_overhead_seconds
+    verify = np.array([(curve[n] + over) / plain for n in COST_SIZES])
+    steps = np.array([costs.draft_step(0), costs.draft_step(1)]) / plain
+    out = np.concatenate([np.log2(np.maximum(verify, 1e-6)) / 4.0, (np.log10(np.maximum(steps, 1e-6)) + 4.0) / 4.0])
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+class CostView:
+    """:func:`cost_features` of one cost table, cached by context bucket (a policy call
+    must stay cheap: the cost curve moves little within :data:`COST_CONTEXT_BUCKET` tokens)."""
+
+    def __init__(self, costs) -> None:
+        self.costs = costs
+        self._cache: dict[int, np.ndarray] = {}
+
+    def at(self, context: int) -> np.ndarray:
+        bucket = int(context) // COST_CONTEXT_BUCKET
+        got = self._cache.get(bucket)
+        if got is None:
+            got = self._cache[bucket] = cost_features(self.costs, bucket * COST_CONTEXT_BUCKET + COST_CONTEXT_BUCKET // 2)
+        return got
+
+
+def _tail(spec: ObsSpec, history: "History | None", signals, costs: np.ndarray | None) -> np.ndarray:
+    """The fields after the context: (signals, costs,) history, as the spec's version lays them out."""
     if spec.version < 4:
         return _history(history, spec.version)
-    return np.concatenate([signal_features(signals), _history(history, spec.version)])
+    if costs is None:
+        raise LtdError("this policy observes the machine's cost table, and none was given; pass the costs "
+                       "(the engine's quick profile or an ltd profile file)")
+    costs = np.asarray(costs, dtype=np.float32).reshape(-1)
+    if costs.size != COST_COUNT:
+        raise LtdError(f"cost features have {costs.size} values, the policy expects {COST_COUNT}; retrain it")
+    return np.concatenate([signal_features(signals), costs, _history(history, spec.version)])
 
 
 def depth_observation(spec: ObsSpec, step: int, candidate_scores, context_length: int, history: History | None = None,
-                      signals=None) -> np.ndarray:
+                      signals=None, costs: np.ndarray | None = None) -> np.ndarray:
     """The depth policy's observation after ``step`` draft steps."""
     kk = spec.topk * spec.topk
     obs = np.empty(spec.dim, dtype=np.float32)
@@ -330,7 +386,7 @@ def depth_observation(spec: ObsSpec, step: int, candidate_scores, context_length
         obs[: top.size] = _norm_scores(top, spec.score_clip)
     obs[kk] = min(step / spec.max_depth, 1.0)
     obs[kk + 1] = min(context_length / spec.context_scale, 1.0)
-    obs[kk + 2 :] = _tail(spec, history, signals)
+    obs[kk + 2 :] = _tail(spec, history, signals, costs)
     return obs
 
 
@@ -341,7 +397,7 @@ def rank_order(scores: np.ndarray, depths: np.ndarray) -> np.ndarray:
 
 
 def size_observation(spec: ObsSpec, scores, depths, tree_depth: int, context_length: int, history: History | None = None,
-                     signals=None) -> np.ndarray:
+                     signals=None, costs: np.ndarray | None = None) -> np.ndarray:
     """The size policy's observation for a drafted tree.
 
     ``scores``/``depths`` are those of the drafted nodes (root excluded), in tree order.
@@ -357,5 +413,5 @@ def size_observation(spec: ObsSpec, scores, depths, tree_depth: int, context_len
         obs[n : n + top.size] = np.minimum(d[top] / spec.max_depth, 1.0)
     obs[2 * n] = min(tree_depth / spec.max_depth, 1.0)
     obs[2 * n + 1] = min(context_length / spec.context_scale, 1.0)
-    obs[2 * n + 2 :] = _tail(spec, history, signals)
+    obs[2 * n + 2 :] = _tail(spec, history, signals, costs)
     return obs

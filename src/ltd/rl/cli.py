@@ -228,7 +228,17 @@ def run_train(args) -> int:
     if args.env == "replay":
         if traces is None:
             raise LtdError("--env replay needs --traces DIR (record them with ltd record)")
-        make_source = replay_source_factory(traces, latency)
+        family = None
+        if args.cost_variants or args.cost_profiles:
+            from ltd.rl.latency import cost_family
+
+            others = [LatencyModel.load(p) for p in args.cost_profiles.split(",") if p.strip()] if args.cost_profiles else []
+            family = cost_family(latency, args.cost_variants, others, seed=args.seed)
+            inputs["cost_family"] = {"variants": args.cost_variants, "profiles": [str(Path(p).resolve()) for p in
+                                                                                   (args.cost_profiles or "").split(",") if p.strip()]}
+            print(f"training over {len(family)} cost tables (this machine's, {len(others)} other profiles, "
+                  f"{args.cost_variants} variants)")
+        make_source = replay_source_factory(traces, latency, family, seed=args.seed)
         inputs["traces"] = str(Path(args.traces).resolve())
     else:
         from ltd.rl.prompts import question_prompts, resolve_prompts
@@ -391,7 +401,8 @@ def run_oracle(args) -> int:
         dp = load_policy(depth_dir, kind="depth") if depth_dir else None
         sp = load_policy(size_dir, kind="size") if size_dir else None
         # a factory: the controller keeps a per-sequence history
-        controllers["ltd"] = lambda: LTDController.from_policies(dp, sp, depth=min(5, traces.max_depth), size=min(32, cap), topk=traces.topk)
+        controllers["ltd"] = lambda: LTDController.from_policies(dp, sp, depth=min(5, traces.max_depth), size=min(32, cap),
+                                                                 topk=traces.topk, costs=latency)
     if not args.sizes:
         # The oracle is the limit for the controllers beside it only if it may choose every
         # size they can: add the static trees' sizes and the size policy's set.
@@ -470,7 +481,7 @@ def run_tune(args) -> int:
     prompts = ["--questions", args.questions] if args.questions else ["--suites", args.suites]
     if args.data_dir:
         prompts += ["--data-dir", args.data_dir]
-    prompts += ["--allow-held-out"] * args.allow_held_out + ["--raw"] * args.raw
+    prompts += ["--allow-held-out"] * args.allow_held_out + ["--raw"] * args.raw + ["--offset", str(args.offset)]
     run_record(_subcommand(["record", *model, *prompts, "--limit", str(args.limit), "--max-depth", str(args.max_depth),
                             "--topk", str(args.topk), "--max-size", str(args.max_size),
                             "--max-new-tokens", str(args.max_new_tokens), "--out", str(traces)]
@@ -552,6 +563,11 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument("--eval-sequences", type=int, default=32, help="recorded sequences used to evaluate each phase in replay")
     p.add_argument("--traces", default=None, help="trace directory (needed for --env replay; evaluation for live)")
     p.add_argument("--latency", required=True, help="latency profile JSON from ltd profile")
+    p.add_argument("--cost-variants", type=int, default=0,
+                   help="replay: also time sequences by N variants of --latency (verification's marginal cost x1/4..4, "
+                        "draft steps x1/3..3), so the policies learn to read the cost table they observe (default 0)")
+    p.add_argument("--cost-profiles", default="",
+                   help="replay: comma-separated profiles of other machines (ltd profile files) to train over as well")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--progress", action="store_true", help="show SB3's progress bar")

@@ -43,7 +43,7 @@ from gymnasium.envs.registration import EnvSpec
 from ltd.control import Controller, StaticController
 from ltd.errors import LtdError
 from ltd.rl.sources import CycleOutcome, CycleSource, LiveSource, draft_with, size_with
-from ltd.control.spaces import CONTINUE, History, ObsSpec, depth_observation, for_kind, size_observation
+from ltd.control.spaces import CONTINUE, CostView, History, ObsSpec, depth_observation, for_kind, size_observation
 
 DEFAULT_FIXED_DEPTH = 5
 DEFAULT_FIXED_SIZE = 32
@@ -86,6 +86,18 @@ class _CycleEnv(gym.Env):
         self._in_cycle = False
         self.last_outcome: CycleOutcome | None = None
         self.history = History()  # of the current sequence, as LTDController keeps it live
+        self._cost_views: dict[int, CostView] = {}
+
+    def _costs(self) -> np.ndarray | None:
+        """The cost table's features at this context, for policies that observe it: the
+        source's current latency model (in a cost family, the one drawn for this sequence)."""
+        if not self.obs_spec.needs_costs:
+            return None
+        latency = self.source.latency
+        view = self._cost_views.get(id(latency))
+        if view is None:
+            view = self._cost_views[id(latency)] = CostView(latency)
+        return view.at(self.source.context_length)
 
     # -- hooks -------------------------------------------------------------------------
     def _begin(self) -> None:
@@ -165,7 +177,8 @@ class DepthEnv(_CycleEnv):
 
     def _obs(self) -> np.ndarray:
         src = self.source
-        return depth_observation(self.obs_spec, src.depth, src.candidate_scores(), src.context_length, self.history, src.signals())
+        return depth_observation(self.obs_spec, src.depth, src.candidate_scores(), src.context_length, self.history, src.signals(),
+                                 self._costs())
 
     def _default_finish(self) -> CycleOutcome:
         return self.source.finish(size_with(self.source, self.size_controller))
@@ -204,7 +217,8 @@ class SizeEnv(_CycleEnv):
     def _obs(self) -> np.ndarray:
         src = self.source
         scores, depths = src.drafted_nodes()
-        return size_observation(self.obs_spec, scores, depths, src.depth, src.context_length, self.history, src.signals())
+        return size_observation(self.obs_spec, scores, depths, src.depth, src.context_length, self.history, src.signals(),
+                                self._costs())
 
     def _default_finish(self) -> CycleOutcome:
         return self.source.finish(self.obs_spec.sizes[-1])

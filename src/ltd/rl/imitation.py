@@ -32,17 +32,19 @@ Teacher = Callable[[np.ndarray], int]
 WARM_STARTS = ("none", "expected-value")
 
 
-def expected_value_teacher(spec: ObsSpec, latency: LatencyModel) -> Teacher:
-    """Size rule: the action whose V maximises expected tokens per modelled second."""
+def expected_value_teacher(spec: ObsSpec, latency: LatencyModel | Callable[[], LatencyModel]) -> Teacher:
+    """Size rule: the action whose V maximises expected tokens per modelled second
+    (``latency`` may be a function giving the cost table of the current cycle)."""
 
     def act(obs: np.ndarray) -> int:
+        costs = latency() if callable(latency) else latency
         probs = np.asarray(spec.field(obs, "tree_scores"), dtype=np.float64)
         gain = np.concatenate([[0.0], np.cumsum(probs)])
         depth = int(round(float(spec.field(obs, "depth")[0]) * spec.max_depth))
         context = int(float(spec.field(obs, "context")[0]) * spec.context_scale)
         drafted = int(np.count_nonzero(probs))
         verified = [min(v, drafted) for v in spec.sizes]
-        rates = [(1.0 + gain[v]) / latency.cycle_seconds(depth, v, context) for v in verified]
+        rates = [(1.0 + gain[v]) / costs.cycle_seconds(depth, v, context) for v in verified]
         return int(np.argmax(rates))
 
     return act
@@ -97,5 +99,5 @@ def clone(model, obs: np.ndarray, actions: np.ndarray, epochs: int = 30, batch_s
     return agreement
 
 
-def teacher_for(kind: str, spec: ObsSpec, latency: LatencyModel, fixed_depth: int) -> Teacher:
+def teacher_for(kind: str, spec: ObsSpec, latency: LatencyModel | Callable[[], LatencyModel], fixed_depth: int) -> Teacher:
     return expected_value_teacher(spec, latency) if kind == "size" else fixed_depth_teacher(spec, fixed_depth)

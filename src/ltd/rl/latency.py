@@ -132,9 +132,14 @@ def _untrained_controller(topk: int, max_depth: int, policy_sizes: Sequence[int]
     from ltd.control.spaces import for_kind
     from ltd.rl.policy import untrained_policy
 
+    # a stand-in cost table: the features are computed once per context bucket, so what
+    # a call costs does not depend on the table's values
+    stand_in = LatencyModel(draft_topk=topk, draft_step_seconds=[1e-3, 1e-4], verify_tokens=[1, 2], verify_contexts=[1],
+                            verify_seconds=[[1e-2, 1.1e-2]])
     return LTDController.from_policies(
         untrained_policy(for_kind("depth", topk, max_depth, policy_sizes)),
         untrained_policy(for_kind("size", topk, max_depth, policy_sizes)),
+        costs=stand_in,
     )
 
 
@@ -185,3 +190,52 @@ def plot_latency(model: LatencyModel, path: str | Path) -> None:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getvalue()))
+
+
+# -- a family of cost tables (policies that fit any machine) --------------------------------
+
+
+def _scaled(base: LatencyModel, verify_slope: float, draft: float, tag: str) -> LatencyModel:
+    """``base`` with the cost verification adds over a plain step scaled by ``verify_slope``
+    and every draft step by ``draft``: another machine's curve, same plain step."""
+    grid = np.asarray(base.verify_seconds, dtype=np.float64)
+    plain = grid[:, :1]
+    scaled = plain + np.maximum(grid - plain, 0.0) * verify_slope
+    return LatencyModel(
+        draft_topk=base.draft_topk, draft_step_seconds=[s * draft for s in base.draft_step_seconds],
+        verify_tokens=list(base.verify_tokens), verify_contexts=list(base.verify_contexts),
+        verify_seconds=scaled.tolist(), cycle_overhead_seconds=base.cycle_overhead_seconds,
+        depth_policy_seconds=base.depth_policy_seconds, size_policy_seconds=base.size_policy_seconds,
+        model=base.model, drafter=base.drafter, repeats=base.repeats,
+        machine={**base.machine, "family_member": tag},
+    )
+
+
+def adopt(other: LatencyModel, base: LatencyModel, tag: str) -> LatencyModel:
+    """Another machine's profile as a member of ``base``'s family: its verify curve and its
+    draft steps relative to its own plain step, put on ``base``'s plain step and branching."""
+    grid = np.asarray(other.verify_seconds, dtype=np.float64)
+    ratio = float(np.median(np.asarray(base.verify_seconds)[:, 0]) / max(np.median(grid[:, 0]), 1e-12))
+    steps = list(other.draft_step_seconds) or list(base.draft_step_seconds)
+    return LatencyModel(
+        draft_topk=base.draft_topk, draft_step_seconds=[s * ratio for s in steps], verify_tokens=list(other.verify_tokens),
+        verify_contexts=list(other.verify_contexts), verify_seconds=(grid * ratio).tolist(),
+        cycle_overhead_seconds=other.cycle_overhead_seconds * ratio, depth_policy_seconds=base.depth_policy_seconds,
+        size_policy_seconds=base.size_policy_seconds, model=base.model, drafter=base.drafter,
+        machine={**other.machine, "family_member": tag},
+    )
+
+
+def cost_family(base: LatencyModel, variants: int = 0, others: Sequence[LatencyModel] = (), seed: int = 0) -> list[LatencyModel]:
+    """The cost tables a cost-conditioned policy trains over: ``base`` (this machine's),
+    ``others`` (profiles of other machines, :func:`adopt`-ed), and ``variants`` draws of
+    ``base`` with verification's marginal cost scaled by 1/4..4 and draft steps by 1/3..3
+    (log-uniform). Why: a policy that saw one table learns that table's best tree; one that
+    saw many, with the table in its observation, learns to read it."""
+    rng = np.random.default_rng(seed)
+    family = [base] + [adopt(o, base, f"profile {i}") for i, o in enumerate(others)]
+    for i in range(max(int(variants), 0)):
+        slope = float(np.exp(rng.uniform(np.log(0.25), np.log(4.0))))
+        draft = float(np.exp(rng.uniform(np.log(1 / 3), np.log(3.0))))
+        family.append(_scaled(base, slope, draft, f"variant {i}: verify slope x{slope:.2f}, draft x{draft:.2f}"))
+    return family

@@ -104,9 +104,19 @@ class ReplaySource:
 
     From position p, drafting d steps and verifying V nodes accepts L drafted tokens
     (exactly as live, see :mod:`ltd.rl.traces`) and moves to p + L + 1.
+
+    With a ``family`` of cost tables (:func:`ltd.rl.latency.cost_family`), each sequence
+    is timed by one of them, drawn at its start (seeded): ``latency`` is the current one,
+    which the environments' rewards and cost observations read.
     """
 
-    def __init__(self, traces: TraceSet, latency: LatencyModel) -> None:
+    def __init__(self, traces: TraceSet, latency: LatencyModel, family: Sequence[LatencyModel] | None = None,
+                 seed: int = 0) -> None:
+        self.family = list(family) if family else []
+        for member in self.family:
+            if member.draft_topk != traces.topk:
+                raise LtdError(f"a cost table of the family has topk {member.draft_topk}, the traces {traces.topk}")
+        self._family_rng = np.random.default_rng(seed)
         if latency.draft_topk != traces.topk:
             raise LtdError(
                 f"the latency profile was measured with topk {latency.draft_topk} but the traces use topk "
@@ -135,6 +145,8 @@ class ReplaySource:
 
     def start(self, index: int) -> None:
         self._seq = self.traces.sequences[self._indices[index % len(self._indices)]]
+        if self.family:
+            self.latency = self.family[int(self._family_rng.integers(len(self.family)))]
         self._p = 0
         self._depth = 0
         self._seconds = 0.0

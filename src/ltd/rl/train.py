@@ -215,7 +215,7 @@ class _Run:
     def controller(self) -> LTDController:
         """The latest policies, a fixed rule in place of one not trained yet."""
         return LTDController.from_policies(self.latest.get("depth"), self.latest.get("size"), depth=self.fixed_depth,
-                                           size=self.fixed_size, topk=self.topk)
+                                           size=self.fixed_size, topk=self.topk, costs=self.latency)
 
     def static(self) -> StaticController:
         return StaticController(depth=self.fixed_depth, topk=self.topk, size=self.fixed_size)
@@ -263,8 +263,9 @@ def _phase_model(run: _Run, entry: dict, env, other, ckpt: Path, resume: bool, t
         gae_lambda=cfg.gae_lambda, ent_coef=cfg.ent_coef, tensorboard_log=str(run.out_dir / "tb"),
     )
     if cfg.warm_start != "none":
-        teacher = teacher_for(kind, run.specs[kind], run.latency, run.fixed_depth)
         teacher_env = make_env(kind, run.make_source(), run.specs[kind], other, reward=cfg.reward)
+        # the teacher prices each cycle on the table its sequence is timed by (cost families)
+        teacher = teacher_for(kind, run.specs[kind], lambda: teacher_env.source.latency, run.fixed_depth)
         obs, actions = collect(teacher_env, teacher, cfg.warm_steps, seed=cfg.seed + i)
         entry["imitation_agreement"] = clone(model, obs, actions, seed=cfg.seed + i)
     return model, True
@@ -343,8 +344,12 @@ def train_policies(
     return result
 
 
-def replay_source_factory(traces: TraceSet, latency: LatencyModel) -> Callable[[], object]:
-    return lambda: ReplaySource(traces, latency)
+def replay_source_factory(traces: TraceSet, latency: LatencyModel, family: list[LatencyModel] | None = None,
+                          seed: int = 0) -> Callable[[], object]:
+    """Replay sources over ``traces``, timed by ``latency`` or, with a ``family``, by one of
+    its cost tables per sequence (a new source draws its own sequence of tables)."""
+    counter = iter(range(10**9))
+    return lambda: ReplaySource(traces, latency, family, seed=seed + next(counter))
 
 
 def eval_subset(traces: TraceSet, n: int) -> TraceSet:
