@@ -24,9 +24,26 @@ from ltd.control.throughput import ThroughputController
 from ltd.fileio import atomic_write_json
 from ltd.rl.latency import LatencyModel, adopt
 from ltd.rl.oracle import compare
+from ltd.rl.sources import ReplaySource, run_controller
 from ltd.rl.traces import TraceSet
 
 GRID = ((1, 1), (2, 1), (2, 2), (3, 3), (4, 4), (5, 6), (6, 8), (8, 12), (12, 16))
+
+
+def policy_share(traces: TraceSet, latency: LatencyModel, make) -> dict:
+    """Depth and size policy calls per cycle and their share of the modelled time, in replay."""
+    source = ReplaySource(traces, latency)
+    depth_calls = size_calls = cycles = 0
+    seconds = 0.0
+    for i in range(source.num_sequences):
+        for out in run_controller(source, make(), i):
+            cycles, seconds = cycles + 1, seconds + out.seconds
+            if out.depth > 0:  # asked after every step from the first, but not at the deepest level
+                depth_calls += out.depth if out.depth < traces.max_depth else out.depth - 1
+                size_calls += 1
+    spent = depth_calls * latency.depth_policy_seconds + size_calls * latency.size_policy_seconds
+    return {"depth_calls_per_cycle": round(depth_calls / cycles, 3), "size_calls_per_cycle": round(size_calls / cycles, 3),
+            "policy_share": round(spent / seconds, 5)}
 
 
 def main() -> None:
@@ -65,8 +82,16 @@ def main() -> None:
         for n in keep:
             r = report[tname][n]
             print(f"  {n:<24} {r['speedup_vs_ar']:5.2f}x ar  {100 * r['fraction_of_oracle']:5.1f}% of oracle  {r['tokens_per_cycle']:.2f} tok/cycle")
+    overhead = {}
+    for pname, (dp, sp) in policies.items():
+        overhead[pname] = policy_share(traces, base, lambda dp=dp, sp=sp: LTDController.from_policies(
+            dp, sp, topk=traces.topk, costs=base if dp.spec.needs_costs else None))
+        o = overhead[pname]
+        print(f"ltd:{pname}: {o['depth_calls_per_cycle']:.2f} depth and {o['size_calls_per_cycle']:.2f} size calls per cycle, "
+              f"{100 * o['policy_share']:.2f}% of the modelled time on this machine's table")
     if args.out:
-        atomic_write_json(args.out, {"cpu_model": base.machine.get("cpu_model", "unknown"), "tables": report})
+        atomic_write_json(args.out, {"cpu_model": base.machine.get("cpu_model", "unknown"), "tables": report,
+                                     "policy_overhead": overhead})
 
 
 if __name__ == "__main__":
