@@ -135,3 +135,14 @@ def test_record_takes_every_suite_from_the_training_split_without_allow_held_out
     args.offset = 10
     questions, source = _questions(args)
     assert {q.suite for q in questions} == set(SUITES) and source["held_out"] == [] and source["offset"] == 10
+
+
+def test_bench_offset_is_refused_where_it_cannot_apply(tmp_path):
+    from ltd.bench.cli import _questions
+
+    args = SimpleNamespace(limit=2, grid=False, questions=None, suites="edit", from_hub=True, data_dir=None, offset=10)
+    with pytest.raises(LtdError, match="drop it with --from-hub"):
+        _questions(args)
+    args.from_hub = False
+    questions, source = _questions(args)
+    assert source["offset"] == 10 and [q.key for q in questions] == [q.key for q in load_suites(["edit"], limit=2, offset=10)]

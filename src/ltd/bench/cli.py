@@ -101,7 +101,7 @@ def _questions(args: argparse.Namespace):
         if target in SUITES or target == MIXED:
             names = [target]
         elif target.endswith(".jsonl") or Path(target).is_file():
-            return load_questions(target, limit=args.limit), {"questions_file": str(Path(target).resolve())}
+            return load_questions(target, limit=args.limit, offset=args.offset), {"questions_file": str(Path(target).resolve())}
         else:
             raise LtdError(f"--grid-suite {target!r} is neither a suite ({', '.join(SUITES)}) nor a .jsonl file")
     elif args.questions:
@@ -110,6 +110,8 @@ def _questions(args: argparse.Namespace):
     else:
         names = parse_suite_list(args.suites) if args.suites else list(SUITES)
     if args.from_hub:
+        if args.offset:
+            raise LtdError("--offset reads the shipped suites (or --data-dir); drop it with --from-hub")
         questions = []
         for name in names:
             questions += load_hub_suite(name, limit=args.limit)

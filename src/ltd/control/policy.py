@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ltd.control.spaces import SUPPORTED_OBS_VERSIONS, ObsSpec
+from ltd.control.spaces import ObsSpec
 from ltd.errors import LtdError
 from ltd.fileio import read_json
 
@@ -136,10 +136,10 @@ def read_policy_meta(directory: str | Path) -> tuple[ObsSpec, dict]:
     obs = meta.get("observation")
     if not isinstance(obs, dict):
         raise LtdError(f"{meta_path} has no observation spec; retrain the policy")
-    spec = ObsSpec.from_json(obs)
-    if spec.version not in SUPPORTED_OBS_VERSIONS:
-        raise LtdError(f"policy {directory} has observation version {spec.version}, this ltd reads "
-                       f"{', '.join(map(str, SUPPORTED_OBS_VERSIONS))}; retrain it")
+    try:  # the spec refuses versions this ltd does not read (and any other malformed field)
+        spec = ObsSpec.from_json(obs)
+    except LtdError as exc:
+        raise LtdError(f"policy {directory}: {exc}") from None
     if spec.kind != meta.get("kind"):
         raise LtdError(f"{meta_path} is inconsistent (kind {meta.get('kind')!r} vs observation kind {spec.kind!r}); retrain")
     return spec, meta

@@ -17,7 +17,7 @@ mostly chooses V = 0; where it is flat (a wide CPU or GPU), it verifies bushy tr
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,29 +48,14 @@ def best_size(
     return v, float(ratio[v])
 
 
-class NodeChance(Protocol):
-    """A fitted chance that drafted nodes are accepted, in place of ``exp(score)``
-    (experiments/acceptance_calibration.py fits one from traces)."""
-
-    def node_probs(self, scores: np.ndarray, depths: np.ndarray, signals) -> np.ndarray: ...
-
-
-def node_probs(tree, acceptance: NodeChance | None = None, signals=None) -> np.ndarray:
-    """Acceptance probabilities of a tree's drafted nodes in the order verification takes
-    them (:func:`ltd.tree.select`: score descending), padding left out: ``exp(score)``, or
-    the fitted ``acceptance`` model's chance given the cycle's drafter ``signals``."""
+def node_probs(tree) -> np.ndarray:
+    """Acceptance probabilities of a tree's drafted nodes, decreasing (padding left out)."""
     scores = tree.scores[1:]
-    finite = torch.isfinite(scores)
-    scores = scores[finite]
+    scores = scores[torch.isfinite(scores)]
     if scores.numel() == 0:
         return np.zeros(0)
-    if acceptance is None:
-        probs = np.exp(scores.double().numpy())
-        return -np.sort(-probs)[:MAX_SIZE]
-    s = scores.double().numpy()
-    d = tree.depths[1:][finite].numpy()
-    order = np.lexsort((np.arange(s.size), d, -s))[:MAX_SIZE]
-    return acceptance.node_probs(s[order], d[order], signals)
+    probs = np.exp(scores.double().numpy())
+    return -np.sort(-probs)[:MAX_SIZE]
 
 
 class ThroughputController(ControllerBase):
@@ -112,14 +97,13 @@ class ThroughputController(ControllerBase):
     """
 
     def __init__(self, costs: LatencyModel, *, topk: int = DEFAULT_TOPK, max_depth: int = 32, max_pause: int = 16,
-                 smoothing: float = 0.3, acceptance: NodeChance | None = None) -> None:
+                 smoothing: float = 0.3) -> None:
         validate_static(min(max_depth, MAX_DEPTH), topk, 1)
         if max_depth < 1 or max_pause < 1 or not 0.0 < smoothing <= 1.0:
             raise LtdError("the greedy controller needs max_depth >= 1, max_pause >= 1 and 0 < smoothing <= 1")
         if not costs.draft_step_seconds:
             raise LtdError("the cost profile has no draft steps (measured without a drafter); re-run ltd profile --drafter ...")
         self.costs = costs
-        self.acceptance = acceptance
         self.topk = topk
         self.max_depth = max_depth
         self.max_pause = max_pause
@@ -171,6 +155,16 @@ class ThroughputController(ControllerBase):
         verify = self._verify(rows + probs.size + 1, context)[rows:]
         return best_size(probs, busy + draft_seconds, verify, self.costs.cycle_overhead_seconds, tokens)
 
+    # -- acceptance chances (experiments/acceptance_calibration.py overrides these) -------
+    def _node_probs(self, state: DraftStepState) -> np.ndarray:
+        """The drafted nodes' acceptance chances, in the order verification takes them."""
+        return node_probs(state.tree)
+
+    def _frontier_probs(self, scores: np.ndarray, state: DraftStepState) -> np.ndarray:
+        """The chances of the frontier nodes with cumulative ``scores`` (a child is never
+        likelier than its parent, which bounds the next level)."""
+        return np.exp(scores)
+
     # -- the controller protocol ---------------------------------------------------------
     def continue_drafting(self, state: DraftStepState) -> bool:
         step, context = state.step, state.context_length
@@ -188,12 +182,8 @@ class ThroughputController(ControllerBase):
             cand = cand[torch.isfinite(cand)]
             if cand.numel() == 0:
                 return False  # the drafter has nothing below this level
-            probs = node_probs(state.tree, self.acceptance, state.signals)
-            best = torch.topk(cand, min(self.topk, cand.numel())).values.double().numpy()
-            if self.acceptance is None:
-                frontier = np.exp(best)
-            else:  # a child is never likelier than its parent: the frontier nodes as the model rates them
-                frontier = self.acceptance.node_probs(best, np.full(best.size, step), state.signals)
+            probs = self._node_probs(state)
+            frontier = self._frontier_probs(torch.topk(cand, min(self.topk, cand.numel())).values.double().numpy(), state)
         drafted = self.costs.draft_seconds(step)
         others = self._others(context)
         _, now = self._best(probs, drafted, others)
@@ -203,7 +193,7 @@ class ThroughputController(ControllerBase):
 
     def choose_size(self, state: DraftStepState) -> int:
         others = self._others(state.context_length)
-        v, _ = self._best(node_probs(state.tree, self.acceptance, state.signals), self.costs.draft_seconds(state.step), others)
+        v, _ = self._best(self._node_probs(state), self.costs.draft_seconds(state.step), others)
         return v
 
     def observe_result(self, result) -> None:

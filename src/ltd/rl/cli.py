@@ -232,10 +232,10 @@ def run_train(args) -> int:
         if args.cost_variants or args.cost_profiles:
             from ltd.rl.latency import cost_family
 
-            others = [LatencyModel.load(p) for p in args.cost_profiles.split(",") if p.strip()] if args.cost_profiles else []
+            paths = [p.strip() for p in args.cost_profiles.split(",") if p.strip()]
+            others = [LatencyModel.load(p) for p in paths]
             family = cost_family(latency, args.cost_variants, others, seed=args.seed)
-            inputs["cost_family"] = {"variants": args.cost_variants, "profiles": [str(Path(p).resolve()) for p in
-                                                                                   (args.cost_profiles or "").split(",") if p.strip()]}
+            inputs["cost_family"] = {"variants": args.cost_variants, "profiles": [str(Path(p).resolve()) for p in paths]}
             print(f"training over {len(family)} cost tables (this machine's, {len(others)} other profiles, "
                   f"{args.cost_variants} variants)")
         make_source = replay_source_factory(traces, latency, family, seed=args.seed)

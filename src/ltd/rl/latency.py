@@ -21,6 +21,7 @@ with the quick profile that cost-aware methods run on first use.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -201,14 +202,8 @@ def _scaled(base: LatencyModel, verify_slope: float, draft: float, tag: str) -> 
     grid = np.asarray(base.verify_seconds, dtype=np.float64)
     plain = grid[:, :1]
     scaled = plain + np.maximum(grid - plain, 0.0) * verify_slope
-    return LatencyModel(
-        draft_topk=base.draft_topk, draft_step_seconds=[s * draft for s in base.draft_step_seconds],
-        verify_tokens=list(base.verify_tokens), verify_contexts=list(base.verify_contexts),
-        verify_seconds=scaled.tolist(), cycle_overhead_seconds=base.cycle_overhead_seconds,
-        depth_policy_seconds=base.depth_policy_seconds, size_policy_seconds=base.size_policy_seconds,
-        model=base.model, drafter=base.drafter, repeats=base.repeats,
-        machine={**base.machine, "family_member": tag},
-    )
+    return replace(base, draft_step_seconds=[s * draft for s in base.draft_step_seconds], verify_seconds=scaled.tolist(),
+                   machine={**base.machine, "family_member": tag})
 
 
 def adopt(other: LatencyModel, base: LatencyModel, tag: str) -> LatencyModel:
@@ -217,13 +212,10 @@ def adopt(other: LatencyModel, base: LatencyModel, tag: str) -> LatencyModel:
     grid = np.asarray(other.verify_seconds, dtype=np.float64)
     ratio = float(np.median(np.asarray(base.verify_seconds)[:, 0]) / max(np.median(grid[:, 0]), 1e-12))
     steps = list(other.draft_step_seconds) or list(base.draft_step_seconds)
-    return LatencyModel(
-        draft_topk=base.draft_topk, draft_step_seconds=[s * ratio for s in steps], verify_tokens=list(other.verify_tokens),
-        verify_contexts=list(other.verify_contexts), verify_seconds=(grid * ratio).tolist(),
-        cycle_overhead_seconds=other.cycle_overhead_seconds * ratio, depth_policy_seconds=base.depth_policy_seconds,
-        size_policy_seconds=base.size_policy_seconds, model=base.model, drafter=base.drafter,
-        machine={**other.machine, "family_member": tag},
-    )
+    return replace(base, draft_step_seconds=[s * ratio for s in steps], verify_tokens=list(other.verify_tokens),
+                   verify_contexts=list(other.verify_contexts), verify_seconds=(grid * ratio).tolist(),
+                   cycle_overhead_seconds=other.cycle_overhead_seconds * ratio, repeats=other.repeats,
+                   machine={**other.machine, "family_member": tag})
 
 
 def cost_family(base: LatencyModel, variants: int = 0, others: Sequence[LatencyModel] = (), seed: int = 0) -> list[LatencyModel]:

@@ -19,6 +19,7 @@ an interrupted one from its last checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -348,8 +349,8 @@ def replay_source_factory(traces: TraceSet, latency: LatencyModel, family: list[
                           seed: int = 0) -> Callable[[], object]:
     """Replay sources over ``traces``, timed by ``latency`` or, with a ``family``, by one of
     its cost tables per sequence (a new source draws its own sequence of tables)."""
-    counter = iter(range(10**9))
-    return lambda: ReplaySource(traces, latency, family, seed=seed + next(counter))
+    counter = itertools.count(seed)
+    return lambda: ReplaySource(traces, latency, family, seed=next(counter))
 
 
 def eval_subset(traces: TraceSet, n: int) -> TraceSet:
